@@ -1,0 +1,18 @@
+//! Header names apiary sets or reads.
+
+/// The encoding of a message body: [`crate::codec::JSON_CONTENT_TYPE`] or
+/// [`crate::codec::MSGPACK_CONTENT_TYPE`].
+pub const CONTENT_TYPE: &str = "Content-Type";
+
+/// The task a stream message belongs to. Task ids live here and in payloads, never in stream
+/// subjects.
+pub const TASK_ID: &str = "Apiary-Task-Id";
+
+/// JetStream's de-duplication header: a repeated id inside the stream's duplicate window is
+/// stored once.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// The NATS micro protocol's error headers, set on error replies so that `nats req` and
+/// `nats micro` show them.
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";

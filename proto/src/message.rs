@@ -1,0 +1,532 @@
+//! Every message that crosses the bus.
+//!
+//! Structs are encoded as maps with field names (see [`crate::codec`]); optional and
+//! defaulted fields let a newer peer add fields that an older one ignores. Enums are
+//! externally tagged (`{"completed": {…}}`), which reads the same in MessagePack and JSON.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{NodeId, TaskId};
+use crate::payload::Payload;
+
+// ---------------------------------------------------------------------------------------------
+// Request/reply envelope
+// ---------------------------------------------------------------------------------------------
+
+/// The reply to every request subject: `{"ok": …}` or `{"error": {"code": …, "message": …}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply<T> {
+    Ok(T),
+    Error(ErrorBody),
+}
+
+impl<T> Reply<T> {
+    pub fn into_result(self) -> Result<T, ErrorBody> {
+        match self {
+            Reply::Ok(value) => Ok(value),
+            Reply::Error(error) => Err(error),
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The kinds of refusal, matchable by callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request could not be decoded or is invalid.
+    BadRequest,
+    /// The subject and the body disagree, or credentials are missing or wrong.
+    Forbidden,
+    /// The thing asked about does not exist.
+    NotFound,
+    /// The responder failed on its side.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP-like status that the NATS micro protocol puts in `Nats-Service-Error-Code`.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorCode::BadRequest => "bad request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not found",
+            ErrorCode::Internal => "internal error",
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------------------------
+
+/// What an agent reports about its host when it registers. Static for the life of the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: NodeId,
+    pub hostname: String,
+    /// The CPU architecture, as Rust names it (`x86_64`, `aarch64`, …).
+    pub arch: String,
+    pub os: String,
+    pub cpu_cores: u32,
+    #[serde(default)]
+    pub cpu_model: String,
+    pub memory_bytes: u64,
+    /// How many tasks the agent runs at once.
+    pub slots: u32,
+    pub agent_version: String,
+    /// Free-form labels set by the operator (`zone=attic`, …).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `apiary.v1.node.<node>.register`: an agent asks to join.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub node: NodeInfo,
+    /// The join token; checked once tokens exist. Absent on an open cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// The scheduler's answer to a registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterReply {
+    pub node_id: NodeId,
+    /// How often the agent must heartbeat. The cluster, not the agent, decides, so that every
+    /// reader judges liveness by the same interval.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Whether a node takes new work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Running and taking work.
+    #[default]
+    Active,
+    /// Shutting down on purpose: it takes no new work and is shown as gone at once, without
+    /// waiting for missed heartbeats.
+    Leaving,
+}
+
+/// Live metrics carried by every heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeMetrics {
+    /// Whole-host CPU use, 0–100.
+    pub cpu_percent: f32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub running_tasks: u32,
+    pub slots: u32,
+    /// Tasks this agent has finished since it started.
+    #[serde(default)]
+    pub tasks_completed: u64,
+}
+
+/// `apiary.v1.node.<node>.heartbeat`: the agent is alive.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node_id: NodeId,
+    /// Counts up from 1 for each agent process, so a reader can tell a restart.
+    pub seq: u64,
+    #[serde(default)]
+    pub state: NodeState,
+    pub metrics: NodeMetrics,
+}
+
+/// The scheduler's answer to a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// False when the cluster has no record of the node (it was removed, or the bucket was
+    /// lost): the agent must register again.
+    pub registered: bool,
+}
+
+/// What the cluster stores about a registered node (KV `APIARY_NODES`, key `info.<node>`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub info: NodeInfo,
+    pub registered_at_ms: u64,
+}
+
+/// The latest sign of life of a node (KV `APIARY_NODES`, key `live.<node>`). `last_seen_ms`
+/// is stamped by the scheduler that received the heartbeat, so liveness never depends on the
+/// node's clock.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeLiveness {
+    pub last_seen_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub seq: u64,
+    #[serde(default)]
+    pub state: NodeState,
+    pub metrics: NodeMetrics,
+}
+
+/// A node as shown to people: online, offline or gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Online,
+    /// Heartbeats stopped arriving (see [`crate::liveness`]).
+    Offline,
+    /// The agent said it was leaving.
+    Left,
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeStatus::Online => "online",
+            NodeStatus::Offline => "offline",
+            NodeStatus::Left => "left",
+        })
+    }
+}
+
+/// One row of the node table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub info: NodeInfo,
+    pub status: NodeStatus,
+    pub registered_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<NodeMetrics>,
+}
+
+/// `apiary.v1.nodes.list`: ask for the node table. An empty body is a valid request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesListRequest {
+    /// Only nodes in this status; all nodes when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<NodeStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodesListReply {
+    pub nodes: Vec<NodeSummary>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks
+// ---------------------------------------------------------------------------------------------
+
+/// A WebAssembly module in the module object store, named by the SHA-256 of its bytes. The
+/// agent checks the digest of what it fetches, so a module cannot be swapped under a task.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModuleRef {
+    /// Lowercase hex SHA-256 of the module bytes; also the object's name.
+    pub sha256: String,
+    #[serde(default)]
+    pub size: u64,
+}
+
+impl ModuleRef {
+    /// The reference for these module bytes.
+    pub fn for_bytes(bytes: &[u8]) -> Self {
+        use sha2::Digest as _;
+        Self {
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+        }
+    }
+
+    /// Whether `bytes` are the module this reference names.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(bytes)) == self.sha256
+    }
+}
+
+/// The resources a task may use on its node. Enforced by the agent's sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Wall-clock time for one run.
+    pub timeout_ms: u64,
+    /// Linear memory the module may grow to.
+    pub max_memory_bytes: u64,
+    /// Bytes of stdout and of stderr, each.
+    pub max_output_bytes: u64,
+    /// Deterministic CPU budget in wasmtime fuel units; unlimited when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 30_000,
+            max_memory_bytes: 64 * 1024 * 1024,
+            max_output_bytes: 1024 * 1024,
+            fuel: None,
+        }
+    }
+}
+
+/// What a node must have to run a task. Every field is optional; an empty set matches any
+/// live node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Requirements {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_cores: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_memory_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Labels the node must carry with these exact values.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// How urgent a task is.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+/// `apiary.v1.tasks.submit` (stream `APIARY_TASKS`): a task as submitted. Published with
+/// `Nats-Msg-Id` set to the task id, so a retried submit is stored once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSubmission {
+    /// Generated when a hand-written JSON submission leaves it out.
+    #[serde(default = "TaskId::generate")]
+    pub id: TaskId,
+    pub module: ModuleRef,
+    /// Given to the module on stdin.
+    #[serde(default)]
+    pub input: Payload,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub requirements: Requirements,
+    #[serde(default)]
+    pub priority: Priority,
+    /// A core NATS subject where the outcome is delivered (the SDK's inbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    #[serde(default)]
+    pub submitted_at_ms: u64,
+}
+
+/// `apiary.v1.node.<node>.dispatch` (stream `APIARY_DISPATCH`): a task placed on a node.
+/// Carries the whole submission, so the node needs nothing else and a task lost with its node
+/// can be placed again from this message alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dispatch {
+    pub task: TaskSubmission,
+    /// 1 for the first placement; counts up when the task is placed again.
+    pub attempt: u32,
+    pub dispatched_at_ms: u64,
+}
+
+/// Why a task produced no output. Matchable by SDK users.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskErrorKind {
+    /// The bytes are not a valid WebAssembly module, or it imports what the sandbox does not
+    /// provide.
+    InvalidModule,
+    /// The module is not in the module store.
+    ModuleNotFound,
+    /// The module store returned bytes whose digest is not the one asked for.
+    ModuleDigestMismatch,
+    /// The module trapped (unreachable, out-of-bounds access, stack overflow, …).
+    Trap,
+    /// The run took longer than `limits.timeout_ms`.
+    Timeout,
+    /// The module tried to grow its memory past `limits.max_memory_bytes`.
+    MemoryLimit,
+    /// The module wrote more than `limits.max_output_bytes` to stdout or stderr.
+    OutputLimit,
+    /// The module used up `limits.fuel`.
+    FuelExhausted,
+    /// The task message itself was invalid.
+    InvalidTask,
+    /// Something failed on the node's side; not the module's fault.
+    Internal,
+}
+
+impl fmt::Display for TaskErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TaskErrorKind::InvalidModule => "invalid module",
+            TaskErrorKind::ModuleNotFound => "module not found",
+            TaskErrorKind::ModuleDigestMismatch => "module digest mismatch",
+            TaskErrorKind::Trap => "trap",
+            TaskErrorKind::Timeout => "timeout",
+            TaskErrorKind::MemoryLimit => "memory limit exceeded",
+            TaskErrorKind::OutputLimit => "output limit exceeded",
+            TaskErrorKind::FuelExhausted => "fuel exhausted",
+            TaskErrorKind::InvalidTask => "invalid task",
+            TaskErrorKind::Internal => "internal error",
+        })
+    }
+}
+
+/// A task failure with its kind and a human-readable explanation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct TaskError {
+    pub kind: TaskErrorKind,
+    pub message: String,
+}
+
+impl TaskError {
+    pub fn new(kind: TaskErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The module ran to its end. A non-zero exit code is the program's answer, not an apiary
+    /// failure.
+    Completed {
+        exit_code: i32,
+        stdout: Payload,
+        stderr: Payload,
+    },
+    /// The module could not run to its end. Whatever it wrote to stderr before is kept.
+    Failed {
+        error: TaskError,
+        #[serde(default)]
+        stderr: Payload,
+    },
+}
+
+/// `apiary.v1.node.<node>.result` (stream `APIARY_RESULTS`): the outcome of one attempt.
+/// Published with `Nats-Msg-Id` `<task>.<attempt>`, so a re-sent result is stored once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task_id: TaskId,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub outcome: Outcome,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    /// Copied from the submission, so the scheduler can deliver the result without keeping
+    /// any task state of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+impl TaskResult {
+    /// The de-duplication id of this result in `APIARY_RESULTS`.
+    pub fn msg_id(&self) -> String {
+        format!("{}.{}", self.task_id, self.attempt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Encoding;
+
+    fn sample_result() -> TaskResult {
+        TaskResult {
+            task_id: TaskId::new("t1").unwrap(),
+            node_id: NodeId::new("n1").unwrap(),
+            attempt: 1,
+            outcome: Outcome::Completed {
+                exit_code: 0,
+                stdout: Payload::from("3 words\n"),
+                stderr: Payload::default(),
+            },
+            started_at_ms: 1,
+            finished_at_ms: 2,
+            reply_to: Some("_INBOX.x".into()),
+        }
+    }
+
+    #[test]
+    fn results_round_trip_in_both_encodings() {
+        let result = sample_result();
+        for encoding in [Encoding::MsgPack, Encoding::Json] {
+            let bytes = encoding.encode(&result).unwrap();
+            assert_eq!(encoding.decode::<TaskResult>(&bytes).unwrap(), result);
+        }
+    }
+
+    #[test]
+    fn json_results_read_naturally() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&Encoding::Json.encode(&sample_result()).unwrap()).unwrap();
+        assert_eq!(json["outcome"]["completed"]["stdout"], "3 words\n");
+        assert_eq!(json["outcome"]["completed"]["exit_code"], 0);
+    }
+
+    #[test]
+    fn a_minimal_json_submission_gets_defaults() {
+        let submission: TaskSubmission =
+            serde_json::from_str(r#"{"module": {"sha256": "ab"}, "input": "hello"}"#).unwrap();
+        assert_eq!(submission.input.as_bytes(), b"hello");
+        assert_eq!(submission.limits, Limits::default());
+        assert_eq!(submission.priority, Priority::Normal);
+        assert!(!submission.id.as_str().is_empty());
+    }
+
+    #[test]
+    fn error_replies_are_tagged() {
+        let reply: Reply<RegisterReply> =
+            Reply::Error(ErrorBody::new(ErrorCode::Forbidden, "bad token"));
+        let json = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            json,
+            r#"{"error":{"code":"forbidden","message":"bad token"}}"#
+        );
+    }
+
+    #[test]
+    fn module_refs_check_their_bytes() {
+        let module = ModuleRef::for_bytes(b"\0asm");
+        assert_eq!(module.size, 4);
+        assert!(module.matches(b"\0asm"));
+        assert!(!module.matches(b"\0asn"));
+    }
+}

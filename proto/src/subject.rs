@@ -1,0 +1,174 @@
+//! The subject layout. Every subject apiary uses is built by a function here.
+//!
+//! Layout (version 1):
+//!
+//! | subject                               | kind              | from → to            |
+//! |---------------------------------------|-------------------|----------------------|
+//! | `apiary.v1.node.<node>.register`      | request           | agent → scheduler    |
+//! | `apiary.v1.node.<node>.heartbeat`     | request           | agent → scheduler    |
+//! | `apiary.v1.node.<node>.dispatch`      | stream `APIARY_DISPATCH` | scheduler → agent |
+//! | `apiary.v1.node.<node>.result`        | stream `APIARY_RESULTS`  | agent → scheduler |
+//! | `apiary.v1.tasks.submit`              | stream `APIARY_TASKS`    | SDK → scheduler   |
+//! | `apiary.v1.nodes.list`                | request           | anyone → scheduler   |
+//!
+//! Everything a node sends or receives sits under `apiary.v1.node.<node>.`, so a server
+//! permission of `apiary.v1.node.<node>.>` fences one node to its own subjects. Task ids never
+//! appear in a stream subject: per-subject state in JetStream is kept in memory, and the number
+//! of nodes is bounded where the number of tasks is not.
+
+use std::fmt;
+
+use crate::id::NodeId;
+
+/// The root of every apiary subject; the version lets a later protocol run beside this one.
+pub const ROOT: &str = "apiary.v1";
+
+/// A subject built by this module. Wrapping it keeps hand-built strings out of call sites
+/// that take a subject.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Subject(String);
+
+impl Subject {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl From<Subject> for async_nats::Subject {
+    fn from(subject: Subject) -> Self {
+        async_nats::Subject::from(subject.0)
+    }
+}
+
+impl From<Subject> for String {
+    fn from(subject: Subject) -> Self {
+        subject.0
+    }
+}
+
+/// What a node-scoped subject is for: the last token of `apiary.v1.node.<node>.<verb>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeVerb {
+    /// The agent asks to join the cluster.
+    Register,
+    /// The agent reports that it is alive, with live metrics.
+    Heartbeat,
+    /// Work placed on the node (JetStream).
+    Dispatch,
+    /// Outcomes of the node's work (JetStream).
+    Result,
+}
+
+impl NodeVerb {
+    pub const ALL: [NodeVerb; 4] = [
+        NodeVerb::Register,
+        NodeVerb::Heartbeat,
+        NodeVerb::Dispatch,
+        NodeVerb::Result,
+    ];
+
+    fn token(self) -> &'static str {
+        match self {
+            NodeVerb::Register => "register",
+            NodeVerb::Heartbeat => "heartbeat",
+            NodeVerb::Dispatch => "dispatch",
+            NodeVerb::Result => "result",
+        }
+    }
+}
+
+/// `apiary.v1.node.<node>.<verb>`: a subject of one node.
+pub fn node(node: &NodeId, verb: NodeVerb) -> Subject {
+    Subject(format!("{ROOT}.node.{node}.{}", verb.token()))
+}
+
+/// `apiary.v1.node.*.<verb>`: the same subject for every node, for subscribers and stream
+/// filters that serve all nodes.
+pub fn all_nodes(verb: NodeVerb) -> Subject {
+    Subject(format!("{ROOT}.node.*.{}", verb.token()))
+}
+
+/// `apiary.v1.node.<node>.>`: everything one node may publish or subscribe to. This is the
+/// unit that server permissions grant to a node.
+pub fn node_scope(node: &NodeId) -> Subject {
+    Subject(format!("{ROOT}.node.{node}.>"))
+}
+
+/// `apiary.v1.tasks.submit`: where the SDK publishes new tasks (stream `APIARY_TASKS`).
+pub fn task_submit() -> Subject {
+    Subject(format!("{ROOT}.tasks.submit"))
+}
+
+/// `apiary.v1.nodes.list`: request the node table from any scheduler.
+pub fn nodes_list() -> Subject {
+    Subject(format!("{ROOT}.nodes.list"))
+}
+
+/// Splits `apiary.v1.node.<node>.<verb>` into its node and verb. Anything else, including a
+/// node token that is not a valid node id, is `None`.
+pub fn parse_node_subject(subject: &str) -> Option<(NodeId, NodeVerb)> {
+    let rest = subject.strip_prefix(ROOT)?.strip_prefix(".node.")?;
+    let (node, verb) = rest.split_once('.')?;
+    let verb = NodeVerb::ALL.into_iter().find(|v| v.token() == verb)?;
+    let node = NodeId::new(node).ok()?;
+    Some((node, verb))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_id(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    #[test]
+    fn node_subjects_round_trip() {
+        for verb in NodeVerb::ALL {
+            let subject = node(&node_id("pi-1"), verb);
+            assert!(subject.as_str().starts_with("apiary.v1.node.pi-1."));
+            assert_eq!(
+                parse_node_subject(subject.as_str()),
+                Some((node_id("pi-1"), verb))
+            );
+        }
+    }
+
+    #[test]
+    fn node_subjects_sit_inside_the_node_scope() {
+        let scope = node_scope(&node_id("n"));
+        let prefix = scope.as_str().trim_end_matches('>');
+        for verb in NodeVerb::ALL {
+            assert!(node(&node_id("n"), verb).as_str().starts_with(prefix));
+        }
+    }
+
+    #[test]
+    fn wildcard_subjects_cover_every_node() {
+        assert_eq!(
+            all_nodes(NodeVerb::Heartbeat).as_str(),
+            "apiary.v1.node.*.heartbeat"
+        );
+    }
+
+    #[test]
+    fn foreign_subjects_do_not_parse() {
+        assert_eq!(parse_node_subject("apiary.v1.node.a.b.register"), None);
+        assert_eq!(parse_node_subject("apiary.v1.node.a.explode"), None);
+        assert_eq!(parse_node_subject("apiary.v2.node.a.register"), None);
+        assert_eq!(parse_node_subject("apiary.v1.tasks.submit"), None);
+        assert_eq!(parse_node_subject("apiary.v1.node.*.register"), None);
+    }
+}

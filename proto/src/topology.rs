@@ -1,0 +1,286 @@
+//! JetStream topology: every stream, consumer, KV bucket and object store apiary uses, with
+//! its configuration, and [`ensure`] to create whichever are missing.
+//!
+//! | name              | kind         | subjects                        | retention                 |
+//! |-------------------|--------------|---------------------------------|---------------------------|
+//! | `APIARY_TASKS`    | stream       | `apiary.v1.tasks.submit`        | work queue                |
+//! | `APIARY_DISPATCH` | stream       | `apiary.v1.node.*.dispatch`     | work queue                |
+//! | `APIARY_RESULTS`  | stream       | `apiary.v1.node.*.result`       | limits (age, bytes)       |
+//! | `APIARY_NODES`    | KV bucket    | `info.<node>`, `live.<node>`    | latest value per key      |
+//! | `APIARY_MODULES`  | object store | one object per module digest    | until deleted             |
+//!
+//! Every component calls [`ensure`] at start, so whichever starts first creates the topology
+//! and the order in which an operator starts things does not matter.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+
+use crate::id::NodeId;
+use crate::subject::{self, NodeVerb};
+
+pub const TASKS_STREAM: &str = "APIARY_TASKS";
+pub const DISPATCH_STREAM: &str = "APIARY_DISPATCH";
+pub const RESULTS_STREAM: &str = "APIARY_RESULTS";
+pub const NODES_BUCKET: &str = "APIARY_NODES";
+pub const MODULES_BUCKET: &str = "APIARY_MODULES";
+
+/// The durable consumer on `APIARY_TASKS` that every scheduler replica pulls from. Replicas
+/// share it, which is how JetStream spreads the queue across them.
+pub const SCHEDULER_TASKS_CONSUMER: &str = "scheduler";
+/// The durable consumer on `APIARY_RESULTS` that every scheduler replica pulls from.
+pub const SCHEDULER_RESULTS_CONSUMER: &str = "scheduler-results";
+
+/// How long a pulled message may stay unacknowledged before JetStream hands it to someone
+/// else. Long-running work keeps its message by sending progress acks.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How long results are kept for late readers.
+pub const RESULTS_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+/// The most disk the results stream may use before the oldest results are dropped; small
+/// enough for a Raspberry Pi's SD card.
+pub const RESULTS_MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+/// A part of the topology that could not be created or opened.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to ensure {kind} {name}: {source}")]
+pub struct TopologyError {
+    pub kind: &'static str,
+    pub name: &'static str,
+    #[source]
+    pub source: async_nats::Error,
+}
+
+impl TopologyError {
+    fn new(kind: &'static str, name: &'static str, source: impl Into<async_nats::Error>) -> Self {
+        Self {
+            kind,
+            name,
+            source: source.into(),
+        }
+    }
+}
+
+pub fn tasks_stream() -> stream::Config {
+    stream::Config {
+        name: TASKS_STREAM.into(),
+        description: Some("apiary: submitted tasks waiting for placement".into()),
+        subjects: vec![subject::task_submit().into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    }
+}
+
+pub fn dispatch_stream() -> stream::Config {
+    stream::Config {
+        name: DISPATCH_STREAM.into(),
+        description: Some("apiary: tasks placed on a node, until the node finishes them".into()),
+        subjects: vec![subject::all_nodes(NodeVerb::Dispatch).into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    }
+}
+
+pub fn results_stream() -> stream::Config {
+    stream::Config {
+        name: RESULTS_STREAM.into(),
+        description: Some("apiary: outcomes of task attempts".into()),
+        subjects: vec![subject::all_nodes(NodeVerb::Result).into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_age: RESULTS_MAX_AGE,
+        max_bytes: RESULTS_MAX_BYTES,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+pub fn nodes_bucket() -> kv::Config {
+    kv::Config {
+        bucket: NODES_BUCKET.into(),
+        description: "apiary: registered nodes and their latest heartbeat".into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+pub fn modules_bucket() -> object_store::Config {
+    object_store::Config {
+        bucket: MODULES_BUCKET.into(),
+        description: Some("apiary: WebAssembly modules, named by SHA-256".into()),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The consumer every scheduler replica pulls submitted tasks from. It never gives up on a
+/// task (`max_deliver` unlimited): a task that cannot be placed yet waits in the queue.
+pub fn scheduler_tasks_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(SCHEDULER_TASKS_CONSUMER.into()),
+        description: Some("apiary schedulers: place submitted tasks".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: 1024,
+        ..Default::default()
+    }
+}
+
+/// The consumer every scheduler replica pulls task results from.
+pub fn scheduler_results_consumer() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(SCHEDULER_RESULTS_CONSUMER.into()),
+        description: Some("apiary schedulers: deliver task results".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: 1024,
+        ..Default::default()
+    }
+}
+
+/// The name of a node's consumer on `APIARY_DISPATCH`. Node ids are valid consumer names.
+pub fn node_dispatch_consumer_name(node: &NodeId) -> String {
+    format!("node-{node}")
+}
+
+/// A node's consumer on `APIARY_DISPATCH`: only its own subject, at most `slots` tasks
+/// unacknowledged at once, so JetStream itself never hands a node more than it can run.
+pub fn node_dispatch_consumer(node: &NodeId, slots: u32) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(node_dispatch_consumer_name(node)),
+        description: Some(format!("apiary agent {node}: placed tasks")),
+        filter_subject: subject::node(node, NodeVerb::Dispatch).into(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: i64::from(slots.max(1)),
+        ..Default::default()
+    }
+}
+
+/// The KV key of a node's registration record.
+pub fn node_info_key(node: &NodeId) -> String {
+    format!("info.{node}")
+}
+
+/// The KV key of a node's latest liveness record.
+pub fn node_live_key(node: &NodeId) -> String {
+    format!("live.{node}")
+}
+
+/// Which record a key of `APIARY_NODES` holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeKey {
+    Info(NodeId),
+    Live(NodeId),
+}
+
+/// Parses a key of `APIARY_NODES`; keys apiary did not write are `None`.
+pub fn parse_node_key(key: &str) -> Option<NodeKey> {
+    let (kind, node) = key.split_once('.')?;
+    let node = NodeId::new(node).ok()?;
+    match kind {
+        "info" => Some(NodeKey::Info(node)),
+        "live" => Some(NodeKey::Live(node)),
+        _ => None,
+    }
+}
+
+/// Handles to the parts of the topology that components use directly.
+#[derive(Clone)]
+pub struct Topology {
+    pub nodes: kv::Store,
+    pub modules: object_store::ObjectStore,
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology")
+            .field("nodes", &NODES_BUCKET)
+            .field("modules", &MODULES_BUCKET)
+            .finish()
+    }
+}
+
+/// Creates every stream and bucket that does not exist yet and opens the KV bucket and object
+/// store. Existing ones are left as they are, so an operator's tuning (replicas, limits)
+/// survives restarts.
+pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> {
+    for (name, config) in [
+        (TASKS_STREAM, tasks_stream()),
+        (DISPATCH_STREAM, dispatch_stream()),
+        (RESULTS_STREAM, results_stream()),
+    ] {
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|err| TopologyError::new("stream", name, err))?;
+    }
+    let nodes = match js.get_key_value(NODES_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_key_value(nodes_bucket())
+            .await
+            .map_err(|err| TopologyError::new("KV bucket", NODES_BUCKET, err))?,
+    };
+    let modules = match js.get_object_store(MODULES_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(modules_bucket())
+            .await
+            .map_err(|err| TopologyError::new("object store", MODULES_BUCKET, err))?,
+    };
+    Ok(Topology { nodes, modules })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_keys_round_trip() {
+        let node = NodeId::new("pi-3").unwrap();
+        assert_eq!(
+            parse_node_key(&node_info_key(&node)),
+            Some(NodeKey::Info(node.clone()))
+        );
+        assert_eq!(
+            parse_node_key(&node_live_key(&node)),
+            Some(NodeKey::Live(node))
+        );
+        assert_eq!(parse_node_key("other.pi-3"), None);
+        assert_eq!(parse_node_key("info"), None);
+    }
+
+    #[test]
+    fn stream_subjects_carry_no_task_ids() {
+        // Stream subjects are fixed or have exactly one wildcard, the node token.
+        for config in [tasks_stream(), dispatch_stream(), results_stream()] {
+            for subject in &config.subjects {
+                assert!(subject.matches('*').count() <= 1, "{subject}");
+                assert!(!subject.contains('>'), "{subject}");
+                if subject.contains('*') {
+                    assert!(subject.starts_with("apiary.v1.node.*."), "{subject}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn work_queue_filters_do_not_overlap() {
+        let a = node_dispatch_consumer(&NodeId::new("a").unwrap(), 2);
+        let b = node_dispatch_consumer(&NodeId::new("b").unwrap(), 2);
+        assert_ne!(a.filter_subject, b.filter_subject);
+        assert_eq!(a.max_ack_pending, 2);
+    }
+}
