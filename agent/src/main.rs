@@ -1,1 +1,31 @@
-fn main(){}
+//! `apiary-agent`: loads its configuration and runs the agent until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use apiary_agent::AgentConfig;
+use apiary_bin_support::LogFormat;
+use clap::Parser;
+
+/// The apiary node agent. Configured by `APIARY_*` environment variables (APIARY_NATS_URL,
+/// APIARY_NODE_ID, APIARY_TOKEN, APIARY_SLOTS, …) and an optional TOML file.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// A TOML configuration file; environment variables override it.
+    #[arg(long, env = "APIARY_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    apiary_bin_support::init_tracing(args.log_format, "info");
+    let config =
+        AgentConfig::load(args.config.as_deref()).context("failed to load configuration")?;
+    let shutdown = apiary_bin_support::shutdown_on_signal();
+    apiary_agent::run(config, shutdown).await
+}

@@ -91,11 +91,13 @@ impl Encoding {
             Encoding::MsgPack => rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
             Encoding::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
         };
-        encoded.map(Bytes::from).map_err(|reason| CodecError::Encode {
-            encoding: self,
-            type_name: short_type_name::<T>(),
-            reason,
-        })
+        encoded
+            .map(Bytes::from)
+            .map_err(|reason| CodecError::Encode {
+                encoding: self,
+                type_name: short_type_name::<T>(),
+                reason,
+            })
     }
 
     pub fn decode<T: DeserializeOwned>(self, payload: &[u8]) -> Result<T, CodecError> {
@@ -151,7 +153,10 @@ mod tests {
     fn detects_json_by_header_or_leading_brace() {
         let mut json_header = HeaderMap::new();
         json_header.insert(headers::CONTENT_TYPE, "application/json; charset=utf-8");
-        assert_eq!(Encoding::detect(Some(&json_header), b"\x81"), Encoding::Json);
+        assert_eq!(
+            Encoding::detect(Some(&json_header), b"\x81"),
+            Encoding::Json
+        );
         assert_eq!(Encoding::detect(None, b"  {\"a\":1}"), Encoding::Json);
         assert_eq!(Encoding::detect(None, b""), Encoding::Json);
         assert_eq!(Encoding::detect(None, b"\x81\xa1a\x01"), Encoding::MsgPack);

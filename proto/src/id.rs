@@ -15,7 +15,9 @@ pub enum IdError {
         len: usize,
         max: usize,
     },
-    #[error("{what} {value:?} contains {found:?}; only ASCII letters, digits, '-' and '_' are allowed")]
+    #[error(
+        "{what} {value:?} contains {found:?}; only ASCII letters, digits, '-' and '_' are allowed"
+    )]
     InvalidCharacter {
         what: &'static str,
         value: String,
@@ -173,7 +175,10 @@ mod tests {
 
     #[test]
     fn host_names_become_node_ids() {
-        assert_eq!(NodeId::from_hostname("pi-4.lan").unwrap().as_str(), "pi-4-lan");
+        assert_eq!(
+            NodeId::from_hostname("pi-4.lan").unwrap().as_str(),
+            "pi-4-lan"
+        );
         assert_eq!(NodeId::from_hostname(".x.").unwrap().as_str(), "x");
     }
 

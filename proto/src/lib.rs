@@ -19,6 +19,7 @@ pub mod id;
 pub mod liveness;
 pub mod message;
 pub mod payload;
+pub mod rpc;
 pub mod subject;
 pub mod topology;
 

@@ -101,7 +101,10 @@ mod tests {
     #[test]
     fn a_leaving_node_is_gone_at_once() {
         let live = live(10_000, NodeState::Leaving);
-        assert_eq!(node_status(&record(), Some(&live), 10_000), NodeStatus::Left);
+        assert_eq!(
+            node_status(&record(), Some(&live), 10_000),
+            NodeStatus::Left
+        );
     }
 
     #[test]

@@ -52,7 +52,12 @@ impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 64;
         let head = &self.0[..self.0.len().min(SHOWN)];
-        write!(f, "Payload({} bytes: {:?}", self.0.len(), String::from_utf8_lossy(head))?;
+        write!(
+            f,
+            "Payload({} bytes: {:?}",
+            self.0.len(),
+            String::from_utf8_lossy(head)
+        )?;
         if self.0.len() > SHOWN {
             f.write_str("…")?;
         }

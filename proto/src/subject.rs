@@ -52,6 +52,12 @@ impl From<Subject> for async_nats::Subject {
     }
 }
 
+impl async_nats::subject::ToSubject for Subject {
+    fn to_subject(&self) -> async_nats::Subject {
+        async_nats::Subject::from(self.0.as_str())
+    }
+}
+
 impl From<Subject> for String {
     fn from(subject: Subject) -> Self {
         subject.0

@@ -1,0 +1,145 @@
+//! Fetching, checking and compiling modules, with a cache of compiled modules.
+//!
+//! Modules are named by the SHA-256 of their bytes, so a cached compilation can never be
+//! stale: the same name always means the same bytes. Compiling is the expensive step on a
+//! small host, and most clusters run a few modules many times, so the agent keeps the most
+//! recently used compiled modules in memory.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use apiary_proto::message::{ModuleRef, TaskError, TaskErrorKind};
+use async_nats::jetstream::object_store::{GetErrorKind, ObjectStore};
+use tokio::io::AsyncReadExt as _;
+use wasmtime::Module;
+
+use crate::sandbox::Sandbox;
+
+/// The largest module the agent will fetch. Bigger objects are refused before they are read
+/// into memory.
+pub const MAX_MODULE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Compiled modules by digest, in front of the module object store.
+pub struct ModuleCache {
+    store: ObjectStore,
+    sandbox: Arc<Sandbox>,
+    compiled: Mutex<lru::LruCache<String, Module>>,
+}
+
+impl std::fmt::Debug for ModuleCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleCache").finish_non_exhaustive()
+    }
+}
+
+impl ModuleCache {
+    pub fn new(store: ObjectStore, sandbox: Arc<Sandbox>, capacity: NonZeroUsize) -> Self {
+        Self {
+            store,
+            sandbox,
+            compiled: Mutex::new(lru::LruCache::new(capacity)),
+        }
+    }
+
+    /// The compiled module for `module`: from the cache, or fetched, checked against its
+    /// digest and compiled.
+    #[tracing::instrument(skip_all, fields(module = %module.sha256))]
+    pub async fn get(&self, module: &ModuleRef) -> Result<Module, TaskError> {
+        if let Some(compiled) = self.cached(&module.sha256) {
+            tracing::trace!("compiled module cache hit");
+            return Ok(compiled);
+        }
+        let bytes = self.fetch(module).await?;
+        let sandbox = self.sandbox.clone();
+        let compiled = tokio::task::spawn_blocking(move || sandbox.compile(&bytes))
+            .await
+            .map_err(|err| {
+                TaskError::new(
+                    TaskErrorKind::Internal,
+                    format!("the compiler thread failed: {err}"),
+                )
+            })??;
+        tracing::debug!("module compiled");
+        self.lock().put(module.sha256.clone(), compiled.clone());
+        Ok(compiled)
+    }
+
+    fn cached(&self, digest: &str) -> Option<Module> {
+        self.lock().get(digest).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<String, Module>> {
+        // A panic while holding the lock cannot leave the cache inconsistent (every operation
+        // is a single call into the LRU), so a poisoned lock is still usable.
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn fetch(&self, module: &ModuleRef) -> Result<Vec<u8>, TaskError> {
+        if !is_sha256_hex(&module.sha256) {
+            return Err(TaskError::new(
+                TaskErrorKind::InvalidTask,
+                format!("{:?} is not a SHA-256 digest", module.sha256),
+            ));
+        }
+        let object = self.store.get(&module.sha256).await.map_err(|err| {
+            if err.kind() == GetErrorKind::NotFound {
+                TaskError::new(
+                    TaskErrorKind::ModuleNotFound,
+                    format!("module {} is not in the module store", module.sha256),
+                )
+            } else {
+                TaskError::new(
+                    TaskErrorKind::Internal,
+                    format!("failed to fetch module {}: {err}", module.sha256),
+                )
+            }
+        })?;
+        let mut bytes = Vec::new();
+        object
+            .take(MAX_MODULE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|err| {
+                TaskError::new(
+                    TaskErrorKind::Internal,
+                    format!("failed to read module {}: {err}", module.sha256),
+                )
+            })?;
+        if bytes.len() as u64 > MAX_MODULE_BYTES {
+            return Err(TaskError::new(
+                TaskErrorKind::InvalidModule,
+                format!("the module is larger than {MAX_MODULE_BYTES} bytes"),
+            ));
+        }
+        if !module.matches(&bytes) {
+            return Err(TaskError::new(
+                TaskErrorKind::ModuleDigestMismatch,
+                format!(
+                    "the module store returned {} bytes that do not hash to {}",
+                    bytes.len(),
+                    module.sha256
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_lowercase_hex_of_the_right_length() {
+        assert!(is_sha256_hex(&ModuleRef::for_bytes(b"x").sha256));
+        assert!(!is_sha256_hex("abc"));
+        assert!(!is_sha256_hex(&"G".repeat(64)));
+        assert!(!is_sha256_hex(&"../".repeat(22)[..64]));
+    }
+}

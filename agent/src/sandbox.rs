@@ -1,0 +1,484 @@
+//! The WebAssembly sandbox: compiles modules and runs them under WASI preview 1 with limits.
+//!
+//! A task is a WASI command (`_start`). It reads its input on stdin, writes its answer to
+//! stdout and may write diagnostics to stderr. It sees no files, no network, no environment
+//! and no clock beyond what WASI preview 1 gives every module. Each run gets a fresh store, so
+//! nothing leaks from one task to the next.
+//!
+//! Limits, and how each is enforced:
+//! - time: epoch interruption. A ticker thread advances the engine's epoch every
+//!   [`EPOCH_TICK`], and each store traps once its deadline in ticks has passed.
+//! - memory: a resource limiter that refuses, with a trap, growth past the limit.
+//! - output: stdout and stderr are bounded in-memory pipes.
+//! - CPU: optional wasmtime fuel, deterministic across machines.
+//!
+//! Nothing here touches NATS: the functions take bytes and limits and return an [`Outcome`],
+//! so they are tested with plain modules.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use apiary_proto::Payload;
+use apiary_proto::message::{Limits, Outcome, TaskError, TaskErrorKind};
+use bytes::Bytes;
+use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+
+/// How often the engine's epoch advances: the granularity of task timeouts.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Why the sandbox could not be set up. Fatal for the agent: without a sandbox it cannot run
+/// anything.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to set up the WebAssembly sandbox: {0}")]
+pub struct SandboxError(String);
+
+/// A compiled-module runner. Cheap to share: one per agent.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<TaskState>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What each run's store holds.
+struct TaskState {
+    wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+}
+
+/// Refuses memory growth past the task's limit, and remembers that it did, so that the trap
+/// that follows is reported as a memory limit and not as a generic failure.
+struct MemoryLimiter {
+    max_memory_bytes: usize,
+    exceeded: bool,
+}
+
+/// The error a refused memory growth traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded: the module asked for {desired} bytes")]
+struct MemoryLimitExceeded {
+    limit: usize,
+    desired: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory_bytes {
+            self.exceeded = true;
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit: self.max_memory_bytes,
+                desired,
+            }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Tables hold function references; a million entries is far beyond any real module.
+        Ok(desired <= 1_000_000)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        4
+    }
+}
+
+impl Sandbox {
+    /// Builds the engine, the WASI linker, and starts the epoch ticker.
+    pub fn new() -> Result<Self, SandboxError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.consume_fuel(true);
+        let engine = Engine::new(&config).map_err(|err| SandboxError(format!("{err:#}")))?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut TaskState| &mut state.wasi)
+            .map_err(|err| SandboxError(format!("{err:#}")))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.clone();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("apiary-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|err| SandboxError(format!("cannot start the epoch ticker: {err}")))?;
+
+        Ok(Self {
+            engine,
+            linker,
+            ticker_stop,
+        })
+    }
+
+    /// Compiles module bytes. CPU-heavy: call it off the async runtime.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Module, TaskError> {
+        Module::from_binary(&self.engine, bytes).map_err(|err| {
+            TaskError::new(
+                TaskErrorKind::InvalidModule,
+                format!("not a valid WebAssembly module: {err:#}"),
+            )
+        })
+    }
+
+    /// Runs a compiled module's `_start` with `input` on stdin, within `limits`. Blocks the
+    /// calling thread for as long as the module runs: call it off the async runtime.
+    pub fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Outcome {
+        // One byte more than the limit: a pipe that filled past the limit tells us the module
+        // tried to write too much, even when WASI only reported a short write to the module.
+        let output_limit = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
+        let stdout = MemoryOutputPipe::new(output_limit.saturating_add(1));
+        let stderr = MemoryOutputPipe::new(output_limit.saturating_add(1));
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stdin(MemoryInputPipe::new(input))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .arg("task")
+            .build_p1();
+        let mut store = Store::new(
+            &self.engine,
+            TaskState {
+                wasi,
+                limiter: MemoryLimiter {
+                    max_memory_bytes: usize::try_from(limits.max_memory_bytes)
+                        .unwrap_or(usize::MAX),
+                    exceeded: false,
+                },
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
+        store.epoch_deadline_trap();
+        if let Err(err) = store.set_fuel(limits.fuel.unwrap_or(u64::MAX)) {
+            return failed(
+                TaskErrorKind::Internal,
+                format!("cannot set fuel: {err:#}"),
+                &stderr,
+            );
+        }
+
+        let call = self
+            .linker
+            .instantiate(&mut store, module)
+            .map_err(|err| (Stage::Instantiate, err))
+            .and_then(|instance| {
+                instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .map_err(|err| (Stage::FindStart, err))
+            })
+            .and_then(|start| start.call(&mut store, ()).map_err(|err| (Stage::Run, err)));
+
+        if stdout.contents().len() > output_limit || stderr.contents().len() > output_limit {
+            let stderr = stderr.contents();
+            return Outcome::Failed {
+                error: TaskError::new(
+                    TaskErrorKind::OutputLimit,
+                    format!(
+                        "the task wrote more than its {} byte output limit",
+                        limits.max_output_bytes
+                    ),
+                ),
+                stderr: Payload(stderr.slice(..stderr.len().min(output_limit))),
+            };
+        }
+        match call {
+            Ok(()) => completed(0, &stdout, &stderr),
+            Err((Stage::Run, err)) if err.downcast_ref::<I32Exit>().is_some() => {
+                let code = err.downcast_ref::<I32Exit>().map_or(0, |exit| exit.0);
+                completed(code, &stdout, &stderr)
+            }
+            Err((stage, err)) => {
+                let memory_exceeded = store.data().limiter.exceeded;
+                let (kind, message) = classify(stage, &err, memory_exceeded, limits);
+                failed(kind, message, &stderr)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Instantiate,
+    FindStart,
+    Run,
+}
+
+fn deadline_ticks(timeout_ms: u64) -> u64 {
+    let tick_ms = u64::try_from(EPOCH_TICK.as_millis()).unwrap_or(1).max(1);
+    timeout_ms.div_ceil(tick_ms).max(1)
+}
+
+/// Turns a wasmtime error into the task error kind a user can act on.
+fn classify(
+    stage: Stage,
+    err: &wasmtime::Error,
+    memory_exceeded: bool,
+    limits: &Limits,
+) -> (TaskErrorKind, String) {
+    if memory_exceeded || err.downcast_ref::<MemoryLimitExceeded>().is_some() {
+        return (TaskErrorKind::MemoryLimit, format!("{err:#}"));
+    }
+    match stage {
+        Stage::Instantiate => {
+            return (
+                TaskErrorKind::InvalidModule,
+                format!("cannot instantiate the module: {err:#}"),
+            );
+        }
+        Stage::FindStart => {
+            return (
+                TaskErrorKind::InvalidModule,
+                format!("the module is not a WASI command (no `_start` export): {err:#}"),
+            );
+        }
+        Stage::Run => {}
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => (
+            TaskErrorKind::Timeout,
+            format!(
+                "the task ran longer than its {} ms limit",
+                limits.timeout_ms
+            ),
+        ),
+        Some(Trap::OutOfFuel) => (
+            TaskErrorKind::FuelExhausted,
+            format!(
+                "the task used up its fuel budget of {}",
+                limits.fuel.unwrap_or(u64::MAX)
+            ),
+        ),
+        Some(trap) => (TaskErrorKind::Trap, format!("the module trapped: {trap}")),
+        None => (TaskErrorKind::Trap, format!("the module failed: {err:#}")),
+    }
+}
+
+fn completed(exit_code: i32, stdout: &MemoryOutputPipe, stderr: &MemoryOutputPipe) -> Outcome {
+    Outcome::Completed {
+        exit_code,
+        stdout: Payload(stdout.contents()),
+        stderr: Payload(stderr.contents()),
+    }
+}
+
+fn failed(kind: TaskErrorKind, message: String, stderr: &MemoryOutputPipe) -> Outcome {
+    Outcome::Failed {
+        error: TaskError::new(kind, message),
+        stderr: Payload(stderr.contents()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox() -> Sandbox {
+        Sandbox::new().expect("sandbox")
+    }
+
+    fn module(sandbox: &Sandbox, wat: &str) -> Module {
+        sandbox
+            .compile(&wat::parse_str(wat).expect("valid wat"))
+            .expect("compiles")
+    }
+
+    /// A WASI command that copies stdin to stdout, byte for byte through one buffer.
+    const ECHO: &str = r#"
+        (module
+          (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 64))   ;; iovec.buf
+            (i32.store (i32.const 4) (i32.const 1024)) ;; iovec.len
+            (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+            (i32.store (i32.const 4) (i32.load (i32.const 8)))
+            (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+    "#;
+
+    #[test]
+    fn runs_a_command_with_stdin_and_stdout() {
+        let sandbox = sandbox();
+        let module = module(&sandbox, ECHO);
+        let outcome = sandbox.run(&module, Bytes::from_static(b"hello"), &Limits::default());
+        assert_eq!(
+            outcome,
+            Outcome::Completed {
+                exit_code: 0,
+                stdout: Payload::from("hello"),
+                stderr: Payload::default(),
+            }
+        );
+    }
+
+    #[test]
+    fn reports_the_exit_code() {
+        let sandbox = sandbox();
+        let module = module(
+            &sandbox,
+            r#"(module
+                 (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                 (memory (export "memory") 1)
+                 (func (export "_start") (call $exit (i32.const 3))))"#,
+        );
+        match sandbox.run(&module, Bytes::new(), &Limits::default()) {
+            Outcome::Completed { exit_code, .. } => assert_eq!(exit_code, 3),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+
+    #[test]
+    fn random_bytes_are_an_invalid_module() {
+        let err = sandbox().compile(&[0x13, 0x37, 0xde, 0xad]).unwrap_err();
+        assert_eq!(err.kind, TaskErrorKind::InvalidModule);
+    }
+
+    fn failure_kind(outcome: Outcome) -> TaskErrorKind {
+        match outcome {
+            Outcome::Failed { error, .. } => error.kind,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_endless_loop_times_out() {
+        let sandbox = sandbox();
+        let module = module(
+            &sandbox,
+            r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (loop (br 0))))"#,
+        );
+        let limits = Limits {
+            timeout_ms: 50,
+            ..Limits::default()
+        };
+        assert_eq!(
+            failure_kind(sandbox.run(&module, Bytes::new(), &limits)),
+            TaskErrorKind::Timeout
+        );
+    }
+
+    #[test]
+    fn fuel_bounds_cpu() {
+        let sandbox = sandbox();
+        let module = module(
+            &sandbox,
+            r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (loop (br 0))))"#,
+        );
+        let limits = Limits {
+            fuel: Some(10_000),
+            ..Limits::default()
+        };
+        assert_eq!(
+            failure_kind(sandbox.run(&module, Bytes::new(), &limits)),
+            TaskErrorKind::FuelExhausted
+        );
+    }
+
+    #[test]
+    fn memory_growth_past_the_limit_fails() {
+        let sandbox = sandbox();
+        let module = module(
+            &sandbox,
+            r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (drop (memory.grow (i32.const 100)))))"#,
+        );
+        let limits = Limits {
+            max_memory_bytes: 2 * 65536,
+            ..Limits::default()
+        };
+        assert_eq!(
+            failure_kind(sandbox.run(&module, Bytes::new(), &limits)),
+            TaskErrorKind::MemoryLimit
+        );
+    }
+
+    #[test]
+    fn output_past_the_limit_fails() {
+        let sandbox = sandbox();
+        let module = module(&sandbox, ECHO);
+        let limits = Limits {
+            max_output_bytes: 4,
+            ..Limits::default()
+        };
+        assert_eq!(
+            failure_kind(sandbox.run(&module, Bytes::from_static(b"too long"), &limits)),
+            TaskErrorKind::OutputLimit
+        );
+    }
+
+    #[test]
+    fn a_trap_is_reported_as_such() {
+        let sandbox = sandbox();
+        let module = module(
+            &sandbox,
+            r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
+        );
+        assert_eq!(
+            failure_kind(sandbox.run(&module, Bytes::new(), &Limits::default())),
+            TaskErrorKind::Trap
+        );
+    }
+
+    #[test]
+    fn a_module_without_start_is_invalid() {
+        let sandbox = sandbox();
+        let module = module(&sandbox, r#"(module (memory (export "memory") 1))"#);
+        assert_eq!(
+            failure_kind(sandbox.run(&module, Bytes::new(), &Limits::default())),
+            TaskErrorKind::InvalidModule
+        );
+    }
+
+    #[test]
+    fn unknown_imports_are_an_invalid_module() {
+        let sandbox = sandbox();
+        let module = module(
+            &sandbox,
+            r#"(module (import "env" "launch_missiles" (func))
+                 (memory (export "memory") 1) (func (export "_start")))"#,
+        );
+        assert_eq!(
+            failure_kind(sandbox.run(&module, Bytes::new(), &Limits::default())),
+            TaskErrorKind::InvalidModule
+        );
+    }
+}
