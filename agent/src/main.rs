@@ -24,8 +24,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     apiary_bin_support::init_tracing(args.log_format, "info");
-    let config =
-        AgentConfig::load(args.config.as_deref()).context("failed to load configuration")?;
+    let config: AgentConfig = apiary_bin_support::load_config(args.config.as_deref())
+        .context("failed to load configuration")?;
     let shutdown = apiary_bin_support::shutdown_on_signal();
     apiary_agent::run(config, shutdown).await
 }

@@ -1,8 +1,15 @@
-//! What every apiary binary does before it calls its crate's `run(config, shutdown)`: install
-//! the one tracing subscriber, and turn SIGINT/SIGTERM into a cancellation token.
+//! What every apiary binary does before it calls its crate's `run(config, shutdown)`: load
+//! the configuration, install the one tracing subscriber, and turn SIGINT/SIGTERM into a
+//! cancellation token.
 //!
 //! Libraries only emit spans and events; this crate is for `main` functions alone.
 
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -79,4 +86,59 @@ async fn wait_for_signal() {
 #[cfg(not(unix))]
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Loads a component's configuration: its defaults, then the TOML `file` if one is given,
+/// then `APIARY_*` environment variables (`APIARY_NATS_URL` sets `nats_url`), each layer
+/// overriding the one before. Unknown keys are ignored, so one environment can serve every
+/// component.
+pub fn load_config<T>(file: Option<&Path>) -> Result<T, Box<figment::Error>>
+where
+    T: Default + Serialize + DeserializeOwned,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(file) = file {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment
+        .merge(Env::prefixed("APIARY_"))
+        .extract()
+        .map_err(Box::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct Sample {
+        nats_url: String,
+        node_id: Option<String>,
+        slots: Option<u32>,
+    }
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("agent.toml", "slots = 2\nnode_id = \"from-file\"")?;
+            jail.set_env("APIARY_NODE_ID", "from-env");
+            jail.set_env("APIARY_LOG", "debug");
+            let config: Sample =
+                load_config(Some(Path::new("agent.toml"))).map_err(|err| err.to_string())?;
+            assert_eq!(config.slots, Some(2));
+            assert_eq!(config.node_id.as_deref(), Some("from-env"));
+            assert_eq!(config.nats_url, "");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error() {
+        figment::Jail::expect_with(|_| {
+            assert!(load_config::<Sample>(Some(Path::new("nope.toml"))).is_err());
+            Ok(())
+        });
+    }
 }

@@ -27,6 +27,10 @@ pub use codec::{CodecError, Encoding};
 pub use id::{IdError, NodeId, TaskId};
 pub use payload::Payload;
 
+/// Where every apiary component looks for NATS unless told otherwise (`APIARY_NATS_URL`), and
+/// where `apiary dev` serves.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
 /// Milliseconds since the Unix epoch, the one timestamp format of the protocol.
 ///
 /// Integers travel the same in MessagePack and JSON and need no time library on the other end.

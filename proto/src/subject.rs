@@ -132,6 +132,23 @@ pub fn parse_node_subject(subject: &str) -> Option<(NodeId, NodeVerb)> {
     Some((node, verb))
 }
 
+/// Whether `subject` may be used as a task's `reply_to`, where the scheduler will publish the
+/// task's result. Only plain subjects outside apiary's own namespace and the server's `$`
+/// namespaces qualify: a result must never land in a stream, a node's subject, or the
+/// JetStream API.
+pub fn is_valid_reply_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject.len() <= 256
+        && !subject.starts_with('$')
+        && !subject.starts_with("apiary.")
+        && subject.split('.').all(|token| {
+            !token.is_empty()
+                && token != "*"
+                && token != ">"
+                && !token.chars().any(|c| c.is_whitespace() || c.is_control())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +184,21 @@ mod tests {
             all_nodes(NodeVerb::Heartbeat).as_str(),
             "apiary.v1.node.*.heartbeat"
         );
+    }
+
+    #[test]
+    fn reply_subjects_stay_out_of_apiary_and_system_namespaces() {
+        assert!(is_valid_reply_subject("_INBOX.abc.def"));
+        assert!(is_valid_reply_subject("myapp.results"));
+        assert!(!is_valid_reply_subject(""));
+        assert!(!is_valid_reply_subject(
+            "$JS.API.STREAM.DELETE.APIARY_TASKS"
+        ));
+        assert!(!is_valid_reply_subject("apiary.v1.tasks.submit"));
+        assert!(!is_valid_reply_subject("_INBOX.*"));
+        assert!(!is_valid_reply_subject("_INBOX.>"));
+        assert!(!is_valid_reply_subject("_INBOX..x"));
+        assert!(!is_valid_reply_subject("_INBOX.a b"));
     }
 
     #[test]

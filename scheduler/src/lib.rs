@@ -1,1 +1,710 @@
+//! The apiary scheduler: registers nodes, tracks their heartbeats, places submitted tasks on
+//! live nodes and delivers results.
+//!
+//! It is stateless. Everything it knows is in NATS: nodes in the `APIARY_NODES` bucket, tasks
+//! waiting for placement in `APIARY_TASKS`, placed tasks in `APIARY_DISPATCH`, outcomes in
+//! `APIARY_RESULTS`. Replicas share the durable consumers and the service queue group, so any
+//! number can run side by side and killing one loses nothing: what it held unacknowledged is
+//! redelivered to another after the ack wait.
+//!
+//! [`run`] is the whole scheduler; `main` only loads the configuration and calls it.
 
+pub mod config;
+pub mod view;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use apiary_proto::codec::{self, Encoding};
+use apiary_proto::message::{
+    Dispatch, ErrorBody, ErrorCode, Heartbeat, HeartbeatReply, NodeLiveness, NodeMetrics,
+    NodeRecord, NodeState, NodesListReply, NodesListRequest, RegisterReply, RegisterRequest, Reply,
+    TaskResult, TaskSubmission,
+};
+use apiary_proto::subject::{self, NodeVerb};
+use apiary_proto::topology::{self, NodeKey};
+use apiary_proto::{NodeId, headers, now_ms, rpc};
+use async_nats::jetstream::{self, AckKind, kv};
+use async_nats::service::ServiceExt as _;
+use futures::StreamExt as _;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+pub use config::SchedulerConfig;
+
+use crate::view::{NodeChange, NodeView, Placement};
+
+/// The NATS micro service name every replica registers under (`nats micro info
+/// apiary-scheduler`).
+pub const SERVICE_NAME: &str = "apiary-scheduler";
+
+/// How long a request for the node table waits for a freshly started replica to finish
+/// reading the node bucket.
+const SYNC_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs a scheduler replica until `shutdown` is cancelled.
+pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let instance = nuid::next().to_string();
+    let span = tracing::info_span!("scheduler", instance = %instance);
+    async move {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("apiary-scheduler {instance}"))
+            .retry_on_initial_connect()
+            .connect(config.nats_url.as_str())
+            .await
+            .with_context(|| format!("failed to connect to NATS at {}", config.nats_url))?;
+        let js = jetstream::new(client.clone());
+        let topology = topology::ensure(&js)
+            .await
+            .context("failed to set up JetStream")?;
+
+        let (changed, _) = watch::channel(0u64);
+        let (synced, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            client: client.clone(),
+            js,
+            nodes: topology.nodes,
+            view: Mutex::new(NodeView::default()),
+            changed,
+            synced,
+        });
+
+        let service = client
+            .service_builder()
+            .description("apiary scheduler: node registration, heartbeats and the node table")
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to start the micro service: {err}"))?;
+
+        let stop = shutdown.child_token();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(watch_nodes(shared.clone(), stop.clone()).in_current_span());
+        for (name, verb) in [
+            ("register", NodeVerb::Register),
+            ("heartbeat", NodeVerb::Heartbeat),
+        ] {
+            let endpoint = service
+                .endpoint_builder()
+                .name(name)
+                .add(subject::all_nodes(verb).to_string())
+                .await
+                .map_err(|err| anyhow::anyhow!("failed to add the {name} endpoint: {err}"))?;
+            let shared = shared.clone();
+            let stop = stop.clone();
+            tasks.spawn(
+                async move {
+                    match verb {
+                        NodeVerb::Register => {
+                            serve(endpoint, stop, move |node, request| {
+                                register(shared.clone(), node, request)
+                            })
+                            .await
+                        }
+                        _ => {
+                            serve(endpoint, stop, move |node, request| {
+                                heartbeat(shared.clone(), node, request)
+                            })
+                            .await
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        let list = service
+            .endpoint_builder()
+            .name("nodes-list")
+            .add(subject::nodes_list().to_string())
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to add the nodes-list endpoint: {err}"))?;
+        {
+            let shared = shared.clone();
+            tasks.spawn(
+                serve(list, stop.clone(), move |_, request| {
+                    list_nodes(shared.clone(), request)
+                })
+                .in_current_span(),
+            );
+        }
+        tasks.spawn(intake(shared.clone(), stop.clone()).in_current_span());
+        tasks.spawn(deliver_results(shared.clone(), stop.clone()).in_current_span());
+        tracing::info!("scheduler started");
+
+        // Every loop runs until `stop`; one that ends early has failed, and takes the replica
+        // down with it rather than leaving it half-working.
+        let mut outcome = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            let result =
+                joined.unwrap_or_else(|err| Err(anyhow::anyhow!("a task panicked: {err}")));
+            if let Err(err) = result {
+                if outcome.is_ok() {
+                    tracing::error!(error = %format!("{err:#}"), "scheduler loop failed");
+                    outcome = Err(err);
+                }
+            }
+            stop.cancel();
+        }
+        service.stop().await.ok();
+        client.flush().await.ok();
+        tracing::info!("scheduler stopped");
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+/// What the scheduler's loops share. The view is a cache of the node bucket.
+struct Shared {
+    config: SchedulerConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    nodes: kv::Store,
+    view: Mutex<NodeView>,
+    /// Bumped on every change to the view, so that tasks waiting for a node look again.
+    changed: watch::Sender<u64>,
+    /// True once the replica has read the whole node bucket.
+    synced: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn view(&self) -> std::sync::MutexGuard<'_, NodeView> {
+        // Every view operation is a single, panic-free call, so a poisoned lock still guards
+        // a consistent view.
+        self.view
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn apply(&self, change: NodeChange) {
+        self.view().apply(change);
+        self.changed
+            .send_modify(|version| *version = version.wrapping_add(1));
+    }
+
+    async fn wait_synced(&self, limit: Duration) {
+        let mut synced = self.synced.subscribe();
+        let _ = tokio::time::timeout(limit, synced.wait_for(|synced| *synced)).await;
+    }
+
+    fn heartbeat_interval_ms(&self) -> u64 {
+        u64::try_from(self.config.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// The node bucket
+// -------------------------------------------------------------------------------------------
+
+/// Mirrors the node bucket into the view: first every current entry, then each change.
+async fn watch_nodes(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let empty = shared
+        .nodes
+        .status()
+        .await
+        .map(|status| status.values() == 0)
+        .unwrap_or(false);
+    let mut watch = shared
+        .nodes
+        .watch_all()
+        .await
+        .context("failed to watch the node bucket")?;
+    if empty {
+        shared.synced.send_replace(true);
+    }
+    loop {
+        let entry = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            entry = watch.next() => entry,
+        };
+        let entry = match entry {
+            Some(Ok(entry)) => entry,
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "error while watching the node bucket");
+                continue;
+            }
+            None => anyhow::bail!("the node bucket watch ended"),
+        };
+        if let Some(change) = node_change(&entry) {
+            shared.apply(change);
+        }
+        if entry.seen_current || entry.delta == 0 {
+            shared.synced.send_replace(true);
+        }
+    }
+}
+
+/// Turns a bucket entry into a view change; entries apiary did not write are skipped.
+fn node_change(entry: &kv::Entry) -> Option<NodeChange> {
+    let key = topology::parse_node_key(&entry.key)?;
+    let removed = matches!(
+        entry.operation,
+        kv::Operation::Delete | kv::Operation::Purge
+    );
+    let change = match (key, removed) {
+        (NodeKey::Info(node), true) => NodeChange::Forgotten(node),
+        (NodeKey::Live(node), true) => NodeChange::LivenessCleared(node),
+        (NodeKey::Info(_), false) => NodeChange::Registered(decode_entry(entry)?),
+        (NodeKey::Live(node), false) => NodeChange::Heartbeat(node, decode_entry(entry)?),
+    };
+    Some(change)
+}
+
+fn decode_entry<T: DeserializeOwned>(entry: &kv::Entry) -> Option<T> {
+    match Encoding::detect(None, &entry.value).decode(&entry.value) {
+        Ok(value) => Some(value),
+        Err(err) => {
+            tracing::warn!(key = %entry.key, error = %err, "skipping a malformed node record");
+            None
+        }
+    }
+}
+
+async fn put_record<T: Serialize>(
+    shared: &Shared,
+    key: String,
+    value: &T,
+) -> Result<(), ErrorBody> {
+    let bytes =
+        codec::encode(value).map_err(|err| ErrorBody::new(ErrorCode::Internal, err.to_string()))?;
+    shared.nodes.put(key, bytes).await.map(drop).map_err(|err| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("failed to store the node record: {err}"),
+        )
+    })
+}
+
+// -------------------------------------------------------------------------------------------
+// Request subjects
+// -------------------------------------------------------------------------------------------
+
+/// Answers the requests of one endpoint until `stop`: decodes each (MessagePack or JSON),
+/// calls `handler` with the node named in the subject (if any), and replies in the request's
+/// encoding. A request that cannot be decoded gets a `bad_request` reply, never silence.
+async fn serve<Req, Resp, H, Fut>(
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    stop: CancellationToken,
+    handler: H,
+) -> anyhow::Result<()>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Fn(Option<NodeId>, Req) -> Fut,
+    Fut: Future<Output = Reply<Resp>>,
+{
+    loop {
+        let request = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            request = endpoint.next() => match request {
+                Some(request) => request,
+                None => anyhow::bail!("a service endpoint closed"),
+            },
+        };
+        let message = &request.message;
+        let node = subject::parse_node_subject(message.subject.as_str()).map(|(node, _)| node);
+        let (reply, encoding) =
+            match codec::decode_message::<Req>(message.headers.as_ref(), &message.payload) {
+                Ok((decoded, encoding)) => (handler(node, decoded).await, encoding),
+                Err(err) => {
+                    tracing::warn!(subject = %message.subject, error = %err, "malformed request");
+                    let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
+                    (
+                        Reply::Error(ErrorBody::new(ErrorCode::BadRequest, err.to_string())),
+                        encoding,
+                    )
+                }
+            };
+        let sent = match rpc::encode_reply(encoding, &reply) {
+            Ok((headers, body)) => request.respond_with_headers(Ok(body), headers).await,
+            Err(err) => {
+                tracing::error!(error = %err, "failed to encode a reply");
+                continue;
+            }
+        };
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "failed to send a reply");
+        }
+    }
+}
+
+/// The node named in the subject must be the node the body speaks for: server permissions
+/// fence nodes by subject, so the subject is the identity that counts.
+fn check_subject(subject_node: Option<NodeId>, body_node: &NodeId) -> Result<(), ErrorBody> {
+    match subject_node {
+        Some(node) if &node == body_node => Ok(()),
+        Some(node) => Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!("the body speaks for node {body_node} but was sent on node {node}'s subject"),
+        )),
+        None => Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "the subject names no node",
+        )),
+    }
+}
+
+async fn register(
+    shared: Arc<Shared>,
+    subject_node: Option<NodeId>,
+    request: RegisterRequest,
+) -> Reply<RegisterReply> {
+    let node = request.node.node_id.clone();
+    let span = tracing::info_span!("register", node_id = %node);
+    async move {
+        if let Err(err) = check_subject(subject_node, &node) {
+            return Reply::Error(err);
+        }
+        let now = now_ms();
+        let record = NodeRecord {
+            info: request.node,
+            registered_at_ms: now,
+        };
+        let live = NodeLiveness {
+            last_seen_ms: now,
+            heartbeat_interval_ms: shared.heartbeat_interval_ms(),
+            seq: 0,
+            state: NodeState::Active,
+            metrics: NodeMetrics {
+                slots: record.info.slots,
+                ..NodeMetrics::default()
+            },
+        };
+        if let Err(err) = put_record(&shared, topology::node_info_key(&node), &record).await {
+            return Reply::Error(err);
+        }
+        if let Err(err) = put_record(&shared, topology::node_live_key(&node), &live).await {
+            return Reply::Error(err);
+        }
+        // Known to this replica at once; the bucket watch brings the same records back.
+        shared.apply(NodeChange::Registered(record.clone()));
+        shared.apply(NodeChange::Heartbeat(node.clone(), live));
+        tracing::info!(
+            hostname = %record.info.hostname,
+            arch = %record.info.arch,
+            cores = record.info.cpu_cores,
+            slots = record.info.slots,
+            "node registered"
+        );
+        Reply::Ok(RegisterReply {
+            node_id: node,
+            heartbeat_interval_ms: shared.heartbeat_interval_ms(),
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+async fn heartbeat(
+    shared: Arc<Shared>,
+    subject_node: Option<NodeId>,
+    heartbeat: Heartbeat,
+) -> Reply<HeartbeatReply> {
+    let node = heartbeat.node_id.clone();
+    if let Err(err) = check_subject(subject_node, &node) {
+        return Reply::Error(err);
+    }
+    let registered = shared.view().is_registered(&node)
+        || matches!(
+            shared.nodes.get(topology::node_info_key(&node)).await,
+            Ok(Some(_))
+        );
+    if !registered {
+        tracing::debug!(node_id = %node, "heartbeat from an unregistered node");
+        return Reply::Ok(HeartbeatReply { registered: false });
+    }
+    let live = NodeLiveness {
+        last_seen_ms: now_ms(),
+        heartbeat_interval_ms: shared.heartbeat_interval_ms(),
+        seq: heartbeat.seq,
+        state: heartbeat.state,
+        metrics: heartbeat.metrics,
+    };
+    if heartbeat.state == NodeState::Leaving {
+        tracing::info!(node_id = %node, "node leaving");
+    }
+    match put_record(&shared, topology::node_live_key(&node), &live).await {
+        Ok(()) => Reply::Ok(HeartbeatReply { registered: true }),
+        Err(err) => Reply::Error(err),
+    }
+}
+
+async fn list_nodes(shared: Arc<Shared>, request: NodesListRequest) -> Reply<NodesListReply> {
+    shared.wait_synced(SYNC_WAIT).await;
+    let mut nodes = shared.view().summaries(now_ms());
+    if let Some(status) = request.status {
+        nodes.retain(|node| node.status == status);
+    }
+    Reply::Ok(NodesListReply { nodes })
+}
+
+// -------------------------------------------------------------------------------------------
+// Placement and dispatch
+// -------------------------------------------------------------------------------------------
+
+/// Pulls submitted tasks and places each on a node, up to `max_in_flight` at once.
+async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let consumer: jetstream::consumer::PullConsumer = shared
+        .js
+        .get_stream(topology::TASKS_STREAM)
+        .await
+        .context("failed to open the task stream")?
+        .get_or_create_consumer(
+            topology::SCHEDULER_TASKS_CONSUMER,
+            topology::scheduler_tasks_consumer(),
+        )
+        .await
+        .context("failed to open the scheduler's task consumer")?;
+    shared.wait_synced(SYNC_WAIT).await;
+    let mut messages = consumer
+        .messages()
+        .await
+        .context("failed to start pulling submitted tasks")?;
+
+    let permits = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
+    let mut in_flight = JoinSet::new();
+    loop {
+        while in_flight.try_join_next().is_some() {}
+        let message = tokio::select! {
+            _ = stop.cancelled() => break,
+            message = messages.next() => message,
+        };
+        let message = match message {
+            Some(Ok(message)) => message,
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "error while pulling submitted tasks");
+                continue;
+            }
+            None => anyhow::bail!("the task consumer closed"),
+        };
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.context("the permit pool closed")?,
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        in_flight.spawn(async move {
+            place_submission(&shared, message, &stop).await;
+            drop(permit);
+        });
+    }
+    // Tasks still waiting for a node are left unacknowledged and come back to another replica.
+    in_flight.abort_all();
+    while in_flight.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Places one submitted task: waits, as long as it takes, for a live node that meets its
+/// requirements, dispatches it there, then acknowledges the submission.
+async fn place_submission(shared: &Shared, message: jetstream::Message, stop: &CancellationToken) {
+    let submission =
+        match codec::decode_message::<TaskSubmission>(message.headers.as_ref(), &message.payload) {
+            Ok((submission, _)) => submission,
+            Err(err) => {
+                reject(&message, &err.to_string()).await;
+                return;
+            }
+        };
+    if let Some(reply_to) = &submission.reply_to {
+        if !subject::is_valid_reply_subject(reply_to) {
+            reject(
+                &message,
+                &format!("reply subject {reply_to:?} is not allowed"),
+            )
+            .await;
+            return;
+        }
+    }
+    let span = tracing::info_span!("task", task_id = %submission.id);
+    async move {
+        let Some(node) = wait_for_node(shared, &message, &submission, stop).await else {
+            return;
+        };
+        let dispatch = Dispatch {
+            task: submission,
+            attempt: 1,
+            dispatched_at_ms: now_ms(),
+        };
+        match publish_dispatch(shared, &node, &dispatch).await {
+            Ok(()) => {
+                tracing::debug!(node_id = %node, "task dispatched");
+                if let Err(err) = message.ack().await {
+                    // The dispatch is stored; a redelivered submission is dispatched again
+                    // under the same message id and dropped as a duplicate.
+                    tracing::warn!(error = %err, "failed to acknowledge a placed task");
+                }
+            }
+            Err(err) => {
+                tracing::warn!(node_id = %node, error = %format!("{err:#}"), "dispatch failed; retrying");
+                message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                    .await
+                    .ok();
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Terminates a submission that can never be placed, with the reason in the log.
+async fn reject(message: &jetstream::Message, reason: &str) {
+    let sequence = message.info().map(|info| info.stream_sequence).ok();
+    tracing::error!(?sequence, reason, "rejecting an invalid task submission");
+    if let Err(err) = message.ack_with(AckKind::Term).await {
+        tracing::warn!(error = %err, "failed to terminate an invalid submission");
+    }
+}
+
+/// Waits until the view offers a node for the task, keeping the submission's message alive
+/// meanwhile. `None` if the replica is stopping (the message is then handed back).
+async fn wait_for_node(
+    shared: &Shared,
+    message: &jetstream::Message,
+    submission: &TaskSubmission,
+    stop: &CancellationToken,
+) -> Option<NodeId> {
+    let mut changed = shared.changed.subscribe();
+    let mut announced = false;
+    let mut progress = tokio::time::interval(topology::ACK_WAIT / 3);
+    progress.tick().await;
+    loop {
+        let placement = {
+            let mut view = shared.view();
+            let placement = view.place(&submission.requirements, now_ms());
+            if let Placement::Node(node) = &placement {
+                view.note_placed(node);
+            }
+            placement
+        };
+        match placement {
+            Placement::Node(node) => return Some(node),
+            waiting if !announced => {
+                tracing::info!(reason = ?waiting, "no node for the task yet; waiting");
+                announced = true;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {
+                message.ack_with(AckKind::Nak(None)).await.ok();
+                return None;
+            }
+            _ = changed.changed() => {}
+            _ = progress.tick() => {
+                message.ack_with(AckKind::Progress).await.ok();
+            }
+        }
+    }
+}
+
+async fn publish_dispatch(
+    shared: &Shared,
+    node: &NodeId,
+    dispatch: &Dispatch,
+) -> anyhow::Result<()> {
+    let payload = codec::encode(dispatch)?;
+    let mut headers = Encoding::MsgPack.headers();
+    headers.insert(
+        headers::MSG_ID,
+        format!("{}.{}", dispatch.task.id, dispatch.attempt).as_str(),
+    );
+    headers.insert(headers::TASK_ID, dispatch.task.id.as_str());
+    shared
+        .js
+        .publish_with_headers(subject::node(node, NodeVerb::Dispatch), headers, payload)
+        .await
+        .context("failed to publish the dispatch")?
+        .await
+        .context("JetStream did not store the dispatch")?;
+    Ok(())
+}
+
+// -------------------------------------------------------------------------------------------
+// Results
+// -------------------------------------------------------------------------------------------
+
+/// Delivers each stored result to the submitter's reply subject, then acknowledges it. The
+/// result stays in `APIARY_RESULTS` (by age and size limits) for readers that missed it.
+async fn deliver_results(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let consumer: jetstream::consumer::PullConsumer = shared
+        .js
+        .get_stream(topology::RESULTS_STREAM)
+        .await
+        .context("failed to open the results stream")?
+        .get_or_create_consumer(
+            topology::SCHEDULER_RESULTS_CONSUMER,
+            topology::scheduler_results_consumer(),
+        )
+        .await
+        .context("failed to open the scheduler's results consumer")?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .context("failed to start pulling results")?;
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            message = messages.next() => message,
+        };
+        match message {
+            Some(Ok(message)) => deliver_result(&shared, message).await,
+            Some(Err(err)) => tracing::warn!(error = %err, "error while pulling results"),
+            None => anyhow::bail!("the results consumer closed"),
+        }
+    }
+}
+
+async fn deliver_result(shared: &Shared, message: jetstream::Message) {
+    let result =
+        match codec::decode_message::<TaskResult>(message.headers.as_ref(), &message.payload) {
+            Ok((result, _)) => result,
+            Err(err) => {
+                let sequence = message.info().map(|info| info.stream_sequence).ok();
+                tracing::error!(?sequence, error = %err, "dropping a malformed result");
+                message.ack_with(AckKind::Term).await.ok();
+                return;
+            }
+        };
+    let span = tracing::info_span!("task", task_id = %result.task_id, node_id = %result.node_id);
+    async {
+        match &result.reply_to {
+            Some(reply_to) if subject::is_valid_reply_subject(reply_to) => {
+                let headers = message
+                    .headers
+                    .clone()
+                    .unwrap_or_else(|| Encoding::MsgPack.headers());
+                if let Err(err) = shared
+                    .client
+                    .publish_with_headers(reply_to.clone(), headers, message.payload.clone())
+                    .await
+                {
+                    tracing::warn!(error = %err, "failed to deliver a result; retrying");
+                    message
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await
+                        .ok();
+                    return;
+                }
+                tracing::debug!("result delivered");
+            }
+            Some(reply_to) => {
+                tracing::warn!(reply_to, "not delivering a result to a forbidden subject");
+            }
+            None => tracing::debug!("result has no reply subject; kept in the stream only"),
+        }
+        if let Err(err) = message.ack().await {
+            tracing::warn!(error = %err, "failed to acknowledge a delivered result");
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,30 @@
+//! Scheduler configuration. `main` loads it with `apiary_bin_support::load_config`: built-in
+//! defaults, then an optional TOML file, then `APIARY_*` environment variables.
+
+use std::time::Duration;
+
+use apiary_proto::DEFAULT_NATS_URL;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    /// `APIARY_NATS_URL`: the NATS server(s) to connect to, comma-separated.
+    pub nats_url: String,
+    /// `APIARY_HEARTBEAT_INTERVAL`: how often agents heartbeat (told to them at registration).
+    /// A node is shown offline two and a half intervals after its last heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How many submitted tasks one replica works on at once (placement and dispatch).
+    pub max_in_flight: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: DEFAULT_NATS_URL.into(),
+            heartbeat_interval: Duration::from_secs(5),
+            max_in_flight: 256,
+        }
+    }
+}
