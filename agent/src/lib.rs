@@ -35,6 +35,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 pub use config::AgentConfig;
@@ -97,7 +98,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         });
 
         let stop_heartbeats = CancellationToken::new();
-        let heartbeats = tokio::spawn(
+        // Owned, not detached: if this future is dropped (the process is dying, or a test
+        // simulates a crash) the heartbeats stop with it.
+        let heartbeats = AbortOnDropHandle::new(tokio::spawn(
             heartbeat_loop(
                 client.clone(),
                 agent.clone(),
@@ -107,7 +110,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 stop_heartbeats.clone(),
             )
             .in_current_span(),
-        );
+        ));
 
         let work = work_loop(agent.clone(), &shutdown, config.shutdown_grace).await;
 
@@ -353,7 +356,10 @@ impl Agent {
         // Keep the message ours while the task runs: without progress acks JetStream would
         // hand it to someone else after the ack wait.
         let keep_alive = CancellationToken::new();
-        let progress = tokio::spawn(send_progress(message.clone(), keep_alive.clone()));
+        let progress = AbortOnDropHandle::new(tokio::spawn(send_progress(
+            message.clone(),
+            keep_alive.clone(),
+        )));
         let outcome = self.execute(&dispatch).await;
         keep_alive.cancel();
         progress.await.ok();

@@ -1,1 +1,7 @@
+//! The `apiary` command line, as a library so that the integration tests reuse its pieces:
+//! the private `nats-server` launcher ([`broker`]), the local stack of `apiary dev` ([`dev`])
+//! and the tables it prints ([`output`]).
 
+pub mod broker;
+pub mod dev;
+pub mod output;

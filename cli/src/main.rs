@@ -1,1 +1,199 @@
-fn main() {}
+//! `apiary`: the command line for an apiary cluster.
+
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use apiary_bin_support::LogFormat;
+use apiary_proto::message::NodeStatus;
+use apiary_sdk::{Client, Error, Task};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "apiary",
+    version,
+    about = "Distributed WebAssembly compute over NATS"
+)]
+struct Cli {
+    /// The NATS server of the cluster.
+    #[arg(long, global = true, env = "APIARY_NATS_URL", default_value = apiary_proto::DEFAULT_NATS_URL)]
+    server: String,
+    /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a local stack (nats-server, a scheduler and an agent) until Ctrl-C.
+    Dev {
+        /// The port nats-server listens on; 0 picks a free one.
+        #[arg(long, default_value_t = 4222)]
+        port: u16,
+    },
+    /// Submit and inspect tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Inspect the cluster's nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Run a WASI module on the cluster and print what it writes to stdout. The command exits
+    /// with the module's exit code.
+    Submit {
+        /// The WebAssembly module (a WASI preview 1 command).
+        module: PathBuf,
+        /// A file given to the module on stdin; `-` reads this command's stdin.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// The longest the module may run.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// How long to wait for the result, placement included.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+        /// Print the whole result as JSON instead of the module's output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List nodes with their status and load.
+    Ls {
+        /// Only nodes in this status.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<NodeStatus>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_status(text: &str) -> Result<NodeStatus, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("{text:?} is not one of online, offline, left"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The local stack is a server of sorts and logs what it does; other commands only warn.
+    let default_filter = match cli.command {
+        Command::Dev { .. } => "info",
+        _ => "warn",
+    };
+    apiary_bin_support::init_tracing(cli.log_format, default_filter);
+    match run(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Dev { port } => {
+            let shutdown = apiary_bin_support::shutdown_on_signal();
+            apiary_cli::dev::run(port, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Task(TaskCommand::Submit {
+            module,
+            input,
+            timeout,
+            wait,
+            json,
+        }) => {
+            let module = std::fs::read(&module)
+                .with_context(|| format!("failed to read module {}", module.display()))?;
+            let input = read_input(input.as_deref())?;
+            let client = connect(&cli.server).await?;
+            let handle = client
+                .submit(Task::new(module).input(input).timeout(timeout))
+                .await
+                .context("failed to submit the task")?;
+            let task_id = handle.id().clone();
+            if json {
+                let report =
+                    tokio::time::timeout(wait, handle.report())
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!("no result for task {task_id} within {wait:?}")
+                        })??;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            match handle.result_within(wait).await {
+                Ok(output) => {
+                    std::io::stdout().write_all(&output.stdout)?;
+                    std::io::stderr().write_all(&output.stderr)?;
+                    Ok(exit_code(output.exit_code))
+                }
+                Err(Error::TaskFailed(failure)) => {
+                    std::io::stderr().write_all(&failure.stderr)?;
+                    eprintln!(
+                        "error: task {} failed on node {}: {}",
+                        failure.task_id, failure.node_id, failure.error
+                    );
+                    Ok(ExitCode::from(125))
+                }
+                Err(err) => Err(err.into()),
+            }
+        }
+        Command::Nodes(NodesCommand::Ls { status, json }) => {
+            let client = connect(&cli.server).await?;
+            let mut nodes = client.nodes().await.context("failed to list nodes")?;
+            if let Some(status) = status {
+                nodes.retain(|node| node.status == status);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!(
+                    "{}",
+                    apiary_cli::output::node_table(&nodes, apiary_proto::now_ms())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn connect(server: &str) -> anyhow::Result<Client> {
+    Client::connect(server).await.with_context(|| {
+        format!("cannot reach the cluster at {server} (set --server or APIARY_NATS_URL)")
+    })
+}
+
+fn read_input(input: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    match input {
+        None => Ok(Vec::new()),
+        Some(path) if path.as_os_str() == "-" => {
+            let mut buffer = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buffer)
+                .context("failed to read stdin")?;
+            Ok(buffer)
+        }
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("failed to read input {}", path.display()))
+        }
+    }
+}
+
+/// The task's exit code as this process's: codes outside 0–255 (WASI allows any i32) become 1.
+fn exit_code(code: i32) -> ExitCode {
+    u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)
+}

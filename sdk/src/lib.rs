@@ -1,1 +1,410 @@
+//! Submit WebAssembly tasks to an apiary cluster and await their results.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), apiary_sdk::Error> {
+//! let client = apiary_sdk::Client::connect("nats://127.0.0.1:4222").await?;
+//! let module = std::fs::read("wordcount.wasm").expect("module");
+//! let handle = client
+//!     .submit(apiary_sdk::Task::new(module).input("the quick brown fox"))
+//!     .await?;
+//! let output = handle.result().await?;
+//! println!("{}", String::from_utf8_lossy(&output.stdout));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A submitted task is stored in JetStream before [`Client::submit`] returns, so it survives
+//! the client, the scheduler and any node. Modules are uploaded once to the cluster's module
+//! store, named by their SHA-256, and later submits of the same module send only the name.
 
+mod error;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apiary_proto::codec::{self, Encoding};
+use apiary_proto::liveness;
+use apiary_proto::message::{
+    Limits, ModuleRef, NodeLiveness, NodeRecord, NodeSummary, Outcome, Priority, Requirements,
+    TaskResult, TaskSubmission,
+};
+use apiary_proto::topology::{self, NodeKey, Topology};
+use apiary_proto::{NodeId, TaskId, headers, now_ms, subject};
+use async_nats::jetstream;
+use async_nats::jetstream::object_store::InfoErrorKind;
+use bytes::Bytes;
+use futures::{StreamExt as _, TryStreamExt as _};
+use tokio::sync::{OnceCell, oneshot};
+
+pub use apiary_proto::message::{TaskError, TaskErrorKind};
+pub use error::{Error, TaskFailure};
+
+type Waiters = Arc<Mutex<HashMap<TaskId, oneshot::Sender<TaskResult>>>>;
+
+/// A connection to an apiary cluster. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("inbox", &self.inner.inbox)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    topology: OnceCell<Topology>,
+    /// Where the scheduler delivers this client's results.
+    inbox: String,
+    waiters: Waiters,
+    /// Module digests known to be in the module store, so each is checked once.
+    uploaded: Mutex<HashSet<String>>,
+    router: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+impl Client {
+    /// Connects to the NATS server(s) at `url` (comma-separated for several).
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let nats = async_nats::ConnectOptions::new()
+            .name("apiary-sdk")
+            .connect(url)
+            .await
+            .map_err(|err| Error::Connect {
+                url: url.to_owned(),
+                reason: err.to_string(),
+            })?;
+        Self::from_nats(nats).await
+    }
+
+    /// Uses an existing NATS connection (with the application's own credentials and options).
+    pub async fn from_nats(nats: async_nats::Client) -> Result<Self, Error> {
+        let inbox = nats.new_inbox();
+        let subscription = nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| Error::Transport(format!("failed to subscribe to {inbox}: {err}")))?;
+        let waiters: Waiters = Arc::default();
+        let router = tokio::spawn(route_results(subscription, waiters.clone()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                js: jetstream::new(nats.clone()),
+                nats,
+                topology: OnceCell::new(),
+                inbox,
+                waiters,
+                uploaded: Mutex::default(),
+                router,
+            }),
+        })
+    }
+
+    /// The underlying NATS connection.
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.inner.nats
+    }
+
+    async fn topology(&self) -> Result<&Topology, Error> {
+        self.inner
+            .topology
+            .get_or_try_init(|| topology::ensure(&self.inner.js))
+            .await
+            .map_err(Error::from)
+    }
+
+    /// Puts a module in the cluster's module store (once; later calls with the same bytes only
+    /// compute the digest) and returns its reference.
+    pub async fn upload_module(&self, module: &[u8]) -> Result<ModuleRef, Error> {
+        let reference = ModuleRef::for_bytes(module);
+        if lock(&self.inner.uploaded).contains(&reference.sha256) {
+            return Ok(reference);
+        }
+        let store = &self.topology().await?.modules;
+        match store.info(&reference.sha256).await {
+            Ok(_) => {}
+            Err(err) if err.kind() == InfoErrorKind::NotFound => {
+                let mut reader = module;
+                store
+                    .put(reference.sha256.as_str(), &mut reader)
+                    .await
+                    .map_err(|err| Error::ModuleUpload(err.to_string()))?;
+                tracing::debug!(module = %reference.sha256, size = module.len(), "module uploaded");
+            }
+            Err(err) => return Err(Error::ModuleUpload(err.to_string())),
+        }
+        lock(&self.inner.uploaded).insert(reference.sha256.clone());
+        Ok(reference)
+    }
+
+    /// Submits a task. When this returns, the task is stored in JetStream and will run once a
+    /// node for it is available; the handle awaits its result.
+    pub async fn submit(&self, task: Task) -> Result<TaskHandle, Error> {
+        let module = match task.module {
+            ModuleSource::Bytes(bytes) => self.upload_module(&bytes).await?,
+            ModuleSource::Stored(reference) => reference,
+        };
+        self.topology().await?;
+        let submission = TaskSubmission {
+            id: TaskId::generate(),
+            module,
+            input: task.input.into(),
+            limits: task.limits,
+            requirements: task.requirements,
+            priority: task.priority,
+            reply_to: Some(self.inner.inbox.clone()),
+            submitted_at_ms: now_ms(),
+        };
+        let id = submission.id.clone();
+        let payload = codec::encode(&submission)?;
+        let mut headers = Encoding::MsgPack.headers();
+        headers.insert(headers::MSG_ID, id.as_str());
+        headers.insert(headers::TASK_ID, id.as_str());
+
+        // Listen before publishing: the result can arrive before `publish` returns.
+        let (sender, receiver) = oneshot::channel();
+        lock(&self.inner.waiters).insert(id.clone(), sender);
+        let handle = TaskHandle {
+            id: id.clone(),
+            receiver,
+            waiters: self.inner.waiters.clone(),
+        };
+        self.inner
+            .js
+            .publish_with_headers(subject::task_submit(), headers, payload)
+            .await
+            .map_err(|err| Error::Publish(err.to_string()))?
+            .await
+            .map_err(|err| Error::Publish(err.to_string()))?;
+        tracing::debug!(task_id = %id, "task submitted");
+        Ok(handle)
+    }
+
+    /// The node table, read from the cluster's node bucket; works without a scheduler.
+    pub async fn nodes(&self) -> Result<Vec<NodeSummary>, Error> {
+        let bucket = &self.topology().await?.nodes;
+        let keys: Vec<String> = bucket
+            .keys()
+            .await
+            .map_err(|err| Error::Transport(format!("failed to list nodes: {err}")))?
+            .try_collect()
+            .await
+            .map_err(|err| Error::Transport(format!("failed to list nodes: {err}")))?;
+        let mut records: HashMap<NodeId, NodeRecord> = HashMap::new();
+        let mut lives: HashMap<NodeId, NodeLiveness> = HashMap::new();
+        let entries = futures::stream::iter(keys)
+            .map(|key| async move { (bucket.get(key.clone()).await, key) })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        for (value, key) in entries {
+            let value =
+                value.map_err(|err| Error::Transport(format!("failed to read {key}: {err}")))?;
+            let (Some(value), Some(parsed)) = (value, topology::parse_node_key(&key)) else {
+                continue;
+            };
+            let encoding = Encoding::detect(None, &value);
+            match parsed {
+                NodeKey::Info(node) => {
+                    records.insert(node, encoding.decode(&value)?);
+                }
+                NodeKey::Live(node) => {
+                    lives.insert(node, encoding.decode(&value)?);
+                }
+            }
+        }
+        let now = now_ms();
+        let mut nodes: Vec<NodeSummary> = records
+            .iter()
+            .map(|(node, record)| liveness::summarize(record, lives.get(node), now))
+            .collect();
+        nodes.sort_by(|a, b| a.info.node_id.cmp(&b.info.node_id));
+        Ok(nodes)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single map operation, so a poisoned lock still guards
+    // consistent data.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Hands each result that arrives on the client's inbox to the handle waiting for it. A
+/// result nobody waits for (a duplicate, or a handle that was dropped) is discarded.
+async fn route_results(mut subscription: async_nats::Subscriber, waiters: Waiters) {
+    while let Some(message) = subscription.next().await {
+        let result = match codec::decode_message::<TaskResult>(
+            message.headers.as_ref(),
+            &message.payload,
+        ) {
+            Ok((result, _)) => result,
+            Err(err) => {
+                tracing::warn!(error = %err, "ignoring a malformed message on the result inbox");
+                continue;
+            }
+        };
+        let waiter = lock(&waiters).remove(&result.task_id);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(result);
+            }
+            None => tracing::debug!(task_id = %result.task_id, "result with no waiter"),
+        }
+    }
+}
+
+/// Where a task's module comes from.
+#[derive(Clone, Debug)]
+enum ModuleSource {
+    Bytes(Bytes),
+    Stored(ModuleRef),
+}
+
+/// A task to submit: a module, its input, and what it may use.
+#[derive(Clone, Debug)]
+pub struct Task {
+    module: ModuleSource,
+    input: Bytes,
+    limits: Limits,
+    requirements: Requirements,
+    priority: Priority,
+}
+
+impl Task {
+    /// A task running these module bytes (uploaded on submit if the cluster lacks them).
+    pub fn new(module: impl Into<Bytes>) -> Self {
+        Self::with_source(ModuleSource::Bytes(module.into()))
+    }
+
+    /// A task running a module already in the cluster's module store.
+    pub fn stored(module: ModuleRef) -> Self {
+        Self::with_source(ModuleSource::Stored(module))
+    }
+
+    fn with_source(module: ModuleSource) -> Self {
+        Self {
+            module,
+            input: Bytes::new(),
+            limits: Limits::default(),
+            requirements: Requirements::default(),
+            priority: Priority::default(),
+        }
+    }
+
+    /// The bytes given to the module on stdin.
+    pub fn input(mut self, input: impl Into<Bytes>) -> Self {
+        self.input = input.into();
+        self
+    }
+
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The wall-clock limit of one run.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.limits.timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    pub fn requirements(mut self, requirements: Requirements) -> Self {
+        self.requirements = requirements;
+        self
+    }
+
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// A submitted task. Await its result with [`TaskHandle::result`].
+#[derive(Debug)]
+pub struct TaskHandle {
+    id: TaskId,
+    receiver: oneshot::Receiver<TaskResult>,
+    waiters: Waiters,
+}
+
+impl Drop for TaskHandle {
+    fn drop(&mut self) {
+        lock(&self.waiters).remove(&self.id);
+    }
+}
+
+/// What a task printed and how it exited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskOutput {
+    pub task_id: TaskId,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub exit_code: i32,
+    pub stdout: Bytes,
+    pub stderr: Bytes,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+impl TaskHandle {
+    pub fn id(&self) -> &TaskId {
+        &self.id
+    }
+
+    /// The raw result of the task's final attempt, whatever its outcome.
+    pub async fn report(mut self) -> Result<TaskResult, Error> {
+        (&mut self.receiver).await.map_err(|_| Error::Disconnected)
+    }
+
+    /// The task's output once it has run; a task that could not run is
+    /// [`Error::TaskFailed`], with the failure's kind to match on.
+    pub async fn result(self) -> Result<TaskOutput, Error> {
+        into_output(self.report().await?)
+    }
+
+    /// Like [`TaskHandle::result`], giving up after `limit`. The task itself goes on.
+    pub async fn result_within(self, limit: Duration) -> Result<TaskOutput, Error> {
+        let id = self.id.clone();
+        tokio::time::timeout(limit, self.result())
+            .await
+            .map_err(|_| Error::TimedOut { task_id: id, limit })?
+    }
+}
+
+fn into_output(result: TaskResult) -> Result<TaskOutput, Error> {
+    match result.outcome {
+        Outcome::Completed {
+            exit_code,
+            stdout,
+            stderr,
+        } => Ok(TaskOutput {
+            task_id: result.task_id,
+            node_id: result.node_id,
+            attempt: result.attempt,
+            exit_code,
+            stdout: stdout.0,
+            stderr: stderr.0,
+            started_at_ms: result.started_at_ms,
+            finished_at_ms: result.finished_at_ms,
+        }),
+        Outcome::Failed { error, stderr } => Err(Error::TaskFailed(Box::new(TaskFailure {
+            task_id: result.task_id,
+            node_id: result.node_id,
+            attempt: result.attempt,
+            error,
+            stderr: stderr.0,
+        }))),
+    }
+}

@@ -1,1 +1,287 @@
+//! The integration-test harness: a real `nats-server` per test, and schedulers and agents
+//! started in-process through the same `run(config, shutdown)` their binaries call.
+//!
+//! Nothing here mocks the bus. Waiting is done on events (KV watches, subscriptions, task
+//! results) with timeouts; where the only signal is a state that must be read (a node going
+//! offline is the absence of heartbeats), [`eventually`] re-reads it until a deadline.
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use apiary_agent::AgentConfig;
+use apiary_cli::broker::{BrokerOptions, NatsServer};
+use apiary_proto::message::{NodeLiveness, NodeState};
+use apiary_proto::{Encoding, NodeId, topology};
+use apiary_scheduler::SchedulerConfig;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Generous bound for anything that should happen "soon": slow CI machines must not fail
+/// tests, and a hang still ends.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The heartbeat interval tests run with unless they choose another.
+pub const FAST_HEARTBEAT: Duration = Duration::from_millis(200);
+
+/// Installs a log subscriber once per test binary; `APIARY_LOG=debug` shows what happened.
+pub fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("APIARY_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A test's private cluster backbone: one real `nats-server`, killed and cleaned on drop.
+#[derive(Debug)]
+pub struct Stack {
+    pub server: NatsServer,
+    pub heartbeat_interval: Duration,
+}
+
+impl Stack {
+    /// Starts a server with the fast heartbeat interval.
+    pub async fn start() -> Self {
+        Self::with_heartbeat(FAST_HEARTBEAT).await
+    }
+
+    pub async fn with_heartbeat(heartbeat_interval: Duration) -> Self {
+        init_logging();
+        let server = NatsServer::start(BrokerOptions::default())
+            .await
+            .unwrap_or_else(|err| panic!("failed to start nats-server: {err}"));
+        Self {
+            server,
+            heartbeat_interval,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        self.server.url()
+    }
+
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            nats_url: self.url().to_owned(),
+            heartbeat_interval: self.heartbeat_interval,
+            ..SchedulerConfig::default()
+        }
+    }
+
+    pub fn agent_config(&self, node: &str) -> AgentConfig {
+        AgentConfig {
+            nats_url: self.url().to_owned(),
+            node_id: Some(node.to_owned()),
+            slots: Some(2),
+            request_timeout: Duration::from_secs(2),
+            max_register_backoff: Duration::from_millis(200),
+            shutdown_grace: Duration::from_secs(5),
+            ..AgentConfig::default()
+        }
+    }
+
+    /// Starts a scheduler replica and returns once its request subjects answer (it replies
+    /// to the NATS micro protocol's ping, which it registers with its endpoints).
+    pub async fn spawn_scheduler(&self) -> Component {
+        let config = self.scheduler_config();
+        let scheduler =
+            Component::spawn("scheduler", move |stop| apiary_scheduler::run(config, stop));
+        let nats = self.nats().await;
+        let ping = format!("$SRV.PING.{}", apiary_scheduler::SERVICE_NAME);
+        eventually(PATIENCE, "the scheduler to answer pings", || async {
+            nats.request(ping.clone(), Bytes::new())
+                .await
+                .ok()
+                .map(drop)
+        })
+        .await;
+        scheduler
+    }
+
+    pub fn spawn_agent(&self, node: &str) -> Component {
+        self.spawn_agent_with(self.agent_config(node))
+    }
+
+    pub fn spawn_agent_with(&self, config: AgentConfig) -> Component {
+        Component::spawn("agent", move |stop| apiary_agent::run(config, stop))
+    }
+
+    /// A plain NATS client, for speaking the protocol by hand as an operator would.
+    pub async fn nats(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to nats-server")
+    }
+
+    pub async fn client(&self) -> apiary_sdk::Client {
+        apiary_sdk::Client::connect(self.url())
+            .await
+            .expect("SDK client connects")
+    }
+
+    /// Starts an agent and returns once its node has registered (its first liveness record
+    /// is in the node bucket). Needs a scheduler.
+    pub async fn spawn_agent_online(&self, node: &str) -> Component {
+        let mut watch = self.watch_liveness(node).await;
+        let agent = self.spawn_agent(node);
+        within(PATIENCE, &format!("node {node} to register"), async {
+            while let Some(live) = watch.next().await {
+                if live.state == NodeState::Active {
+                    return;
+                }
+            }
+        })
+        .await;
+        agent
+    }
+
+    /// A stream of the liveness records the cluster stores for `node`, starting with the
+    /// current one if any.
+    pub async fn watch_liveness(
+        &self,
+        node: &str,
+    ) -> std::pin::Pin<Box<dyn futures::Stream<Item = NodeLiveness> + Send>> {
+        let node = NodeId::new(node).expect("valid node id");
+        let js = async_nats::jetstream::new(self.nats().await);
+        let bucket = topology::ensure(&js).await.expect("topology").nodes;
+        let watch = bucket
+            .watch_with_history(topology::node_live_key(&node))
+            .await
+            .expect("watch the node bucket");
+        Box::pin(watch.filter_map(|entry| async move {
+            let entry = entry.ok()?;
+            Encoding::detect(None, &entry.value)
+                .decode::<NodeLiveness>(&entry.value)
+                .ok()
+        }))
+    }
+}
+
+/// A scheduler or agent running in this process.
+#[derive(Debug)]
+pub struct Component {
+    name: &'static str,
+    stop: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Component {
+    pub fn spawn<F, Fut>(name: &'static str, run: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(run(stop.clone()));
+        Self {
+            name,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Asks the component to shut down cleanly and waits for it; its result is returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let handle = self.handle.take().expect("component handle");
+        within(PATIENCE, &format!("{} to stop", self.name), handle)
+            .await
+            .expect("component task did not panic")
+    }
+
+    /// Kills the component without letting it say goodbye, as a crash or power loss would:
+    /// its tasks are aborted and its connection drops.
+    pub async fn crash(mut self) {
+        let handle = self.handle.take().expect("component handle");
+        handle.abort();
+        let _ = handle.await;
+    }
+
+    /// Whether the component has exited (by error or otherwise).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// Awaits `future`, failing the test with `what` if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// Re-evaluates `check` until it returns `Some`, failing the test after `limit`. For states
+/// that no event announces, such as a node whose heartbeats stopped.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within(limit, what, async {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await
+}
+
+/// The compiled guest module `name` from `wasm-tasks/` (e.g. `"wordcount"`). Built on first
+/// use if `scripts/test` has not built it already.
+pub fn wasm(name: &str) -> Bytes {
+    let dir = wasm_dir();
+    let path = dir.join(format!("{name}.wasm"));
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|err| panic!("cannot read guest module {}: {err}", path.display()));
+    Bytes::from(bytes)
+}
+
+fn wasm_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("APIARY_WASM_DIR") {
+            return PathBuf::from(dir);
+        }
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_owned();
+        let manifest = workspace.join("wasm-tasks").join("Cargo.toml");
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .status()
+            .expect("run cargo to build the guest modules");
+        assert!(
+            status.success(),
+            "building wasm-tasks failed; is the wasm32-wasip1 target installed?"
+        );
+        workspace.join("wasm-tasks/target/wasm32-wasip1/release")
+    })
+    .clone()
+}

@@ -1,1 +1,6 @@
+//! The one integration-test binary. Every test starts its own real `nats-server` (see the
+//! harness) and runs schedulers and agents in-process.
 
+mod nodes;
+mod tasks;
+mod wire;

@@ -1,0 +1,58 @@
+//! The SDK's errors: one enum to match on, with the task's own failure as a variant.
+
+use std::time::Duration;
+
+use apiary_proto::message::TaskError;
+use apiary_proto::rpc::RequestError;
+use apiary_proto::topology::TopologyError;
+use apiary_proto::{CodecError, NodeId, TaskId};
+use bytes::Bytes;
+
+/// Everything that can go wrong between the SDK and the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("failed to upload the module: {0}")]
+    ModuleUpload(String),
+    #[error("failed to submit the task: {0}")]
+    Publish(String),
+    #[error("NATS error: {0}")]
+    Transport(String),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The task ran (or tried to) and failed; see [`TaskFailure::error`]'s `kind`.
+    #[error(transparent)]
+    TaskFailed(Box<TaskFailure>),
+    #[error("no result for task {task_id} within {limit:?}")]
+    TimedOut { task_id: TaskId, limit: Duration },
+    /// The client's connection machinery stopped before the result came.
+    #[error("the client stopped before the result arrived")]
+    Disconnected,
+}
+
+impl Error {
+    /// The task failure's kind, if this is a task failure.
+    pub fn task_error_kind(&self) -> Option<apiary_proto::message::TaskErrorKind> {
+        match self {
+            Error::TaskFailed(failure) => Some(failure.error.kind),
+            _ => None,
+        }
+    }
+}
+
+/// A task that could not run to its end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("task {task_id} failed on node {node_id}: {error}")]
+pub struct TaskFailure {
+    pub task_id: TaskId,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub error: TaskError,
+    /// What the module wrote to stderr before it failed.
+    pub stderr: Bytes,
+}

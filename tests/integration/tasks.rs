@@ -1,0 +1,200 @@
+//! Submitting tasks and getting their results.
+
+use std::collections::{BTreeMap, HashMap};
+
+use apiary_harness::{PATIENCE, Stack, wasm, within};
+use apiary_proto::message::TaskResult;
+use apiary_proto::subject::{self, NodeVerb};
+use apiary_proto::topology;
+use apiary_sdk::{Error, Task, TaskErrorKind};
+use futures::StreamExt as _;
+
+#[tokio::test]
+async fn a_submitted_task_returns_its_output() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let client = stack.client().await;
+
+    let output = client
+        .submit(Task::new(wasm("wordcount")).input("the quick brown fox\njumps\n"))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect("the task completes");
+    assert_eq!(output.stdout.as_ref(), b"2 5 26\n");
+    assert_eq!(output.exit_code, 0);
+    assert!(output.stderr.is_empty());
+    assert_eq!(output.node_id.as_str(), "node-a");
+    assert_eq!(output.attempt, 1);
+}
+
+#[tokio::test]
+async fn fifty_tasks_on_two_agents_each_come_back_exactly_once() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = stack.spawn_agent_online("node-a").await;
+    let _b = stack.spawn_agent_online("node-b").await;
+    let client = stack.client().await;
+
+    // Every result the agents publish, as an operator's `nats sub` would see them.
+    let mut published = stack
+        .nats()
+        .await
+        .subscribe(subject::all_nodes(NodeVerb::Result).to_string())
+        .await
+        .expect("subscribe to results");
+
+    let module = wasm("uppercase");
+    let mut handles = Vec::new();
+    for i in 0..50 {
+        let task = Task::new(module.clone()).input(format!("task number {i}"));
+        handles.push((i, client.submit(task).await.expect("submit")));
+    }
+    let mut per_node = BTreeMap::new();
+    for (i, handle) in handles {
+        let output = handle
+            .result_within(PATIENCE)
+            .await
+            .expect("task completes");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            format!("TASK NUMBER {i}")
+        );
+        *per_node.entry(output.node_id.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(per_node.values().sum::<i32>(), 50);
+    assert_eq!(per_node.len(), 2, "both agents ran tasks: {per_node:?}");
+
+    // Exactly once: fifty results published, one per task, and fifty stored.
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    within(PATIENCE, "fifty published results", async {
+        while seen.len() < 50 {
+            let message = published.next().await.expect("subscription open");
+            let (result, _) = apiary_proto::codec::decode_message::<TaskResult>(
+                message.headers.as_ref(),
+                &message.payload,
+            )
+            .expect("results decode");
+            *seen.entry(result.task_id.to_string()).or_default() += 1;
+        }
+    })
+    .await;
+    assert!(seen.values().all(|&count| count == 1), "{seen:?}");
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let mut results = js
+        .get_stream(topology::RESULTS_STREAM)
+        .await
+        .expect("results stream");
+    assert_eq!(
+        results.info().await.expect("stream info").state.messages,
+        50
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_module_is_a_typed_error_and_the_agent_keeps_working() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let agent = stack.spawn_agent_online("node-a").await;
+    let client = stack.client().await;
+
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let err = client
+        .submit(Task::new(garbage))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect_err("random bytes cannot run");
+    match &err {
+        Error::TaskFailed(failure) => {
+            assert_eq!(failure.error.kind, TaskErrorKind::InvalidModule, "{err}");
+            assert_eq!(failure.node_id.as_str(), "node-a");
+        }
+        other => panic!("expected a task failure, got {other:?}"),
+    }
+
+    let output = client
+        .submit(Task::new(wasm("uppercase")).input("still here"))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect("the agent still runs tasks");
+    assert_eq!(output.stdout.as_ref(), b"STILL HERE");
+    assert!(!agent.is_finished());
+}
+
+#[tokio::test]
+async fn a_task_submitted_while_no_agent_is_up_runs_once_one_starts() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let client = stack.client().await;
+    let handle = client
+        .submit(Task::new(wasm("uppercase")).input("patience"))
+        .await
+        .expect("submit");
+
+    // The scheduler holds it: still in the task queue (pending or being held), never
+    // dispatched, no result.
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let mut dispatch = js
+        .get_stream(topology::DISPATCH_STREAM)
+        .await
+        .expect("dispatch stream");
+    assert_eq!(dispatch.info().await.expect("info").state.messages, 0);
+    let mut tasks = js
+        .get_stream(topology::TASKS_STREAM)
+        .await
+        .expect("task stream");
+    assert_eq!(tasks.info().await.expect("info").state.messages, 1);
+
+    let _agent = stack.spawn_agent("node-a");
+    let output = handle
+        .result_within(PATIENCE)
+        .await
+        .expect("runs once a node is up");
+    assert_eq!(output.stdout.as_ref(), b"PATIENCE");
+}
+
+#[tokio::test]
+async fn a_task_submitted_while_no_scheduler_is_up_runs_once_one_starts() {
+    let stack = Stack::start().await;
+    let client = stack.client().await;
+    let handle = client
+        .submit(Task::new(wasm("wordcount")).input("one two three"))
+        .await
+        .expect("submit is stored without any scheduler");
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent("node-a");
+    let output = handle.result_within(PATIENCE).await.expect("completes");
+    assert_eq!(output.stdout.as_ref(), b"0 3 13\n");
+}
+
+#[tokio::test]
+async fn a_non_zero_exit_code_is_an_answer_not_a_failure() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let module = wat::parse_str(
+        r#"(module
+             (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+             (memory (export "memory") 1)
+             (func (export "_start") (call $exit (i32.const 7))))"#,
+    )
+    .expect("wat");
+    let output = stack
+        .client()
+        .await
+        .submit(Task::new(module))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect("completes");
+    assert_eq!(output.exit_code, 7);
+}

@@ -1,0 +1,272 @@
+//! The protocol as an operator with the `nats` CLI sees it: JSON in, JSON out, micro service
+//! discovery, and what happens to malformed messages.
+
+use std::time::Duration;
+
+use apiary_harness::{PATIENCE, Stack, wasm, within};
+use apiary_proto::message::ModuleRef;
+use apiary_proto::{headers, subject, topology};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+async fn json_request(
+    nats: &async_nats::Client,
+    subject: String,
+    body: Value,
+) -> (HeaderMap, Value) {
+    let reply = within(
+        PATIENCE,
+        "a reply",
+        nats.request(subject, Bytes::from(body.to_string())),
+    )
+    .await
+    .expect("request answered");
+    let content_type = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CONTENT_TYPE))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let value = serde_json::from_slice(&reply.payload).unwrap_or_else(|err| {
+        panic!(
+            "reply is not JSON ({err}): {:?}",
+            String::from_utf8_lossy(&reply.payload)
+        )
+    });
+    (reply.headers.unwrap_or_default(), value)
+}
+
+#[tokio::test]
+async fn json_requests_get_json_replies() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+
+    // Register a node by hand, as `nats req apiary.v1.node.hand-made.register '{…}'` would.
+    let registration = json!({
+        "node": {
+            "node_id": "hand-made",
+            "hostname": "bench",
+            "arch": "riscv64",
+            "os": "linux",
+            "cpu_cores": 4,
+            "memory_bytes": 1_073_741_824u64,
+            "slots": 1,
+            "agent_version": "by hand"
+        }
+    });
+    let node = apiary_proto::NodeId::new("hand-made").expect("id");
+    let (_, reply) = json_request(
+        &nats,
+        subject::node(&node, subject::NodeVerb::Register).to_string(),
+        registration,
+    )
+    .await;
+    assert_eq!(reply["ok"]["node_id"], "hand-made");
+    assert_eq!(reply["ok"]["heartbeat_interval_ms"], 200);
+
+    let (_, reply) = json_request(&nats, subject::nodes_list().to_string(), json!({})).await;
+    let nodes = reply["ok"]["nodes"].as_array().expect("a node array");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["info"]["arch"], "riscv64");
+    assert_eq!(nodes[0]["status"], "online");
+}
+
+#[tokio::test]
+async fn an_empty_request_body_counts_as_json() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let reply = within(
+        PATIENCE,
+        "a reply",
+        nats.request(subject::nodes_list().to_string(), Bytes::new()),
+    )
+    .await
+    .expect("answered");
+    let value: Value = serde_json::from_slice(&reply.payload).expect("JSON reply");
+    assert!(value["ok"]["nodes"].is_array(), "{value}");
+}
+
+#[tokio::test]
+async fn malformed_and_forged_requests_get_typed_errors() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let node = apiary_proto::NodeId::new("n1").expect("id");
+    let register = subject::node(&node, subject::NodeVerb::Register).to_string();
+
+    // Not even JSON.
+    let reply = within(
+        PATIENCE,
+        "a reply",
+        nats.request(register.clone(), Bytes::from_static(b"{oops")),
+    )
+    .await
+    .expect("answered");
+    let value: Value = serde_json::from_slice(&reply.payload).expect("JSON error reply");
+    assert_eq!(value["error"]["code"], "bad_request", "{value}");
+    let code = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
+        .map(|v| v.as_str().to_owned());
+    assert_eq!(code.as_deref(), Some("400"));
+
+    // Valid JSON, wrong shape.
+    let (_, value) = json_request(&nats, register.clone(), json!({"node": 5})).await;
+    assert_eq!(value["error"]["code"], "bad_request", "{value}");
+
+    // A node speaking for another node.
+    let forged = json!({"node": {"node_id": "someone-else", "hostname": "h", "arch": "x", "os": "o",
+        "cpu_cores": 1, "memory_bytes": 1, "slots": 1, "agent_version": "0"}});
+    let (headers, value) = json_request(&nats, register, forged).await;
+    assert_eq!(value["error"]["code"], "forbidden", "{value}");
+    assert_eq!(
+        headers.get(headers::SERVICE_ERROR_CODE).map(|v| v.as_str()),
+        Some("403")
+    );
+
+    // The scheduler survived all of it.
+    let (_, value) = json_request(&nats, subject::nodes_list().to_string(), json!({})).await;
+    assert!(value["ok"]["nodes"].as_array().expect("nodes").is_empty());
+}
+
+#[tokio::test]
+async fn the_scheduler_answers_the_micro_protocol() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let mut replies = nats.subscribe("ping.replies").await.expect("subscribe");
+    // `nats micro ls` publishes to $SRV.PING and collects every reply.
+    nats.publish_with_reply("$SRV.PING.apiary-scheduler", "ping.replies", Bytes::new())
+        .await
+        .expect("publish");
+    let reply = within(PATIENCE, "a ping reply", replies.next())
+        .await
+        .expect("reply");
+    let value: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    assert_eq!(value["name"], "apiary-scheduler");
+    assert_eq!(value["type"], "io.nats.micro.v1.ping_response");
+
+    let info = within(
+        PATIENCE,
+        "info",
+        nats.request("$SRV.INFO.apiary-scheduler", Bytes::new()),
+    )
+    .await
+    .expect("info");
+    let value: Value = serde_json::from_slice(&info.payload).expect("JSON");
+    let subjects: Vec<&str> = value["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter_map(|e| e["subject"].as_str())
+        .collect();
+    assert!(
+        subjects.contains(&"apiary.v1.node.*.register"),
+        "{subjects:?}"
+    );
+    assert!(subjects.contains(&"apiary.v1.nodes.list"), "{subjects:?}");
+}
+
+#[tokio::test]
+async fn a_hand_written_json_submission_runs_and_answers_in_json() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let client = stack.client().await;
+    // `nats obj put APIARY_MODULES --name <sha256> uppercase.wasm`
+    let module: ModuleRef = client
+        .upload_module(&wasm("uppercase"))
+        .await
+        .expect("upload");
+
+    let nats = stack.nats().await;
+    let inbox = nats.new_inbox();
+    let mut results = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    let submission = json!({
+        "module": {"sha256": module.sha256},
+        "input": "shout this",
+        "reply_to": inbox,
+    });
+    let js = async_nats::jetstream::new(nats.clone());
+    js.publish(subject::task_submit(), Bytes::from(submission.to_string()))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let message = within(PATIENCE, "the result", results.next())
+        .await
+        .expect("result");
+    // Results are stored in MessagePack; the content type says so.
+    let (result, _) = apiary_proto::codec::decode_message::<apiary_proto::message::TaskResult>(
+        message.headers.as_ref(),
+        &message.payload,
+    )
+    .expect("a task result");
+    match result.outcome {
+        apiary_proto::message::Outcome::Completed { stdout, .. } => {
+            assert_eq!(stdout.as_bytes(), b"SHOUT THIS");
+        }
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn malformed_submissions_are_dropped_without_blocking_the_queue() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let client = stack.client().await;
+    for garbage in [&b"\xc1\xc1\xc1"[..], b"{\"module\": 12}", b"{}"] {
+        js.publish(subject::task_submit(), Bytes::copy_from_slice(garbage))
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    // A task whose reply subject points into the JetStream API is refused, not delivered.
+    let module = client
+        .upload_module(&wasm("uppercase"))
+        .await
+        .expect("upload");
+    let hostile = json!({"module": {"sha256": module.sha256}, "reply_to": "$JS.API.STREAM.DELETE.APIARY_TASKS"});
+    js.publish(subject::task_submit(), Bytes::from(hostile.to_string()))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let output = client
+        .submit(apiary_sdk::Task::new(wasm("uppercase")).input("after the garbage"))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect("a good task still runs");
+    assert_eq!(output.stdout.as_ref(), b"AFTER THE GARBAGE");
+
+    // Every bad submission was terminated, which removes it from the work queue, and the
+    // task stream survived the hostile reply subject.
+    let mut tasks = js
+        .get_stream(topology::TASKS_STREAM)
+        .await
+        .expect("task stream");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let messages = tasks.info().await.expect("info").state.messages;
+        if messages == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{messages} submissions left"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
