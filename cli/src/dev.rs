@@ -80,10 +80,10 @@ impl DevStack {
             while let Some(entry) = live.next().await {
                 let Ok(entry) = entry else { continue };
                 let encoding = apiary_proto::Encoding::detect(None, &entry.value);
-                if let Ok(liveness) = encoding.decode::<NodeLiveness>(&entry.value) {
-                    if liveness.state == NodeState::Active {
-                        return true;
-                    }
+                if let Ok(liveness) = encoding.decode::<NodeLiveness>(&entry.value)
+                    && liveness.state == NodeState::Active
+                {
+                    return true;
                 }
             }
             false

@@ -143,11 +143,11 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
         while let Some(joined) = tasks.join_next().await {
             let result =
                 joined.unwrap_or_else(|err| Err(anyhow::anyhow!("a task panicked: {err}")));
-            if let Err(err) = result {
-                if outcome.is_ok() {
-                    tracing::error!(error = %format!("{err:#}"), "scheduler loop failed");
-                    outcome = Err(err);
-                }
+            if let Err(err) = result
+                && outcome.is_ok()
+            {
+                tracing::error!(error = %format!("{err:#}"), "scheduler loop failed");
+                outcome = Err(err);
             }
             stop.cancel();
         }
@@ -513,15 +513,15 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, stop: &C
                 return;
             }
         };
-    if let Some(reply_to) = &submission.reply_to {
-        if !subject::is_valid_reply_subject(reply_to) {
-            reject(
-                &message,
-                &format!("reply subject {reply_to:?} is not allowed"),
-            )
-            .await;
-            return;
-        }
+    if let Some(reply_to) = &submission.reply_to
+        && !subject::is_valid_reply_subject(reply_to)
+    {
+        reject(
+            &message,
+            &format!("reply subject {reply_to:?} is not allowed"),
+        )
+        .await;
+        return;
     }
     let span = tracing::info_span!("task", task_id = %submission.id);
     async move {
