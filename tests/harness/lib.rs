@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use apiary_agent::AgentConfig;
-use apiary_cli::broker::{BrokerOptions, NatsServer};
+use apiary_cli::broker::{BrokerOptions, DEV_CONFIG, NatsServer};
 use apiary_proto::message::{NodeLiveness, NodeState};
 use apiary_proto::{Encoding, NodeId, topology};
 use apiary_scheduler::SchedulerConfig;
@@ -55,9 +55,12 @@ impl Stack {
 
     pub async fn with_heartbeat(heartbeat_interval: Duration) -> Self {
         init_logging();
-        let server = NatsServer::start(BrokerOptions::default())
-            .await
-            .unwrap_or_else(|err| panic!("failed to start nats-server: {err}"));
+        let server = NatsServer::start(BrokerOptions {
+            port: 0,
+            config: Some(DEV_CONFIG.to_owned()),
+        })
+        .await
+        .unwrap_or_else(|err| panic!("failed to start nats-server: {err}"));
         Self {
             server,
             heartbeat_interval,
