@@ -11,6 +11,7 @@
 //!    unacknowledged while its task runs, with progress acks, so a task on a node that dies
 //!    is still in the stream for someone to pick up.
 //! 4. `result` (JetStream): the outcome of each attempt, de-duplicated by `<task>.<attempt>`.
+//! 5. `status` (request, micro service `apiary-agent`): the agent's own account of itself.
 
 pub mod config;
 pub mod hardware;
@@ -25,13 +26,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use apiary_proto::codec::{self, Encoding};
 use apiary_proto::message::{
-    Dispatch, Heartbeat, HeartbeatReply, NodeInfo, NodeState, Outcome, RegisterReply,
-    RegisterRequest, TaskError, TaskErrorKind, TaskResult,
+    AgentStatus, AgentStatusRequest, Dispatch, Heartbeat, HeartbeatReply, NodeInfo, NodeMetrics,
+    NodeState, Outcome, RegisterReply, RegisterRequest, Reply, TaskError, TaskErrorKind,
+    TaskResult,
 };
 use apiary_proto::rpc::{self, RequestError};
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{NodeId, headers, now_ms, topology};
 use async_nats::jetstream::{self, AckKind};
+use async_nats::service::ServiceExt as _;
 use futures::StreamExt as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +46,9 @@ pub use config::AgentConfig;
 use crate::hardware::MetricsSampler;
 use crate::modules::ModuleCache;
 use crate::sandbox::Sandbox;
+
+/// The NATS micro service name every agent registers under (`nats micro ls` lists them all).
+pub const SERVICE_NAME: &str = "apiary-agent";
 
 /// Runs the agent until `shutdown` is cancelled, then finishes running tasks (up to the
 /// configured grace period), tells the cluster it is leaving, and returns.
@@ -95,7 +101,37 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             sandbox,
             running: AtomicU32::new(0),
             completed: AtomicU64::new(0),
+            sampler: std::sync::Mutex::new(MetricsSampler::new()),
         });
+
+        let service = client
+            .service_builder()
+            .description("apiary agent: the node's own status")
+            .metadata([("node_id".to_owned(), node_id.to_string())].into())
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to start the micro service: {err}"))?;
+        let status_endpoint = service
+            .endpoint_builder()
+            .name("status")
+            .add(subject::node(&node_id, NodeVerb::Status).to_string())
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to add the status endpoint: {err}"))?;
+        let started_at_ms = now_ms();
+        let status_agent = agent.clone();
+        let status_info = info.clone();
+        let status = AbortOnDropHandle::new(tokio::spawn(
+            rpc::serve(status_endpoint, move |_, _: AgentStatusRequest| {
+                let reply = Reply::Ok(AgentStatus {
+                    info: status_info.clone(),
+                    metrics: status_agent.metrics(),
+                    started_at_ms,
+                    heartbeat_interval_ms: registration.heartbeat_interval_ms,
+                });
+                std::future::ready(reply)
+            })
+            .in_current_span(),
+        ));
 
         let stop_heartbeats = CancellationToken::new();
         // Owned, not detached: if this future is dropped (the process is dying, or a test
@@ -116,6 +152,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
         stop_heartbeats.cancel();
         let sequence = heartbeats.await.unwrap_or(0);
+        status.abort();
+        service.stop().await.ok();
         send_leaving(&client, &agent, sequence + 1, config.request_timeout).await;
         client.flush().await.ok();
         tracing::info!("agent stopped");
@@ -134,6 +172,8 @@ struct Agent {
     sandbox: Arc<Sandbox>,
     running: AtomicU32,
     completed: AtomicU64,
+    /// Shared by heartbeats and status requests; CPU use is measured between samples.
+    sampler: std::sync::Mutex<MetricsSampler>,
 }
 
 /// Registers, retrying with backoff while no scheduler answers. Returns `None` if shutdown
@@ -190,7 +230,6 @@ async fn heartbeat_loop(
     interval: Duration,
     stop: CancellationToken,
 ) -> u64 {
-    let mut sampler = MetricsSampler::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0;
@@ -204,7 +243,7 @@ async fn heartbeat_loop(
             node_id: agent.node_id.clone(),
             seq: sequence,
             state: NodeState::Active,
-            metrics: agent.sample(&mut sampler),
+            metrics: agent.metrics(),
         };
         match send_heartbeat(&client, &heartbeat, config.request_timeout).await {
             Ok(HeartbeatReply { registered: true }) => {}
@@ -240,7 +279,7 @@ async fn send_leaving(client: &async_nats::Client, agent: &Agent, seq: u64, time
         node_id: agent.node_id.clone(),
         seq,
         state: NodeState::Leaving,
-        metrics: agent.sample(&mut MetricsSampler::new()),
+        metrics: agent.metrics(),
     };
     if let Err(err) = send_heartbeat(client, &heartbeat, timeout).await {
         tracing::warn!(error = %err, "could not announce leaving");
@@ -248,12 +287,15 @@ async fn send_leaving(client: &async_nats::Client, agent: &Agent, seq: u64, time
 }
 
 impl Agent {
-    fn sample(&self, sampler: &mut MetricsSampler) -> apiary_proto::message::NodeMetrics {
-        sampler.sample(
-            self.running.load(Ordering::Relaxed),
-            self.slots,
-            self.completed.load(Ordering::Relaxed),
-        )
+    fn metrics(&self) -> NodeMetrics {
+        self.sampler
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .sample(
+                self.running.load(Ordering::Relaxed),
+                self.slots,
+                self.completed.load(Ordering::Relaxed),
+            )
     }
 }
 

@@ -240,6 +240,20 @@ pub struct NodesListReply {
     pub nodes: Vec<NodeSummary>,
 }
 
+/// `apiary.v1.node.<node>.status`: ask an agent directly. An empty body is a valid request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatusRequest {}
+
+/// An agent's own account of itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub info: NodeInfo,
+    pub metrics: NodeMetrics,
+    pub started_at_ms: u64,
+    /// The interval the cluster gave the agent at registration.
+    pub heartbeat_interval_ms: u64,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tasks
 // ---------------------------------------------------------------------------------------------

@@ -6,15 +6,20 @@
 
 use std::time::Duration;
 
+use std::future::Future;
+
+use async_nats::service::endpoint::Endpoint;
 use async_nats::{Client, HeaderMap, RequestErrorKind};
 use bytes::Bytes;
+use futures::StreamExt as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::{CodecError, Encoding};
+use crate::codec::{self, CodecError, Encoding};
 use crate::headers;
-use crate::message::{ErrorBody, Reply};
-use crate::subject::Subject;
+use crate::id::NodeId;
+use crate::message::{ErrorBody, ErrorCode, Reply};
+use crate::subject::{self, Subject};
 
 /// Why a request got no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +94,43 @@ pub fn encode_reply<T: Serialize>(
         );
     }
     Ok((headers, body))
+}
+
+/// Answers the requests of one micro service endpoint until the endpoint closes: decodes
+/// each (MessagePack or JSON), calls `handler` with the node named in the subject (for
+/// `apiary.v1.node.<node>.…` subjects), and replies in the request's encoding. A request that
+/// cannot be decoded gets a `bad_request` reply, never silence.
+pub async fn serve<Req, Resp, H, Fut>(mut endpoint: Endpoint, handler: H)
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Fn(Option<NodeId>, Req) -> Fut,
+    Fut: Future<Output = Reply<Resp>>,
+{
+    while let Some(request) = endpoint.next().await {
+        let message = &request.message;
+        let node = subject::parse_node_subject(message.subject.as_str()).map(|(node, _)| node);
+        let (reply, encoding) =
+            match codec::decode_message::<Req>(message.headers.as_ref(), &message.payload) {
+                Ok((decoded, encoding)) => (handler(node, decoded).await, encoding),
+                Err(err) => {
+                    tracing::warn!(subject = %message.subject, error = %err, "malformed request");
+                    let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
+                    let refusal = ErrorBody::new(ErrorCode::BadRequest, err.to_string());
+                    (Reply::Error(refusal), encoding)
+                }
+            };
+        let sent = match encode_reply(encoding, &reply) {
+            Ok((headers, body)) => request.respond_with_headers(Ok(body), headers).await,
+            Err(err) => {
+                tracing::error!(error = %err, "failed to encode a reply");
+                continue;
+            }
+        };
+        if let Err(err) = sent {
+            tracing::warn!(error = %err, "failed to send a reply");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! | `apiary.v1.node.<node>.heartbeat`     | request           | agent → scheduler    |
 //! | `apiary.v1.node.<node>.dispatch`      | stream `APIARY_DISPATCH` | scheduler → agent |
 //! | `apiary.v1.node.<node>.result`        | stream `APIARY_RESULTS`  | agent → scheduler |
+//! | `apiary.v1.node.<node>.status`        | request           | anyone → agent       |
 //! | `apiary.v1.tasks.submit`              | stream `APIARY_TASKS`    | SDK → scheduler   |
 //! | `apiary.v1.nodes.list`                | request           | anyone → scheduler   |
 //!
@@ -75,14 +76,17 @@ pub enum NodeVerb {
     Dispatch,
     /// Outcomes of the node's work (JetStream).
     Result,
+    /// Ask the agent itself how it is doing.
+    Status,
 }
 
 impl NodeVerb {
-    pub const ALL: [NodeVerb; 4] = [
+    pub const ALL: [NodeVerb; 5] = [
         NodeVerb::Register,
         NodeVerb::Heartbeat,
         NodeVerb::Dispatch,
         NodeVerb::Result,
+        NodeVerb::Status,
     ];
 
     fn token(self) -> &'static str {
@@ -91,6 +95,7 @@ impl NodeVerb {
             NodeVerb::Heartbeat => "heartbeat",
             NodeVerb::Dispatch => "dispatch",
             NodeVerb::Result => "result",
+            NodeVerb::Status => "status",
         }
     }
 }

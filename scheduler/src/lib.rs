@@ -287,11 +287,9 @@ async fn put_record<T: Serialize>(
 // Request subjects
 // -------------------------------------------------------------------------------------------
 
-/// Answers the requests of one endpoint until `stop`: decodes each (MessagePack or JSON),
-/// calls `handler` with the node named in the subject (if any), and replies in the request's
-/// encoding. A request that cannot be decoded gets a `bad_request` reply, never silence.
+/// Answers an endpoint's requests with `handler` until `stop` (see [`rpc::serve`]).
 async fn serve<Req, Resp, H, Fut>(
-    mut endpoint: async_nats::service::endpoint::Endpoint,
+    endpoint: async_nats::service::endpoint::Endpoint,
     stop: CancellationToken,
     handler: H,
 ) -> anyhow::Result<()>
@@ -301,38 +299,9 @@ where
     H: Fn(Option<NodeId>, Req) -> Fut,
     Fut: Future<Output = Reply<Resp>>,
 {
-    loop {
-        let request = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            request = endpoint.next() => match request {
-                Some(request) => request,
-                None => anyhow::bail!("a service endpoint closed"),
-            },
-        };
-        let message = &request.message;
-        let node = subject::parse_node_subject(message.subject.as_str()).map(|(node, _)| node);
-        let (reply, encoding) =
-            match codec::decode_message::<Req>(message.headers.as_ref(), &message.payload) {
-                Ok((decoded, encoding)) => (handler(node, decoded).await, encoding),
-                Err(err) => {
-                    tracing::warn!(subject = %message.subject, error = %err, "malformed request");
-                    let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
-                    (
-                        Reply::Error(ErrorBody::new(ErrorCode::BadRequest, err.to_string())),
-                        encoding,
-                    )
-                }
-            };
-        let sent = match rpc::encode_reply(encoding, &reply) {
-            Ok((headers, body)) => request.respond_with_headers(Ok(body), headers).await,
-            Err(err) => {
-                tracing::error!(error = %err, "failed to encode a reply");
-                continue;
-            }
-        };
-        if let Err(err) = sent {
-            tracing::warn!(error = %err, "failed to send a reply");
-        }
+    tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        _ = rpc::serve(endpoint, handler) => anyhow::bail!("a service endpoint closed"),
     }
 }
 

@@ -270,3 +270,49 @@ async fn malformed_submissions_are_dropped_without_blocking_the_queue() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+#[tokio::test]
+async fn agents_answer_the_micro_protocol_and_report_their_status() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = stack.spawn_agent_online("node-a").await;
+    let _b = stack.spawn_agent_online("node-b").await;
+    let nats = stack.nats().await;
+
+    // `nats micro ls` sees every agent, each with its node id in the metadata.
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    nats.publish_with_reply("$SRV.INFO.apiary-agent", inbox, Bytes::new())
+        .await
+        .expect("publish");
+    let mut nodes: Vec<String> = within(PATIENCE, "two agents' info", async {
+        let mut nodes = Vec::new();
+        while nodes.len() < 2 {
+            let reply = replies.next().await.expect("reply");
+            let value: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+            assert_eq!(value["name"], "apiary-agent");
+            nodes.push(
+                value["metadata"]["node_id"]
+                    .as_str()
+                    .expect("node id")
+                    .to_owned(),
+            );
+        }
+        nodes
+    })
+    .await;
+    nodes.sort();
+    assert_eq!(nodes, ["node-a", "node-b"]);
+
+    // And each answers for itself, in JSON when asked in JSON.
+    let node = apiary_proto::NodeId::new("node-b").expect("id");
+    let (_, status) = json_request(
+        &nats,
+        subject::node(&node, subject::NodeVerb::Status).to_string(),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status["ok"]["info"]["node_id"], "node-b", "{status}");
+    assert_eq!(status["ok"]["metrics"]["slots"], 2);
+    assert_eq!(status["ok"]["heartbeat_interval_ms"], 200);
+}
