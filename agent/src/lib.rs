@@ -64,16 +64,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
     let span = tracing::info_span!("agent", node_id = %node_id);
     async move {
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("apiary-agent {node_id}"))
-            .retry_on_initial_connect()
-            .connect(config.nats_url.as_str())
+        let topology::Connection {
+            client,
+            js,
+            topology,
+        } = topology::join(&config.nats_url, format!("apiary-agent {node_id}"))
             .await
-            .with_context(|| format!("failed to connect to NATS at {}", config.nats_url))?;
-        let js = jetstream::new(client.clone());
-        let topology = topology::ensure(&js)
-            .await
-            .context("failed to set up JetStream")?;
+            .context("failed to join the bus")?;
         let sandbox = Arc::new(Sandbox::new()?);
         let modules = Arc::new(ModuleCache::new(
             topology.modules.clone(),

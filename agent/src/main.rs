@@ -1,31 +1,18 @@
-//! `apiary-agent`: loads its configuration and runs the agent until SIGINT or SIGTERM.
+//! `apiary-agent`: runs the agent until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
-
-use anyhow::Context as _;
-use apiary_agent::AgentConfig;
-use apiary_bin_support::LogFormat;
+use apiary_bin_support::ComponentArgs;
 use clap::Parser;
 
 /// The apiary node agent. Configured by `APIARY_*` environment variables (APIARY_NATS_URL,
-/// APIARY_NODE_ID, APIARY_TOKEN, APIARY_SLOTS, …) and an optional TOML file.
+/// APIARY_NODE_ID, APIARY_TOKEN, APIARY_SLOTS, APIARY_LABELS, …) and an optional TOML file.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// A TOML configuration file; environment variables override it.
-    #[arg(long, env = "APIARY_AGENT_CONFIG")]
-    config: Option<PathBuf>,
-    /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    common: ComponentArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    apiary_bin_support::init_tracing(args.log_format, "info");
-    let config: AgentConfig = apiary_bin_support::load_config(args.config.as_deref())
-        .context("failed to load configuration")?;
-    let shutdown = apiary_bin_support::shutdown_on_signal();
-    apiary_agent::run(config, shutdown).await
+    apiary_bin_support::run_component(Args::parse().common, apiary_agent::run).await
 }

@@ -4,7 +4,8 @@
 //!
 //! Libraries only emit spans and events; this crate is for `main` functions alone.
 
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format as _, Serialized, Toml};
@@ -27,6 +28,32 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for journald or a log shipper.
     Json,
+}
+
+/// The options every component binary (`apiary-agent`, `apiary-scheduler`) takes; each
+/// binary flattens them into its own parser, which carries its own help text.
+#[derive(Debug, clap::Args)]
+pub struct ComponentArgs {
+    /// A TOML configuration file; APIARY_* environment variables override it.
+    #[arg(long, env = "APIARY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The whole `main` of a component: install logging, load the configuration, and call the
+/// component's `run(config, shutdown)` with a token that SIGINT or SIGTERM cancels.
+pub async fn run_component<C, F, Fut>(args: ComponentArgs, run: F) -> anyhow::Result<()>
+where
+    C: Default + Serialize + DeserializeOwned,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    init_tracing(args.log_format, "info");
+    let config: C = load_config(args.config.as_deref())
+        .map_err(|err| anyhow::anyhow!("failed to load configuration: {err}"))?;
+    run(config, shutdown_on_signal()).await
 }
 
 /// Installs the global subscriber: filtered by `APIARY_LOG` (default `default_filter`), written

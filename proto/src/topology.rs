@@ -197,6 +197,47 @@ pub fn parse_node_key(key: &str) -> Option<NodeKey> {
     }
 }
 
+/// A long-running component's connection: the client, its JetStream context and the
+/// topology, ensured.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub topology: Topology,
+}
+
+/// Why a component could not join the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("failed to connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+/// Connects a long-running component (agent, scheduler) to the NATS server(s) at `url` and
+/// ensures the topology. The first connection is retried until it succeeds, because under
+/// systemd a component may well start before its server; later disconnects are handled by the
+/// client's own reconnection.
+pub async fn join(url: &str, client_name: String) -> Result<Connection, JoinError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(client_name)
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .map_err(|err| JoinError::Connect {
+            url: url.to_owned(),
+            reason: err.to_string(),
+        })?;
+    let js = jetstream::new(client.clone());
+    let topology = ensure(&js).await?;
+    Ok(Connection {
+        client,
+        js,
+        topology,
+    })
+}
+
 /// Handles to the parts of the topology that components use directly.
 #[derive(Clone)]
 pub struct Topology {

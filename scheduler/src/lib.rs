@@ -53,16 +53,13 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
     let instance = nuid::next().to_string();
     let span = tracing::info_span!("scheduler", instance = %instance);
     async move {
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("apiary-scheduler {instance}"))
-            .retry_on_initial_connect()
-            .connect(config.nats_url.as_str())
+        let topology::Connection {
+            client,
+            js,
+            topology,
+        } = topology::join(&config.nats_url, format!("apiary-scheduler {instance}"))
             .await
-            .with_context(|| format!("failed to connect to NATS at {}", config.nats_url))?;
-        let js = jetstream::new(client.clone());
-        let topology = topology::ensure(&js)
-            .await
-            .context("failed to set up JetStream")?;
+            .context("failed to join the bus")?;
 
         let (changed, _) = watch::channel(0u64);
         let (synced, _) = watch::channel(false);
@@ -419,24 +416,35 @@ async fn list_nodes(shared: Arc<Shared>, request: NodesListRequest) -> Reply<Nod
 // Placement and dispatch
 // -------------------------------------------------------------------------------------------
 
-/// Pulls submitted tasks and places each on a node, up to `max_in_flight` at once.
-async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
-    let consumer: jetstream::consumer::PullConsumer = shared
-        .js
-        .get_stream(topology::TASKS_STREAM)
+/// Opens (creating if needed) a durable pull consumer on `stream` and starts pulling.
+async fn pull(
+    js: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::Config,
+) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(stream)
         .await
-        .context("failed to open the task stream")?
-        .get_or_create_consumer(
-            topology::SCHEDULER_TASKS_CONSUMER,
-            topology::scheduler_tasks_consumer(),
-        )
+        .with_context(|| format!("failed to open stream {stream}"))?
+        .get_or_create_consumer(&name, config)
         .await
-        .context("failed to open the scheduler's task consumer")?;
-    shared.wait_synced(SYNC_WAIT).await;
-    let mut messages = consumer
+        .with_context(|| format!("failed to open consumer {name} on {stream}"))?;
+    consumer
         .messages()
         .await
-        .context("failed to start pulling submitted tasks")?;
+        .with_context(|| format!("failed to start pulling from {stream}"))
+}
+
+/// Pulls submitted tasks and places each on a node, up to `max_in_flight` at once.
+async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let mut messages = pull(
+        &shared.js,
+        topology::TASKS_STREAM,
+        topology::scheduler_tasks_consumer(),
+    )
+    .await?;
+    shared.wait_synced(SYNC_WAIT).await;
 
     let permits = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
     let mut in_flight = JoinSet::new();
@@ -604,21 +612,12 @@ async fn publish_dispatch(
 /// Delivers each stored result to the submitter's reply subject, then acknowledges it. The
 /// result stays in `APIARY_RESULTS` (by age and size limits) for readers that missed it.
 async fn deliver_results(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
-    let consumer: jetstream::consumer::PullConsumer = shared
-        .js
-        .get_stream(topology::RESULTS_STREAM)
-        .await
-        .context("failed to open the results stream")?
-        .get_or_create_consumer(
-            topology::SCHEDULER_RESULTS_CONSUMER,
-            topology::scheduler_results_consumer(),
-        )
-        .await
-        .context("failed to open the scheduler's results consumer")?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .context("failed to start pulling results")?;
+    let mut messages = pull(
+        &shared.js,
+        topology::RESULTS_STREAM,
+        topology::scheduler_results_consumer(),
+    )
+    .await?;
     loop {
         let message = tokio::select! {
             _ = stop.cancelled() => return Ok(()),

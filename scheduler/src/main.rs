@@ -1,32 +1,19 @@
-//! `apiary-scheduler`: loads its configuration and runs one scheduler replica until SIGINT or
-//! SIGTERM. Run as many replicas as you like.
+//! `apiary-scheduler`: runs one scheduler replica until SIGINT or SIGTERM. Run as many
+//! replicas as you like.
 
-use std::path::PathBuf;
-
-use anyhow::Context as _;
-use apiary_bin_support::LogFormat;
-use apiary_scheduler::SchedulerConfig;
+use apiary_bin_support::ComponentArgs;
 use clap::Parser;
 
 /// The apiary scheduler. Configured by `APIARY_*` environment variables (APIARY_NATS_URL,
-/// APIARY_HEARTBEAT_INTERVAL, …) and an optional TOML file.
+/// APIARY_HEARTBEAT_INTERVAL, APIARY_MAX_IN_FLIGHT) and an optional TOML file.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// A TOML configuration file; environment variables override it.
-    #[arg(long, env = "APIARY_SCHEDULER_CONFIG")]
-    config: Option<PathBuf>,
-    /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    common: ComponentArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    apiary_bin_support::init_tracing(args.log_format, "info");
-    let config: SchedulerConfig = apiary_bin_support::load_config(args.config.as_deref())
-        .context("failed to load configuration")?;
-    let shutdown = apiary_bin_support::shutdown_on_signal();
-    apiary_scheduler::run(config, shutdown).await
+    apiary_bin_support::run_component(Args::parse().common, apiary_scheduler::run).await
 }
