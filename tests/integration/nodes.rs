@@ -44,7 +44,8 @@ async fn heartbeats_keep_arriving() {
     let _scheduler = stack.spawn_scheduler().await;
     let mut liveness = stack.watch_liveness("node-a").await;
     let _agent = stack.spawn_agent("node-a");
-    // Registration stores sequence 0; heartbeats count up from 1.
+    // Registration stores sequence 0; heartbeats count up from 1. The bucket keeps only the
+    // latest record, so a watcher may skip one under load, but never sees one go backwards.
     let sequences: Vec<u64> = within(
         PATIENCE,
         "three heartbeats",
@@ -56,7 +57,10 @@ async fn heartbeats_keep_arriving() {
             .collect(),
     )
     .await;
-    assert_eq!(sequences, vec![1, 2, 3]);
+    assert!(
+        sequences.windows(2).all(|pair| pair[0] < pair[1]),
+        "{sequences:?}"
+    );
 }
 
 #[tokio::test]

@@ -198,3 +198,69 @@ async fn a_non_zero_exit_code_is_an_answer_not_a_failure() {
         .expect("completes");
     assert_eq!(output.exit_code, 7);
 }
+
+#[tokio::test]
+async fn a_module_missing_from_the_store_is_a_typed_error() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let missing = apiary_proto::message::ModuleRef::for_bytes(b"never uploaded");
+    let err = stack
+        .client()
+        .await
+        .submit(Task::stored(missing))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect_err("nothing to run");
+    assert_eq!(
+        err.task_error_kind(),
+        Some(TaskErrorKind::ModuleNotFound),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn scheduler_replicas_share_the_work_and_deliver_each_result_once() {
+    let stack = Stack::start().await;
+    let _first = stack.spawn_scheduler().await;
+    let _second = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let client = stack.client().await;
+    let module = wasm("uppercase");
+
+    // The SDK drops duplicates, so count deliveries on a raw inbox instead.
+    let module_ref = client.upload_module(&module).await.expect("upload");
+    let nats = stack.nats().await;
+    let inbox = nats.new_inbox();
+    let mut delivered = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    let js = async_nats::jetstream::new(nats.clone());
+    for i in 0..20 {
+        let submission = serde_json::json!({
+            "id": format!("replica-task-{i}"),
+            "module": {"sha256": module_ref.sha256},
+            "input": format!("r{i}"),
+            "reply_to": inbox,
+        });
+        js.publish(subject::task_submit(), submission.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    within(PATIENCE, "twenty results", async {
+        while seen.len() < 20 {
+            let message = delivered.next().await.expect("subscription open");
+            let (result, _) = apiary_proto::codec::decode_message::<TaskResult>(
+                message.headers.as_ref(),
+                &message.payload,
+            )
+            .expect("a result");
+            *seen.entry(result.task_id.to_string()).or_default() += 1;
+        }
+    })
+    .await;
+    assert!(seen.values().all(|&count| count == 1), "{seen:?}");
+}
