@@ -36,6 +36,7 @@ use async_nats::jetstream::object_store::InfoErrorKind;
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::sync::{OnceCell, oneshot};
+use tracing::Instrument as _;
 
 pub use apiary_proto::message::{TaskError, TaskErrorKind};
 pub use error::{Error, TaskFailure};
@@ -166,6 +167,8 @@ impl Client {
             submitted_at_ms: now_ms(),
         };
         let id = submission.id.clone();
+        let span =
+            tracing::debug_span!("submit", task_id = %id, module = %submission.module.sha256);
         let payload = codec::encode(&submission)?;
         let mut headers = Encoding::MsgPack.headers();
         headers.insert(headers::MSG_ID, id.as_str());
@@ -175,19 +178,23 @@ impl Client {
         let (sender, receiver) = oneshot::channel();
         lock(&self.inner.waiters).insert(id.clone(), sender);
         let handle = TaskHandle {
-            id: id.clone(),
+            id,
             receiver,
             waiters: self.inner.waiters.clone(),
         };
-        self.inner
-            .js
-            .publish_with_headers(subject::task_submit(), headers, payload)
-            .await
-            .map_err(|err| Error::Publish(err.to_string()))?
-            .await
-            .map_err(|err| Error::Publish(err.to_string()))?;
-        tracing::debug!(task_id = %id, "task submitted");
-        Ok(handle)
+        async {
+            self.inner
+                .js
+                .publish_with_headers(subject::task_submit(), headers, payload)
+                .await
+                .map_err(|err| Error::Publish(err.to_string()))?
+                .await
+                .map_err(|err| Error::Publish(err.to_string()))?;
+            tracing::debug!("task submitted");
+            Ok(handle)
+        }
+        .instrument(span)
+        .await
     }
 
     /// The node table, read from the cluster's node bucket; works without a scheduler.
