@@ -189,6 +189,10 @@ async fn register_until_accepted(
             Err(RequestError::Refused(refusal)) => {
                 return Err(anyhow::anyhow!("the cluster refused this node: {refusal}"));
             }
+            // No scheduler yet is normal while a cluster starts up.
+            Err(err @ RequestError::NoResponders { .. }) => {
+                tracing::info!(error = %err, retry_in = ?backoff, "waiting for a scheduler");
+            }
             Err(err) => {
                 tracing::warn!(error = %err, retry_in = ?backoff, "registration failed; retrying");
             }

@@ -23,7 +23,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct DevStack {
     server: NatsServer,
-    stop: CancellationToken,
+    stop_scheduler: CancellationToken,
+    stop_agent: CancellationToken,
     scheduler: tokio::task::JoinHandle<anyhow::Result<()>>,
     agent: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -54,24 +55,26 @@ impl DevStack {
             .await
             .context("failed to watch the node bucket")?;
 
-        let stop = CancellationToken::new();
+        let stop_scheduler = CancellationToken::new();
+        let stop_agent = CancellationToken::new();
         let scheduler = tokio::spawn(apiary_scheduler::run(
             SchedulerConfig {
                 nats_url: url.clone(),
                 ..SchedulerConfig::default()
             },
-            stop.child_token(),
+            stop_scheduler.clone(),
         ));
         let agent = tokio::spawn(apiary_agent::run(
             AgentConfig {
                 nats_url: url.clone(),
                 ..AgentConfig::default()
             },
-            stop.child_token(),
+            stop_agent.clone(),
         ));
         let stack = Self {
             server,
-            stop,
+            stop_scheduler,
+            stop_agent,
             scheduler,
             agent,
         };
@@ -101,10 +104,12 @@ impl DevStack {
         self.server.url()
     }
 
-    /// Stops the agent (letting running tasks finish), the scheduler, and the server.
+    /// Stops the agent (letting running tasks finish and saying goodbye to the scheduler),
+    /// then the scheduler, then the server.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
+        self.stop_agent.cancel();
         let agent = self.agent.await.context("the agent panicked")?;
+        self.stop_scheduler.cancel();
         let scheduler = self.scheduler.await.context("the scheduler panicked")?;
         drop(self.server);
         agent.context("the agent failed")?;

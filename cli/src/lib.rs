@@ -1,7 +1,8 @@
 //! The `apiary` command line, as a library so that the integration tests reuse its pieces:
-//! the private `nats-server` launcher ([`broker`]), the local stack of `apiary dev` ([`dev`])
-//! and the tables it prints ([`output`]).
+//! the private `nats-server` launcher ([`broker`]), the local stack of `apiary dev` ([`dev`]),
+//! the benchmarks of `apiary bench` ([`bench`]) and the tables it prints ([`output`]).
 
+pub mod bench;
 pub mod broker;
 pub mod dev;
 pub mod output;

@@ -42,6 +42,28 @@ enum Command {
     /// Inspect the cluster's nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// Measure the task path next to raw NATS on the same server.
+    Bench {
+        /// Start a private local stack (nats-server, scheduler, agent) and measure that,
+        /// instead of the cluster at --server.
+        #[arg(long)]
+        local: bool,
+        /// Sequential round trips per latency figure.
+        #[arg(long, default_value_t = 500)]
+        samples: usize,
+        /// Messages or tasks per throughput figure.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Messages or tasks in flight at once for throughput.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        /// The module tasks run; a tiny built-in echo module by default.
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +173,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Err(err) => Err(err.into()),
             }
+        }
+        Command::Bench {
+            local,
+            samples,
+            count,
+            in_flight,
+            module,
+            json,
+        } => {
+            let module = match module {
+                Some(path) => std::fs::read(&path)
+                    .with_context(|| format!("failed to read module {}", path.display()))?,
+                None => wat::parse_str(apiary_cli::bench::ECHO_MODULE_WAT)?,
+            };
+            let options = apiary_cli::bench::BenchOptions {
+                latency_samples: samples,
+                throughput_count: count,
+                in_flight,
+                module: module.into(),
+            };
+            let figures = if local {
+                let stack = apiary_cli::dev::DevStack::start(0).await?;
+                let figures = apiary_cli::bench::run(stack.url(), &options).await;
+                stack.stop().await?;
+                figures?
+            } else {
+                apiary_cli::bench::run(&cli.server, &options).await?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                println!("{}", apiary_cli::bench::report(&figures));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Nodes(NodesCommand::Ls { status, json }) => {
             let client = connect(&cli.server).await?;

@@ -1,0 +1,324 @@
+//! `apiary bench`: how fast the task path is, next to raw NATS measured in the same run on the
+//! same server.
+//!
+//! Raw baselines: a core request/reply round trip, a JetStream publish acknowledged by a file
+//! stream (sequential, for latency; pipelined, for throughput). apiary: a task's round trip
+//! from `submit` to result (sequential), and task throughput with many tasks in flight. A task
+//! crosses the bus several times (submit, dispatch, result, delivery), so its round trip is a
+//! multiple of the raw figures; the ratio is what to watch.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use apiary_sdk::{Client, Task};
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Sequential round trips for each latency figure.
+    pub latency_samples: usize,
+    /// Messages or tasks for each throughput figure.
+    pub throughput_count: usize,
+    /// Tasks (or raw publishes) in flight at once for throughput.
+    pub in_flight: usize,
+    /// The guest module every task runs.
+    pub module: Bytes,
+}
+
+/// A WASI command that copies up to 1 KiB of stdin to stdout: the cheapest real task, so the
+/// figures measure the path and not the work.
+pub const ECHO_MODULE_WAT: &str = r#"
+    (module
+      (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "_start")
+        (i32.store (i32.const 0) (i32.const 64))
+        (i32.store (i32.const 4) (i32.const 1024))
+        (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (i32.store (i32.const 4) (i32.load (i32.const 8)))
+        (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+"#;
+
+/// One line of the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Figure {
+    pub name: String,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub per_second: Option<f64>,
+}
+
+const RAW_STREAM: &str = "BENCH_RAW";
+const RAW_SUBJECT: &str = "bench.raw";
+const ECHO_SUBJECT: &str = "bench.echo";
+/// The message size of the raw baselines, the size the project's reference figures use.
+const RAW_MESSAGE: &[u8] = &[b'x'; 128];
+
+/// Runs every benchmark against the server at `url`, which must have an apiary scheduler and
+/// at least one agent. Returns the figures in the order they were taken.
+pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let nats = async_nats::connect(url)
+        .await
+        .with_context(|| format!("failed to connect to {url}"))?;
+    let mut figures = vec![
+        raw_request_reply(&nats, options.latency_samples).await?,
+        raw_publish_latency(&nats, options.latency_samples).await?,
+        raw_publish_throughput(&nats, options.throughput_count, options.in_flight).await?,
+    ];
+    let client = Client::connect(url).await?;
+    // Upload once and warm every agent's compiled-module cache, so the figures are of the
+    // task path and not of the first compilation.
+    let module = client.upload_module(&options.module).await?;
+    for _ in 0..8 {
+        client
+            .submit(Task::stored(module.clone()).input("warm up"))
+            .await?
+            .result_within(Duration::from_secs(60))
+            .await?;
+    }
+    figures.push(task_latency(&client, &module, options.latency_samples).await?);
+    figures.push(
+        task_throughput(
+            &client,
+            &module,
+            options.throughput_count,
+            options.in_flight,
+        )
+        .await?,
+    );
+    Ok(figures)
+}
+
+async fn raw_request_reply(nats: &async_nats::Client, samples: usize) -> anyhow::Result<Figure> {
+    let mut echo = nats.subscribe(ECHO_SUBJECT).await?;
+    let responder_client = nats.clone();
+    let responder = tokio::spawn(async move {
+        while let Some(message) = echo.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder_client.publish(reply, message.payload).await;
+            }
+        }
+    });
+    nats.flush().await?;
+    let mut timings = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        nats.request(ECHO_SUBJECT, Bytes::from_static(RAW_MESSAGE))
+            .await
+            .context("raw request failed")?;
+        timings.push(started.elapsed());
+    }
+    responder.abort();
+    Ok(latency("raw NATS request/reply", timings))
+}
+
+async fn raw_stream(nats: &async_nats::Client) -> anyhow::Result<jetstream::Context> {
+    let js = jetstream::new(nats.clone());
+    let _ = js.delete_stream(RAW_STREAM).await;
+    js.create_stream(jetstream::stream::Config {
+        name: RAW_STREAM.into(),
+        subjects: vec![RAW_SUBJECT.into()],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .context("failed to create the raw benchmark stream")?;
+    Ok(js)
+}
+
+async fn raw_publish_latency(nats: &async_nats::Client, samples: usize) -> anyhow::Result<Figure> {
+    let js = raw_stream(nats).await?;
+    let mut timings = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        js.publish(RAW_SUBJECT, Bytes::from_static(RAW_MESSAGE))
+            .await?
+            .await?;
+        timings.push(started.elapsed());
+    }
+    js.delete_stream(RAW_STREAM).await.ok();
+    Ok(latency("raw JetStream publish + ack", timings))
+}
+
+async fn raw_publish_throughput(
+    nats: &async_nats::Client,
+    count: usize,
+    in_flight: usize,
+) -> anyhow::Result<Figure> {
+    let js = raw_stream(nats).await?;
+    let started = Instant::now();
+    let mut acks = futures::stream::iter(0..count)
+        .map(|_| {
+            let js = js.clone();
+            async move {
+                js.publish(RAW_SUBJECT, Bytes::from_static(RAW_MESSAGE))
+                    .await?
+                    .await
+            }
+        })
+        .buffer_unordered(in_flight.max(1));
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    let elapsed = started.elapsed();
+    js.delete_stream(RAW_STREAM).await.ok();
+    Ok(throughput(
+        &format!("raw JetStream publish, {in_flight} in flight"),
+        count,
+        elapsed,
+    ))
+}
+
+async fn task_latency(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+    samples: usize,
+) -> anyhow::Result<Figure> {
+    let mut timings = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        client
+            .submit(Task::stored(module.clone()).input("bench"))
+            .await?
+            .result_within(Duration::from_secs(60))
+            .await?;
+        timings.push(started.elapsed());
+    }
+    Ok(latency("apiary task: submit → result", timings))
+}
+
+async fn task_throughput(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+    count: usize,
+    in_flight: usize,
+) -> anyhow::Result<Figure> {
+    let started = Instant::now();
+    let mut results = futures::stream::iter(0..count)
+        .map(|_| async {
+            client
+                .submit(Task::stored(module.clone()).input("bench"))
+                .await?
+                .result_within(Duration::from_secs(120))
+                .await
+        })
+        .buffer_unordered(in_flight.max(1));
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(throughput(
+        &format!("apiary tasks, {in_flight} in flight"),
+        count,
+        started.elapsed(),
+    ))
+}
+
+fn latency(name: &str, mut timings: Vec<Duration>) -> Figure {
+    timings.sort_unstable();
+    let percentile = |p: f64| -> Option<f64> {
+        let last = timings.len().checked_sub(1)?;
+        let index = ((last as f64) * p).round() as usize;
+        Some(timings[index.min(last)].as_secs_f64() * 1e6)
+    };
+    Figure {
+        name: name.to_owned(),
+        p50_us: percentile(0.50),
+        p99_us: percentile(0.99),
+        per_second: None,
+    }
+}
+
+fn throughput(name: &str, count: usize, elapsed: Duration) -> Figure {
+    Figure {
+        name: name.to_owned(),
+        p50_us: None,
+        p99_us: None,
+        per_second: Some(count as f64 / elapsed.as_secs_f64().max(f64::EPSILON)),
+    }
+}
+
+/// The report: one row per figure, and the task figures as multiples of the raw ones.
+pub fn report(figures: &[Figure]) -> String {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(vec!["BENCHMARK", "P50", "P99", "RATE"]);
+    for figure in figures {
+        table.add_row(vec![
+            figure.name.clone(),
+            figure.p50_us.map_or_else(|| "-".into(), format_us),
+            figure.p99_us.map_or_else(|| "-".into(), format_us),
+            figure
+                .per_second
+                .map_or_else(|| "-".into(), |rate| format!("{rate:.0}/s")),
+        ]);
+    }
+    let mut out = table.to_string();
+    let find = |prefix: &str| figures.iter().find(|f| f.name.starts_with(prefix));
+    let task_p50 = find("apiary task:").and_then(|f| f.p50_us);
+    let raw_p50 = find("raw JetStream publish +").and_then(|f| f.p50_us);
+    if let (Some(task), Some(raw)) = (task_p50, raw_p50) {
+        out += &format!(
+            "\n\ntask round trip p50 = {:.1} × a raw JetStream publish-ack",
+            task / raw
+        );
+    }
+    let task_rate = find("apiary tasks,").and_then(|f| f.per_second);
+    let raw_rate = find("raw JetStream publish,").and_then(|f| f.per_second);
+    if let (Some(task), Some(raw)) = (task_rate, raw_rate) {
+        out += &format!(
+            "\ntask throughput = {:.1}% of raw JetStream publish throughput",
+            100.0 * task / raw
+        );
+    }
+    out
+}
+
+fn format_us(us: f64) -> String {
+    if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_sorted_samples() {
+        let figure = latency("x", (1..=100).rev().map(Duration::from_micros).collect());
+        assert_eq!(figure.p50_us, Some(51.0));
+        assert_eq!(figure.p99_us, Some(99.0));
+        assert_eq!(latency("empty", Vec::new()).p50_us, None);
+    }
+
+    #[test]
+    fn the_report_relates_tasks_to_raw_figures() {
+        let figures = vec![
+            Figure {
+                name: "raw JetStream publish + ack".into(),
+                p50_us: Some(100.0),
+                p99_us: Some(200.0),
+                per_second: None,
+            },
+            Figure {
+                name: "apiary task: submit → result".into(),
+                p50_us: Some(1000.0),
+                p99_us: Some(3000.0),
+                per_second: None,
+            },
+        ];
+        let report = report(&figures);
+        assert!(
+            report.contains("10.0 × a raw JetStream publish-ack"),
+            "{report}"
+        );
+        assert!(report.contains("1.00 ms"), "{report}");
+    }
+}
