@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-pub use config::AgentConfig;
+pub use config::{AgentConfig, NodeLimits};
 
 use crate::hardware::MetricsSampler;
 use crate::modules::ModuleCache;
@@ -78,29 +78,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             NonZeroUsize::new(config.module_cache_entries).unwrap_or(NonZeroUsize::MIN),
         ));
 
-        let Some(registration) =
-            register_until_accepted(&client, &info, &config, &shutdown).await?
-        else {
-            return Ok(());
-        };
-        let heartbeat_interval = Duration::from_millis(registration.heartbeat_interval_ms.max(1));
-        tracing::info!(
-            slots,
-            heartbeat_interval_ms = registration.heartbeat_interval_ms,
-            "registered"
-        );
-
         let agent = Arc::new(Agent {
             node_id: node_id.clone(),
             slots,
+            client: client.clone(),
             js: js.clone(),
+            limits: NodeLimits::from(&config),
             modules,
             sandbox,
             running: AtomicU32::new(0),
             completed: AtomicU64::new(0),
             sampler: std::sync::Mutex::new(MetricsSampler::new()),
+            heartbeat_interval_ms: AtomicU64::new(0),
         });
 
+        // The status endpoint answers before registration, so a node that cannot join can
+        // still be asked what it is.
         let service = client
             .service_builder()
             .description("apiary agent: the node's own status")
@@ -123,12 +116,29 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     info: status_info.clone(),
                     metrics: status_agent.metrics(),
                     started_at_ms,
-                    heartbeat_interval_ms: registration.heartbeat_interval_ms,
+                    heartbeat_interval_ms: status_agent
+                        .heartbeat_interval_ms
+                        .load(Ordering::Relaxed),
                 });
                 std::future::ready(reply)
             })
             .in_current_span(),
         ));
+
+        let Some(registration) =
+            register_until_accepted(&client, &info, &config, &shutdown).await?
+        else {
+            return Ok(());
+        };
+        agent
+            .heartbeat_interval_ms
+            .store(registration.heartbeat_interval_ms, Ordering::Relaxed);
+        let heartbeat_interval = Duration::from_millis(registration.heartbeat_interval_ms.max(1));
+        tracing::info!(
+            slots,
+            heartbeat_interval_ms = registration.heartbeat_interval_ms,
+            "registered"
+        );
 
         let stop_heartbeats = CancellationToken::new();
         // Owned, not detached: if this future is dropped (the process is dying, or a test
@@ -145,13 +155,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .in_current_span(),
         ));
 
-        let work = work_loop(agent.clone(), &shutdown, config.shutdown_grace).await;
+        let (work, running) = work_loop(agent.clone(), &shutdown).await;
 
+        // Say goodbye first, so that no scheduler places more work here while the running
+        // tasks finish.
         stop_heartbeats.cancel();
         let sequence = heartbeats.await.unwrap_or(0);
+        send_leaving(&client, &agent, sequence + 1, config.request_timeout).await;
+        drain(running, config.shutdown_grace).await;
         status.abort();
         service.stop().await.ok();
-        send_leaving(&client, &agent, sequence + 1, config.request_timeout).await;
         client.flush().await.ok();
         tracing::info!("agent stopped");
         work
@@ -164,13 +177,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 struct Agent {
     node_id: NodeId,
     slots: u32,
+    client: async_nats::Client,
     js: jetstream::Context,
+    limits: NodeLimits,
     modules: Arc<ModuleCache>,
     sandbox: Arc<Sandbox>,
     running: AtomicU32,
     completed: AtomicU64,
     /// Shared by heartbeats and status requests; CPU use is measured between samples.
     sampler: std::sync::Mutex<MetricsSampler>,
+    /// Set by registration; 0 until then.
+    heartbeat_interval_ms: AtomicU64,
 }
 
 /// Registers, retrying with backoff while no scheduler answers. Returns `None` if shutdown
@@ -305,26 +322,12 @@ impl Agent {
 async fn work_loop(
     agent: Arc<Agent>,
     shutdown: &CancellationToken,
-    grace: Duration,
-) -> anyhow::Result<()> {
-    let stream = agent
-        .js
-        .get_stream(topology::DISPATCH_STREAM)
-        .await
-        .context("failed to open the dispatch stream")?;
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .create_consumer(topology::node_dispatch_consumer(
-            &agent.node_id,
-            agent.slots,
-        ))
-        .await
-        .context("failed to create this node's dispatch consumer")?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .context("failed to start pulling dispatched tasks")?;
-
+) -> (anyhow::Result<()>, JoinSet<()>) {
     let mut running = JoinSet::new();
+    let mut messages = match dispatched_tasks(&agent).await {
+        Ok(messages) => messages,
+        Err(err) => return (Err(err), running),
+    };
     let outcome = loop {
         // Reap finished tasks so the set does not grow with every task ever run.
         while running.try_join_next().is_some() {}
@@ -344,25 +347,47 @@ async fn work_loop(
             },
         }
     };
-    drop(messages);
+    (outcome, running)
+}
 
-    if !running.is_empty() {
-        tracing::info!(
-            running = running.len(),
-            "waiting for running tasks to finish"
-        );
-        let drained = tokio::time::timeout(grace, async {
-            while running.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                abandoned = running.len(),
-                "tasks still running after the grace period; they will be redelivered"
-            );
-        }
+async fn dispatched_tasks(agent: &Agent) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+    let consumer: jetstream::consumer::PullConsumer = agent
+        .js
+        .get_stream(topology::DISPATCH_STREAM)
+        .await
+        .context("failed to open the dispatch stream")?
+        .create_consumer(topology::node_dispatch_consumer(
+            &agent.node_id,
+            agent.slots,
+        ))
+        .await
+        .context("failed to create this node's dispatch consumer")?;
+    consumer
+        .messages()
+        .await
+        .context("failed to start pulling dispatched tasks")
+}
+
+/// Waits up to `grace` for running tasks. Tasks still running after it are abandoned with
+/// their messages unacknowledged, so JetStream hands them out again.
+async fn drain(mut running: JoinSet<()>, grace: Duration) {
+    if running.is_empty() {
+        return;
     }
-    outcome
+    tracing::info!(
+        running = running.len(),
+        "waiting for running tasks to finish"
+    );
+    let drained = tokio::time::timeout(grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            abandoned = running.len(),
+            "tasks still running after the grace period; they will be redelivered"
+        );
+    }
 }
 
 impl Agent {
@@ -416,11 +441,12 @@ impl Agent {
             finished_at_ms: now_ms(),
             reply_to: dispatch.task.reply_to.clone(),
         };
+        let result = fit_within(result, self.max_result_bytes());
         match &result.outcome {
             Outcome::Completed { exit_code, .. } => {
                 tracing::info!(
                     exit_code,
-                    elapsed_ms = result.finished_at_ms - started_at_ms,
+                    elapsed_ms = result.finished_at_ms.saturating_sub(started_at_ms),
                     "task completed"
                 );
             }
@@ -431,16 +457,18 @@ impl Agent {
 
         match self.publish_result(&result).await {
             Ok(()) => {
+                self.completed.fetch_add(1, Ordering::Relaxed);
                 if let Err(err) = message.double_ack().await {
                     // The result is stored; a redelivery would run the task again and the
                     // duplicate result would be dropped by its message id.
-                    tracing::warn!(error = %err, "failed to acknowledge a finished task");
+                    tracing::warn!(error = %format!("{err:#}"), "failed to acknowledge a finished task");
                 }
             }
             Err(err) => {
-                // Leave the message unacknowledged: it comes back after the ack wait and the
-                // task runs again, rather than its result being lost.
-                tracing::error!(error = %err, "failed to publish a task result");
+                // Leave the message unacknowledged: it comes back and the task runs again,
+                // rather than its result being lost. (A result too large for the server was
+                // already turned into an output-limit failure, so this is a transient error.)
+                tracing::error!(error = %format!("{err:#}"), "failed to publish a task result");
                 message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await
@@ -448,10 +476,24 @@ impl Agent {
             }
         }
         self.running.fetch_sub(1, Ordering::Relaxed);
-        self.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The largest encoded result the server accepts, less room for headers.
+    fn max_result_bytes(&self) -> usize {
+        const HEADER_ROOM: usize = 1024;
+        self.client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM)
     }
 
     async fn execute(&self, dispatch: &Dispatch) -> Outcome {
+        if let Err(error) = self.limits.admit(&dispatch.task.limits) {
+            return Outcome::Failed {
+                error,
+                stderr: Default::default(),
+            };
+        }
         let module = match self.modules.get(&dispatch.task.module).await {
             Ok(module) => module,
             Err(error) => {
@@ -494,6 +536,31 @@ impl Agent {
     }
 }
 
+/// A result the server can carry. A task may stay within its own output limit and still
+/// produce a result larger than the server's `max_payload` (stdout and stderr are limited
+/// separately); publishing that would fail on every retry, so it becomes an output-limit
+/// failure instead, keeping as much of stderr as fits.
+fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult {
+    let size = codec::encode(&result).map_or(usize::MAX, |bytes| bytes.len());
+    if size <= max_bytes {
+        return result;
+    }
+    let stderr = match &result.outcome {
+        Outcome::Completed { stderr, .. } | Outcome::Failed { stderr, .. } => stderr.0.clone(),
+    };
+    let kept = stderr.slice(..stderr.len().min(max_bytes / 2));
+    result.outcome = Outcome::Failed {
+        error: TaskError::new(
+            TaskErrorKind::OutputLimit,
+            format!(
+                "the task's output makes a {size} byte result; the server carries at most {max_bytes}"
+            ),
+        ),
+        stderr: kept.into(),
+    };
+    result
+}
+
 /// Sends a progress ack every third of the ack wait until `done`.
 async fn send_progress(message: jetstream::Message, done: CancellationToken) {
     let mut ticker = tokio::time::interval(topology::ACK_WAIT / 3);
@@ -507,5 +574,46 @@ async fn send_progress(message: jetstream::Message, done: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apiary_proto::{Payload, TaskId};
+
+    fn result_with_output(stdout: usize, stderr: usize) -> TaskResult {
+        TaskResult {
+            task_id: TaskId::new("t").unwrap(),
+            node_id: NodeId::new("n").unwrap(),
+            attempt: 1,
+            outcome: Outcome::Completed {
+                exit_code: 0,
+                stdout: Payload::from(vec![b'o'; stdout]),
+                stderr: Payload::from(vec![b'e'; stderr]),
+            },
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn results_that_fit_are_left_alone() {
+        let result = result_with_output(100, 10);
+        assert_eq!(fit_within(result.clone(), 10_000), result);
+    }
+
+    #[test]
+    fn results_too_large_for_the_server_become_output_limit_failures() {
+        let fitted = fit_within(result_with_output(5_000, 3_000), 4_000);
+        match &fitted.outcome {
+            Outcome::Failed { error, stderr } => {
+                assert_eq!(error.kind, TaskErrorKind::OutputLimit);
+                assert_eq!(stderr.len(), 2_000);
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert!(codec::encode(&fitted).unwrap().len() <= 4_000);
     }
 }

@@ -15,8 +15,8 @@ use wasmtime::Module;
 
 use crate::sandbox::Sandbox;
 
-/// The largest module the agent will fetch. Bigger objects are refused before they are read
-/// into memory.
+/// The largest module the agent will fetch. Bigger objects are refused by their recorded size
+/// before any of them is read, and reading stops at the limit in any case.
 pub const MAX_MODULE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Compiled modules by digest, in front of the module object store.
@@ -96,7 +96,17 @@ impl ModuleCache {
                 )
             }
         })?;
+        if object.info.size as u64 > MAX_MODULE_BYTES {
+            return Err(TaskError::new(
+                TaskErrorKind::InvalidModule,
+                format!(
+                    "the module is {} bytes, more than the {MAX_MODULE_BYTES} allowed",
+                    object.info.size
+                ),
+            ));
+        }
         let mut bytes = Vec::new();
+        // The store's size could be wrong; never read more than the limit regardless.
         object
             .take(MAX_MODULE_BYTES + 1)
             .read_to_end(&mut bytes)

@@ -52,9 +52,8 @@ pub struct Figure {
     pub per_second: Option<f64>,
 }
 
-const RAW_STREAM: &str = "BENCH_RAW";
-const RAW_SUBJECT: &str = "bench.raw";
-const ECHO_SUBJECT: &str = "bench.echo";
+use apiary_proto::subject;
+use apiary_proto::topology::BENCH_STREAM as RAW_STREAM;
 /// The message size of the raw baselines, the size the project's reference figures use.
 const RAW_MESSAGE: &[u8] = &[b'x'; 128];
 
@@ -94,7 +93,7 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
 }
 
 async fn raw_request_reply(nats: &async_nats::Client, samples: usize) -> anyhow::Result<Figure> {
-    let mut echo = nats.subscribe(ECHO_SUBJECT).await?;
+    let mut echo = nats.subscribe(subject::bench_echo()).await?;
     let responder_client = nats.clone();
     let responder = tokio::spawn(async move {
         while let Some(message) = echo.next().await {
@@ -107,7 +106,7 @@ async fn raw_request_reply(nats: &async_nats::Client, samples: usize) -> anyhow:
     let mut timings = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
-        nats.request(ECHO_SUBJECT, Bytes::from_static(RAW_MESSAGE))
+        nats.request(subject::bench_echo(), Bytes::from_static(RAW_MESSAGE))
             .await
             .context("raw request failed")?;
         timings.push(started.elapsed());
@@ -121,7 +120,7 @@ async fn raw_stream(nats: &async_nats::Client) -> anyhow::Result<jetstream::Cont
     let _ = js.delete_stream(RAW_STREAM).await;
     js.create_stream(jetstream::stream::Config {
         name: RAW_STREAM.into(),
-        subjects: vec![RAW_SUBJECT.into()],
+        subjects: vec![subject::bench_raw().into()],
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
     })
@@ -135,7 +134,7 @@ async fn raw_publish_latency(nats: &async_nats::Client, samples: usize) -> anyho
     let mut timings = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
-        js.publish(RAW_SUBJECT, Bytes::from_static(RAW_MESSAGE))
+        js.publish(subject::bench_raw(), Bytes::from_static(RAW_MESSAGE))
             .await?
             .await?;
         timings.push(started.elapsed());
@@ -155,7 +154,7 @@ async fn raw_publish_throughput(
         .map(|_| {
             let js = js.clone();
             async move {
-                js.publish(RAW_SUBJECT, Bytes::from_static(RAW_MESSAGE))
+                js.publish(subject::bench_raw(), Bytes::from_static(RAW_MESSAGE))
                     .await?
                     .await
             }

@@ -278,6 +278,17 @@ impl ModuleRef {
         }
     }
 
+    /// The digest the JetStream object store records for these bytes
+    /// (`SHA-256=<url-safe base64>`), or `None` if `sha256` is not valid hex.
+    pub fn object_store_digest(&self) -> Option<String> {
+        use base64::Engine as _;
+        let raw = hex::decode(&self.sha256).ok()?;
+        Some(format!(
+            "SHA-256={}",
+            base64::engine::general_purpose::URL_SAFE.encode(raw)
+        ))
+    }
+
     /// Whether `bytes` are the module this reference names.
     pub fn matches(&self, bytes: &[u8]) -> bool {
         use sha2::Digest as _;
@@ -343,8 +354,8 @@ pub enum Priority {
 /// `Nats-Msg-Id` set to the task id, so a retried submit is stored once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskSubmission {
-    /// Generated when a hand-written JSON submission leaves it out.
-    #[serde(default = "TaskId::generate")]
+    /// Required, also in hand-written JSON: every de-duplication downstream (dispatch and
+    /// result message ids) hangs on it, so it must be the same each time the message is read.
     pub id: TaskId,
     pub module: ModuleRef,
     /// Given to the module on stdin.
@@ -470,10 +481,21 @@ pub struct TaskResult {
     pub reply_to: Option<String>,
 }
 
-impl TaskResult {
-    /// The de-duplication id of this result in `APIARY_RESULTS`.
+/// The de-duplication id (`Nats-Msg-Id`) of one attempt of a task, in `APIARY_DISPATCH` and
+/// `APIARY_RESULTS`: a re-sent dispatch or result of the same attempt is stored once.
+pub fn attempt_msg_id(task: &TaskId, attempt: u32) -> String {
+    format!("{task}.{attempt}")
+}
+
+impl Dispatch {
     pub fn msg_id(&self) -> String {
-        format!("{}.{}", self.task_id, self.attempt)
+        attempt_msg_id(&self.task.id, self.attempt)
+    }
+}
+
+impl TaskResult {
+    pub fn msg_id(&self) -> String {
+        attempt_msg_id(&self.task_id, self.attempt)
     }
 }
 
@@ -518,11 +540,19 @@ mod tests {
     #[test]
     fn a_minimal_json_submission_gets_defaults() {
         let submission: TaskSubmission =
-            serde_json::from_str(r#"{"module": {"sha256": "ab"}, "input": "hello"}"#).unwrap();
+            serde_json::from_str(r#"{"id": "t-1", "module": {"sha256": "ab"}, "input": "hello"}"#)
+                .unwrap();
         assert_eq!(submission.input.as_bytes(), b"hello");
         assert_eq!(submission.limits, Limits::default());
         assert_eq!(submission.priority, Priority::Normal);
-        assert!(!submission.id.as_str().is_empty());
+        assert_eq!(submission.id.as_str(), "t-1");
+    }
+
+    #[test]
+    fn a_submission_without_an_id_is_refused() {
+        let err =
+            serde_json::from_str::<TaskSubmission>(r#"{"module": {"sha256": "ab"}}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field `id`"), "{err}");
     }
 
     #[test]
@@ -541,6 +571,12 @@ mod tests {
         let module = ModuleRef::for_bytes(b"\0asm");
         assert_eq!(module.size, 4);
         assert!(module.matches(b"\0asm"));
+        assert!(
+            module
+                .object_store_digest()
+                .unwrap()
+                .starts_with("SHA-256=")
+        );
         assert!(!module.matches(b"\0asn"));
     }
 }

@@ -123,7 +123,10 @@ impl<'de> Visitor<'de> for PayloadVisitor {
 
     /// An array of byte values, which is how a generic JSON encoder writes bytes.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Payload, A::Error> {
-        let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        // The hint is the length the sender wrote in the array header, up to 4 GiB in
+        // MessagePack: trusting it would let a 5-byte header allocate that much.
+        const MAX_PREALLOCATION: usize = 64 * 1024;
+        let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_PREALLOCATION));
         while let Some(byte) = seq.next_element::<u8>()? {
             bytes.push(byte);
         }
@@ -178,6 +181,14 @@ mod tests {
         assert_eq!(packed, vec![0xc4, 2, 0xff, 0x00]);
         let back: Payload = rmp_serde::from_slice(&packed).unwrap();
         assert_eq!(back, bytes);
+    }
+
+    #[test]
+    fn a_lying_array_header_does_not_allocate_its_claim() {
+        // An array header claiming 4 Gi elements, followed by nothing: must fail quickly
+        // instead of reserving 4 GiB.
+        let hostile = [0xdd, 0xff, 0xff, 0xff, 0xff];
+        assert!(rmp_serde::from_slice::<Payload>(&hostile).is_err());
     }
 
     #[test]

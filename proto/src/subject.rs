@@ -127,6 +127,17 @@ pub fn nodes_list() -> Subject {
     Subject(format!("{ROOT}.nodes.list"))
 }
 
+/// `apiary.v1.bench.echo`: the raw request/reply baseline of `apiary bench`.
+pub fn bench_echo() -> Subject {
+    Subject(format!("{ROOT}.bench.echo"))
+}
+
+/// `apiary.v1.bench.raw`: the raw JetStream baseline of `apiary bench` (stream
+/// [`crate::topology::BENCH_STREAM`]).
+pub fn bench_raw() -> Subject {
+    Subject(format!("{ROOT}.bench.raw"))
+}
+
 /// Splits `apiary.v1.node.<node>.<verb>` into its node and verb. Anything else, including a
 /// node token that is not a valid node id, is `None`.
 pub fn parse_node_subject(subject: &str) -> Option<(NodeId, NodeVerb)> {
@@ -137,15 +148,23 @@ pub fn parse_node_subject(subject: &str) -> Option<(NodeId, NodeVerb)> {
     Some((node, verb))
 }
 
+/// The reply subject prefix the SDK's inboxes use unless the application sets a custom
+/// inbox prefix.
+pub const DEFAULT_REPLY_PREFIX: &str = "_INBOX.";
+
 /// Whether `subject` may be used as a task's `reply_to`, where the scheduler will publish the
-/// task's result. Only plain subjects outside apiary's own namespace and the server's `$`
-/// namespaces qualify: a result must never land in a stream, a node's subject, or the
-/// JetStream API.
-pub fn is_valid_reply_subject(subject: &str) -> bool {
+/// task's result with its own permissions. Only plain subjects (no wildcards, no empty tokens)
+/// that start with one of `allowed_prefixes` qualify, and never one in apiary's own namespace
+/// or the server's `$` namespaces: a result must not land in a stream, a node's subject, the
+/// JetStream API or another application's subjects.
+pub fn is_allowed_reply_subject(subject: &str, allowed_prefixes: &[String]) -> bool {
     !subject.is_empty()
         && subject.len() <= 256
         && !subject.starts_with('$')
         && !subject.starts_with("apiary.")
+        && allowed_prefixes
+            .iter()
+            .any(|prefix| !prefix.is_empty() && subject.starts_with(prefix.as_str()))
         && subject.split('.').all(|token| {
             !token.is_empty()
                 && token != "*"
@@ -192,18 +211,24 @@ mod tests {
     }
 
     #[test]
-    fn reply_subjects_stay_out_of_apiary_and_system_namespaces() {
-        assert!(is_valid_reply_subject("_INBOX.abc.def"));
-        assert!(is_valid_reply_subject("myapp.results"));
-        assert!(!is_valid_reply_subject(""));
-        assert!(!is_valid_reply_subject(
-            "$JS.API.STREAM.DELETE.APIARY_TASKS"
-        ));
-        assert!(!is_valid_reply_subject("apiary.v1.tasks.submit"));
-        assert!(!is_valid_reply_subject("_INBOX.*"));
-        assert!(!is_valid_reply_subject("_INBOX.>"));
-        assert!(!is_valid_reply_subject("_INBOX..x"));
-        assert!(!is_valid_reply_subject("_INBOX.a b"));
+    fn reply_subjects_must_be_plain_inboxes() {
+        let inbox = [DEFAULT_REPLY_PREFIX.to_owned()];
+        let allowed = |subject: &str| is_allowed_reply_subject(subject, &inbox);
+        assert!(allowed("_INBOX.abc.def"));
+        assert!(!allowed("myapp.results"));
+        assert!(!allowed(""));
+        assert!(!allowed("$JS.API.STREAM.DELETE.APIARY_TASKS"));
+        assert!(!allowed("apiary.v1.tasks.submit"));
+        assert!(!allowed("_INBOX.*"));
+        assert!(!allowed("_INBOX.>"));
+        assert!(!allowed("_INBOX..x"));
+        assert!(!allowed("_INBOX.a b"));
+        assert!(!allowed("_INBOXevil"));
+        // An operator may allow other prefixes, but never the reserved namespaces.
+        let wide = ["myapp.".to_owned(), "$JS.".to_owned(), "apiary.".to_owned()];
+        assert!(is_allowed_reply_subject("myapp.results", &wide));
+        assert!(!is_allowed_reply_subject("$JS.API.INFO", &wide));
+        assert!(!is_allowed_reply_subject("apiary.v1.nodes.list", &wide));
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub const DISPATCH_STREAM: &str = "APIARY_DISPATCH";
 pub const RESULTS_STREAM: &str = "APIARY_RESULTS";
 pub const NODES_BUCKET: &str = "APIARY_NODES";
 pub const MODULES_BUCKET: &str = "APIARY_MODULES";
+/// The throw-away stream of `apiary bench`'s raw JetStream baseline, created and deleted by
+/// each run.
+pub const BENCH_STREAM: &str = "APIARY_BENCH_RAW";
 
 /// The durable consumer on `APIARY_TASKS` that every scheduler replica pulls from. Replicas
 /// share it, which is how JetStream spreads the queue across them.

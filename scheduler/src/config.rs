@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use apiary_proto::DEFAULT_NATS_URL;
+use apiary_proto::subject;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -17,6 +18,10 @@ pub struct SchedulerConfig {
     pub heartbeat_interval: Duration,
     /// How many submitted tasks one replica works on at once (placement and dispatch).
     pub max_in_flight: usize,
+    /// `APIARY_REPLY_SUBJECT_PREFIXES`: where results may be delivered. A task whose
+    /// `reply_to` starts with none of these is refused. Add an application's custom inbox
+    /// prefix here (with its trailing dot) if it sets one.
+    pub reply_subject_prefixes: Vec<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -25,6 +30,7 @@ impl Default for SchedulerConfig {
             nats_url: DEFAULT_NATS_URL.into(),
             heartbeat_interval: Duration::from_secs(5),
             max_in_flight: 256,
+            reply_subject_prefixes: vec![subject::DEFAULT_REPLY_PREFIX.to_owned()],
         }
     }
 }

@@ -450,6 +450,12 @@ async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<
     let mut in_flight = JoinSet::new();
     loop {
         while in_flight.try_join_next().is_some() {}
+        // Take a permit before taking a message, so that no message waits unattended (and
+        // without progress acks) behind a full house.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.context("the permit pool closed")?,
+        };
         let message = tokio::select! {
             _ = stop.cancelled() => break,
             message = messages.next() => message,
@@ -462,10 +468,6 @@ async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<
             }
             None => anyhow::bail!("the task consumer closed"),
         };
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = permits.clone().acquire_owned() => permit.context("the permit pool closed")?,
-        };
         let shared = shared.clone();
         let stop = stop.clone();
         in_flight.spawn(async move {
@@ -473,9 +475,15 @@ async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<
             drop(permit);
         });
     }
-    // Tasks still waiting for a node are left unacknowledged and come back to another replica.
-    in_flight.abort_all();
-    while in_flight.join_next().await.is_some() {}
+    // Tasks still waiting for a node hand their messages back (they watch `stop`), so another
+    // replica takes them at once; give them a moment to do so.
+    let handed_back = tokio::time::timeout(Duration::from_secs(2), async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if handed_back.is_err() {
+        in_flight.abort_all();
+    }
     Ok(())
 }
 
@@ -491,7 +499,7 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, stop: &C
             }
         };
     if let Some(reply_to) = &submission.reply_to
-        && !subject::is_valid_reply_subject(reply_to)
+        && !subject::is_allowed_reply_subject(reply_to, &shared.config.reply_subject_prefixes)
     {
         reject(
             &message,
@@ -541,8 +549,15 @@ async fn reject(message: &jetstream::Message, reason: &str) {
     }
 }
 
-/// Waits until the view offers a node for the task, keeping the submission's message alive
-/// meanwhile. `None` if the replica is stopping (the message is then handed back).
+/// How long a task that no online node can run waits before it is looked at again. It goes
+/// back to the queue meanwhile, so it holds no place in this replica's in-flight window.
+const NO_MATCH_RETRY: Duration = Duration::from_secs(2);
+
+/// Waits until the view offers a node for the task. While no node at all is online, the task
+/// waits here for the view to change (keeping its message with progress acks): nothing else
+/// could be placed either. While nodes are online but none meets the task's requirements, the
+/// message goes back to the queue for [`NO_MATCH_RETRY`], so such tasks cannot crowd out
+/// tasks that can run. `None` if the message was handed back.
 async fn wait_for_node(
     shared: &Shared,
     message: &jetstream::Message,
@@ -564,11 +579,24 @@ async fn wait_for_node(
         };
         match placement {
             Placement::Node(node) => return Some(node),
-            waiting if !announced => {
-                tracing::info!(reason = ?waiting, "no node for the task yet; waiting");
+            Placement::NoMatchingNode => {
+                let first = message.info().map_or(true, |info| info.delivered <= 1);
+                if first {
+                    tracing::info!(
+                        "no online node meets the task's requirements; it waits in the queue"
+                    );
+                }
+                message
+                    .ack_with(AckKind::Nak(Some(NO_MATCH_RETRY)))
+                    .await
+                    .ok();
+                return None;
+            }
+            Placement::NoLiveNode if !announced => {
+                tracing::info!("no node is online; the task waits for one");
                 announced = true;
             }
-            _ => {}
+            Placement::NoLiveNode => {}
         }
         tokio::select! {
             _ = stop.cancelled() => {
@@ -590,10 +618,7 @@ async fn publish_dispatch(
 ) -> anyhow::Result<()> {
     let payload = codec::encode(dispatch)?;
     let mut headers = Encoding::MsgPack.headers();
-    headers.insert(
-        headers::MSG_ID,
-        format!("{}.{}", dispatch.task.id, dispatch.attempt).as_str(),
-    );
+    headers.insert(headers::MSG_ID, dispatch.msg_id().as_str());
     headers.insert(headers::TASK_ID, dispatch.task.id.as_str());
     shared
         .js
@@ -645,7 +670,12 @@ async fn deliver_result(shared: &Shared, message: jetstream::Message) {
     let span = tracing::info_span!("task", task_id = %result.task_id, node_id = %result.node_id);
     async {
         match &result.reply_to {
-            Some(reply_to) if subject::is_valid_reply_subject(reply_to) => {
+            Some(reply_to)
+                if subject::is_allowed_reply_subject(
+                    reply_to,
+                    &shared.config.reply_subject_prefixes,
+                ) =>
+            {
                 let headers = message
                     .headers
                     .clone()

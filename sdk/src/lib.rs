@@ -72,6 +72,9 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.router.abort();
+        // Handles may outlive the client: dropping their senders wakes them with
+        // `Error::Disconnected` instead of leaving them pending forever.
+        lock(&self.waiters).clear();
     }
 }
 
@@ -132,17 +135,22 @@ impl Client {
             return Ok(reference);
         }
         let store = &self.topology().await?.modules;
-        match store.info(&reference.sha256).await {
-            Ok(_) => {}
-            Err(err) if err.kind() == InfoErrorKind::NotFound => {
-                let mut reader = module;
-                store
-                    .put(reference.sha256.as_str(), &mut reader)
-                    .await
-                    .map_err(|err| Error::ModuleUpload(err.to_string()))?;
-                tracing::debug!(module = %reference.sha256, size = module.len(), "module uploaded");
-            }
+        let present = match store.info(&reference.sha256).await {
+            // The object store records the digest of what it holds, so a matching digest means
+            // these very bytes are there.
+            Ok(info) => info.digest == reference.object_store_digest(),
+            Err(err) if err.kind() == InfoErrorKind::NotFound => false,
             Err(err) => return Err(Error::ModuleUpload(err.to_string())),
+        };
+        if !present {
+            // Absent, or other bytes under this module's name (a botched hand upload): write
+            // the real ones, which agents will accept.
+            let mut reader = module;
+            store
+                .put(reference.sha256.as_str(), &mut reader)
+                .await
+                .map_err(|err| Error::ModuleUpload(err.to_string()))?;
+            tracing::debug!(module = %reference.sha256, size = module.len(), "module uploaded");
         }
         lock(&self.inner.uploaded).insert(reference.sha256.clone());
         Ok(reference)
@@ -270,6 +278,8 @@ async fn route_results(mut subscription: async_nats::Subscriber, waiters: Waiter
             None => tracing::debug!(task_id = %result.task_id, "result with no waiter"),
         }
     }
+    // The subscription ended (the connection closed for good): no result can arrive now.
+    lock(&waiters).clear();
 }
 
 /// Where a task's module comes from.

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use apiary_agent::AgentConfig;
@@ -45,6 +46,8 @@ pub fn init_logging() {
 pub struct Stack {
     pub server: NatsServer,
     pub heartbeat_interval: Duration,
+    /// Scheduler replicas started so far, for the readiness check of the next one.
+    schedulers: AtomicUsize,
 }
 
 impl Stack {
@@ -64,6 +67,7 @@ impl Stack {
         Self {
             server,
             heartbeat_interval,
+            schedulers: AtomicUsize::new(0),
         }
     }
 
@@ -91,19 +95,46 @@ impl Stack {
         }
     }
 
-    /// Starts a scheduler replica and returns once its request subjects answer (it replies
-    /// to the NATS micro protocol's ping, which it registers with its endpoints).
+    /// Starts a scheduler replica with the stack's settings; see
+    /// [`Stack::spawn_scheduler_with`].
     pub async fn spawn_scheduler(&self) -> Component {
-        let config = self.scheduler_config();
+        self.spawn_scheduler_with(self.scheduler_config()).await
+    }
+
+    /// Starts a scheduler replica and returns once it answers on its request subjects: once
+    /// as many replicas as this stack has started list all their endpoints in reply to the
+    /// NATS micro protocol's INFO. (A replica answers pings before its endpoints exist, and
+    /// with several replicas any one of them may answer, so a single ping proves nothing.)
+    pub async fn spawn_scheduler_with(&self, config: SchedulerConfig) -> Component {
+        let expected = self.schedulers.fetch_add(1, Ordering::SeqCst) + 1;
         let scheduler =
             Component::spawn("scheduler", move |stop| apiary_scheduler::run(config, stop));
         let nats = self.nats().await;
-        let ping = format!("$SRV.PING.{}", apiary_scheduler::SERVICE_NAME);
-        eventually(PATIENCE, "the scheduler to answer pings", || async {
-            nats.request(ping.clone(), Bytes::new())
+        let info = format!("$SRV.INFO.{}", apiary_scheduler::SERVICE_NAME);
+        eventually(PATIENCE, "every scheduler replica to serve", || async {
+            let inbox = nats.new_inbox();
+            let mut replies = nats.subscribe(inbox.clone()).await.ok()?;
+            nats.publish_with_reply(info.clone(), inbox, Bytes::new())
                 .await
-                .ok()
-                .map(drop)
+                .ok()?;
+            let mut ready = std::collections::HashSet::new();
+            // Replies arrive within milliseconds; a late one is caught by the next round.
+            let window = tokio::time::sleep(Duration::from_millis(100));
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    _ = &mut window => break,
+                    reply = replies.next() => {
+                        let reply = reply?;
+                        let value: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+                        let endpoints = value["endpoints"].as_array().map_or(0, Vec::len);
+                        if endpoints >= 3 {
+                            ready.insert(value["id"].as_str()?.to_owned());
+                        }
+                    }
+                }
+            }
+            (ready.len() >= expected).then_some(())
         })
         .await;
         scheduler

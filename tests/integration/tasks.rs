@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use apiary_harness::{PATIENCE, Stack, wasm, within};
+use apiary_harness::{PATIENCE, Stack, eventually, wasm, within};
 use apiary_proto::message::TaskResult;
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::topology;
@@ -139,19 +139,25 @@ async fn a_task_submitted_while_no_agent_is_up_runs_once_one_starts() {
         .await
         .expect("submit");
 
-    // The scheduler holds it: still in the task queue (pending or being held), never
-    // dispatched, no result.
+    // The scheduler takes the task and holds it, unacknowledged, rather than failing it.
     let js = async_nats::jetstream::new(stack.nats().await);
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(topology::TASKS_STREAM)
+        .await
+        .expect("task stream")
+        .get_consumer(topology::SCHEDULER_TASKS_CONSUMER)
+        .await
+        .expect("scheduler consumer");
+    eventually(PATIENCE, "the scheduler to hold the task", || {
+        let mut consumer = consumer.clone();
+        async move { (consumer.info().await.ok()?.num_ack_pending == 1).then_some(()) }
+    })
+    .await;
     let mut dispatch = js
         .get_stream(topology::DISPATCH_STREAM)
         .await
         .expect("dispatch stream");
     assert_eq!(dispatch.info().await.expect("info").state.messages, 0);
-    let mut tasks = js
-        .get_stream(topology::TASKS_STREAM)
-        .await
-        .expect("task stream");
-    assert_eq!(tasks.info().await.expect("info").state.messages, 1);
 
     let _agent = stack.spawn_agent("node-a");
     let output = handle
@@ -222,24 +228,63 @@ async fn a_module_missing_from_the_store_is_a_typed_error() {
 }
 
 #[tokio::test]
-async fn scheduler_replicas_share_the_work_and_deliver_each_result_once() {
+async fn scheduler_replicas_share_the_work_and_either_can_carry_on_alone() {
     let stack = Stack::start().await;
-    let _first = stack.spawn_scheduler().await;
+    let first = stack.spawn_scheduler().await;
     let _second = stack.spawn_scheduler().await;
     let _agent = stack.spawn_agent_online("node-a").await;
-    let client = stack.client().await;
-    let module = wasm("uppercase");
+    let module = stack
+        .client()
+        .await
+        .upload_module(&wasm("uppercase"))
+        .await
+        .expect("upload");
 
     // The SDK drops duplicates, so count deliveries on a raw inbox instead.
-    let module_ref = client.upload_module(&module).await.expect("upload");
     let nats = stack.nats().await;
     let inbox = nats.new_inbox();
     let mut delivered = nats.subscribe(inbox.clone()).await.expect("subscribe");
     let js = async_nats::jetstream::new(nats.clone());
-    for i in 0..20 {
+    let mut seen: HashMap<String, u32> = HashMap::new();
+
+    submit_by_hand(&js, &module, &inbox, 0..20).await;
+    count_deliveries(&mut delivered, &mut seen, 20).await;
+    // One replica goes away; the other carries on with the same durable consumers.
+    first.stop().await.expect("the first replica stops cleanly");
+    submit_by_hand(&js, &module, &inbox, 20..40).await;
+    count_deliveries(&mut delivered, &mut seen, 40).await;
+    assert!(seen.values().all(|&count| count == 1), "{seen:?}");
+
+    // Nothing was redelivered, and nothing is left unacknowledged.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(topology::TASKS_STREAM)
+        .await
+        .expect("task stream")
+        .get_consumer(topology::SCHEDULER_TASKS_CONSUMER)
+        .await
+        .expect("consumer");
+    let info = eventually(PATIENCE, "every submission acknowledged", || {
+        let mut consumer = consumer.clone();
+        async move {
+            let info = consumer.info().await.ok()?.clone();
+            (info.num_ack_pending == 0).then_some(info)
+        }
+    })
+    .await;
+    assert_eq!(info.num_redelivered, 0);
+}
+
+/// Publishes JSON submissions as an operator would, results to `inbox`.
+async fn submit_by_hand(
+    js: &async_nats::jetstream::Context,
+    module: &apiary_proto::message::ModuleRef,
+    inbox: &str,
+    ids: std::ops::Range<u32>,
+) {
+    for i in ids {
         let submission = serde_json::json!({
-            "id": format!("replica-task-{i}"),
-            "module": {"sha256": module_ref.sha256},
+            "id": format!("by-hand-{i}"),
+            "module": {"sha256": module.sha256},
             "input": format!("r{i}"),
             "reply_to": inbox,
         });
@@ -249,9 +294,17 @@ async fn scheduler_replicas_share_the_work_and_deliver_each_result_once() {
             .await
             .expect("stored");
     }
-    let mut seen: HashMap<String, u32> = HashMap::new();
-    within(PATIENCE, "twenty results", async {
-        while seen.len() < 20 {
+}
+
+/// Reads results from `delivered` until `seen` holds `distinct` task ids, counting each
+/// delivery per task.
+async fn count_deliveries(
+    delivered: &mut async_nats::Subscriber,
+    seen: &mut HashMap<String, u32>,
+    distinct: usize,
+) {
+    within(PATIENCE, "results", async {
+        while seen.len() < distinct {
             let message = delivered.next().await.expect("subscription open");
             let (result, _) = apiary_proto::codec::decode_message::<TaskResult>(
                 message.headers.as_ref(),
@@ -262,5 +315,162 @@ async fn scheduler_replicas_share_the_work_and_deliver_each_result_once() {
         }
     })
     .await;
-    assert!(seen.values().all(|&count| count == 1), "{seen:?}");
+}
+
+#[tokio::test]
+async fn output_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    // Writes 16 × 64 KiB = 1 MiB to stdout: within the default output limit, but a result
+    // that size cannot cross a server with the default 1 MB max_payload.
+    let module = wat::parse_str(
+        r#"(module
+             (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+             (memory (export "memory") 2)
+             (func (export "_start") (local $i i32)
+               (i32.store (i32.const 0) (i32.const 1024))
+               (i32.store (i32.const 4) (i32.const 65536))
+               (loop $again
+                 (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+                 (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                 (br_if $again (i32.lt_u (local.get $i) (i32.const 16))))))"#,
+    )
+    .expect("wat");
+    let err = stack
+        .client()
+        .await
+        .submit(Task::new(module))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect_err("too big to deliver");
+    assert_eq!(
+        err.task_error_kind(),
+        Some(TaskErrorKind::OutputLimit),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn modules_are_uploaded_once_and_bad_copies_are_replaced() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let module = wasm("uppercase");
+    let client = stack.client().await;
+    let reference = client.upload_module(&module).await.expect("upload");
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let store = js
+        .get_object_store(topology::MODULES_BUCKET)
+        .await
+        .expect("module store");
+    let first = store.info(&reference.sha256).await.expect("stored");
+
+    // Another client uploading the same bytes finds them and writes nothing.
+    let again = stack
+        .client()
+        .await
+        .upload_module(&module)
+        .await
+        .expect("upload");
+    assert_eq!(again, reference);
+    assert_eq!(
+        store.info(&reference.sha256).await.expect("info").nuid,
+        first.nuid
+    );
+
+    // Other bytes under the module's name (a botched hand upload) are replaced.
+    let mut wrong: &[u8] = b"not the module";
+    store
+        .put(reference.sha256.as_str(), &mut wrong)
+        .await
+        .expect("overwrite");
+    let output = stack
+        .client()
+        .await
+        .submit(Task::new(module).input("fixed"))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect("runs with the real bytes");
+    assert_eq!(output.stdout.as_ref(), b"FIXED");
+}
+
+#[tokio::test]
+async fn a_handle_outliving_its_client_reports_disconnected() {
+    let stack = Stack::start().await;
+    let client = stack.client().await;
+    // No scheduler: the task waits in the queue, so the handle would wait forever.
+    let handle = client
+        .submit(Task::new(wasm("uppercase")))
+        .await
+        .expect("submit");
+    drop(client);
+    let err = handle
+        .result_within(PATIENCE)
+        .await
+        .expect_err("no result can come");
+    assert!(matches!(err, Error::Disconnected), "{err:?}");
+}
+
+#[tokio::test]
+async fn tasks_asking_for_more_than_the_node_allows_are_refused() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let greedy = apiary_proto::message::Limits {
+        timeout_ms: u64::MAX,
+        ..Default::default()
+    };
+    let err = stack
+        .client()
+        .await
+        .submit(Task::new(wasm("uppercase")).limits(greedy))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        err.task_error_kind(),
+        Some(TaskErrorKind::InvalidTask),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn tasks_no_node_can_run_do_not_hold_up_the_queue() {
+    let stack = Stack::start().await;
+    let _scheduler = stack
+        .spawn_scheduler_with(apiary_scheduler::SchedulerConfig {
+            max_in_flight: 2,
+            ..stack.scheduler_config()
+        })
+        .await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    let client = stack.client().await;
+    let impossible = apiary_proto::message::Requirements {
+        arch: Some("no-such-arch".into()),
+        ..Default::default()
+    };
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        stuck.push(
+            client
+                .submit(Task::new(wasm("uppercase")).requirements(impossible.clone()))
+                .await
+                .expect("submit"),
+        );
+    }
+    let output = client
+        .submit(Task::new(wasm("uppercase")).input("through"))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect("a runnable task gets through");
+    assert_eq!(output.stdout.as_ref(), b"THROUGH");
 }

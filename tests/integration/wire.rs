@@ -40,7 +40,9 @@ async fn json_request(
 
 #[tokio::test]
 async fn json_requests_get_json_replies() {
-    let stack = Stack::start().await;
+    // A long interval: the hand-registered node never heartbeats, and must still be online
+    // when it is listed.
+    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
     let _scheduler = stack.spawn_scheduler().await;
     let nats = stack.nats().await;
 
@@ -65,7 +67,7 @@ async fn json_requests_get_json_replies() {
     )
     .await;
     assert_eq!(reply["ok"]["node_id"], "hand-made");
-    assert_eq!(reply["ok"]["heartbeat_interval_ms"], 200);
+    assert_eq!(reply["ok"]["heartbeat_interval_ms"], 60_000);
 
     let (_, reply) = json_request(&nats, subject::nodes_list().to_string(), json!({})).await;
     let nodes = reply["ok"]["nodes"].as_array().expect("a node array");
@@ -188,6 +190,7 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
     let inbox = nats.new_inbox();
     let mut results = nats.subscribe(inbox.clone()).await.expect("subscribe");
     let submission = json!({
+        "id": "by-hand-1",
         "module": {"sha256": module.sha256},
         "input": "shout this",
         "reply_to": inbox,
@@ -235,7 +238,11 @@ async fn malformed_submissions_are_dropped_without_blocking_the_queue() {
         .upload_module(&wasm("uppercase"))
         .await
         .expect("upload");
-    let hostile = json!({"module": {"sha256": module.sha256}, "reply_to": "$JS.API.STREAM.DELETE.APIARY_TASKS"});
+    let hostile = json!({
+        "id": "hostile-1",
+        "module": {"sha256": module.sha256},
+        "reply_to": "$JS.API.STREAM.DELETE.APIARY_TASKS",
+    });
     js.publish(subject::task_submit(), Bytes::from(hostile.to_string()))
         .await
         .expect("publish")
