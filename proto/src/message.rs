@@ -375,12 +375,12 @@ pub struct TaskSubmission {
 }
 
 /// `apiary.v1.node.<node>.dispatch` (stream `APIARY_DISPATCH`): a task placed on a node.
-/// Carries the whole submission, so the node needs nothing else and a task lost with its node
-/// can be placed again from this message alone.
+/// Carries the whole submission, so the node needs nothing else and re-placing a task lost
+/// with its node (not done yet; see ARCHITECTURE.md) needs nothing but this message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Dispatch {
     pub task: TaskSubmission,
-    /// 1 for the first placement; counts up when the task is placed again.
+    /// 1 for the first placement; reserved to count re-placements.
     pub attempt: u32,
     pub dispatched_at_ms: u64,
 }

@@ -380,7 +380,7 @@ impl TaskHandle {
         &self.id
     }
 
-    /// The raw result of the task's final attempt, whatever its outcome.
+    /// The raw result of the task, whatever its outcome.
     pub async fn report(mut self) -> Result<TaskResult, Error> {
         (&mut self.receiver).await.map_err(|_| Error::Disconnected)
     }
