@@ -561,10 +561,14 @@ fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult {
     result
 }
 
-/// Sends a progress ack every third of the ack wait until `done`.
+/// Sends a progress ack every [`topology::PROGRESS_INTERVAL`] until `done`.
 async fn send_progress(message: jetstream::Message, done: CancellationToken) {
-    let mut ticker = tokio::time::interval(topology::ACK_WAIT / 3);
-    ticker.tick().await;
+    // The first tick one period from now: an interval's immediate first tick still waits for
+    // the timer wheel (about a millisecond), which would sit on every task's path.
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + topology::PROGRESS_INTERVAL,
+        topology::PROGRESS_INTERVAL,
+    );
     loop {
         tokio::select! {
             _ = done.cancelled() => return,

@@ -38,6 +38,10 @@ pub const SCHEDULER_RESULTS_CONSUMER: &str = "scheduler-results";
 /// else. Long-running work keeps its message by sending progress acks.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
+/// How often whoever holds a message for long (a running task, a task waiting for a node)
+/// sends a progress ack, so the ack wait never runs out under it.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -318,6 +322,11 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn progress_acks_come_well_within_the_ack_wait() {
+        assert!(PROGRESS_INTERVAL * 2 < ACK_WAIT);
     }
 
     #[test]

@@ -566,8 +566,12 @@ async fn wait_for_node(
 ) -> Option<NodeId> {
     let mut changed = shared.changed.subscribe();
     let mut announced = false;
-    let mut progress = tokio::time::interval(topology::ACK_WAIT / 3);
-    progress.tick().await;
+    // The first tick one period from now: an interval's immediate first tick still waits for
+    // the timer wheel (about a millisecond), which would sit on every task's path.
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + topology::PROGRESS_INTERVAL,
+        topology::PROGRESS_INTERVAL,
+    );
     loop {
         let placement = {
             let mut view = shared.view();
