@@ -223,9 +223,10 @@ pub enum JoinError {
 }
 
 /// Connects a long-running component (agent, scheduler) to the NATS server(s) at `url` and
-/// ensures the topology. The first connection is retried until it succeeds, because under
-/// systemd a component may well start before its server; later disconnects are handled by the
-/// client's own reconnection.
+/// ensures the topology. The client connects in the background and keeps reconnecting for
+/// the life of the process; `ensure` then waits for JetStream within the client's request
+/// timeout. If the server is still away after that the component exits with the error, and
+/// its supervisor (the systemd units restart on failure) starts it again.
 pub async fn join(url: &str, client_name: String) -> Result<Connection, JoinError> {
     let client = async_nats::ConnectOptions::new()
         .name(client_name)
