@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::codec::{self, Encoding};
+use apiary_proto::codec;
 use apiary_proto::message::{
     AgentStatus, AgentStatusRequest, Dispatch, Heartbeat, HeartbeatReply, NodeInfo, NodeMetrics,
     NodeState, Outcome, RegisterReply, RegisterRequest, Reply, TaskError, TaskErrorKind,
@@ -32,7 +32,7 @@ use apiary_proto::message::{
 };
 use apiary_proto::rpc::{self, RequestError};
 use apiary_proto::subject::{self, NodeVerb};
-use apiary_proto::{NodeId, headers, now_ms, topology};
+use apiary_proto::{NodeId, now_ms, stored, topology};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::service::ServiceExt as _;
 use futures::StreamExt as _;
@@ -518,20 +518,7 @@ impl Agent {
     }
 
     async fn publish_result(&self, result: &TaskResult) -> anyhow::Result<()> {
-        let payload = codec::encode(result)?;
-        let mut headers = Encoding::MsgPack.headers();
-        headers.insert(headers::MSG_ID, result.msg_id().as_str());
-        headers.insert(headers::TASK_ID, result.task_id.as_str());
-        self.js
-            .publish_with_headers(
-                subject::node(&self.node_id, NodeVerb::Result),
-                headers,
-                payload,
-            )
-            .await
-            .context("failed to publish the result")?
-            .await
-            .context("JetStream did not store the result")?;
+        stored::result(&self.js, result).await?;
         Ok(())
     }
 }

@@ -12,6 +12,7 @@
 //! - [`codec`]: MessagePack by default, JSON for operators, and the rule that a reply is
 //!   written in the encoding its request came in.
 //! - [`liveness`]: the pure function that decides whether a node is online.
+//! - [`rpc`] and [`stored`]: request/reply and stored publishes, done the same way everywhere.
 
 pub mod codec;
 pub mod headers;
@@ -20,6 +21,7 @@ pub mod liveness;
 pub mod message;
 pub mod payload;
 pub mod rpc;
+pub mod stored;
 pub mod subject;
 pub mod topology;
 

@@ -375,12 +375,13 @@ pub struct TaskSubmission {
 }
 
 /// `apiary.v1.node.<node>.dispatch` (stream `APIARY_DISPATCH`): a task placed on a node.
-/// Carries the whole submission, so the node needs nothing else and re-placing a task lost
-/// with its node (not done yet; see ARCHITECTURE.md) needs nothing but this message.
+/// Carries the whole submission, so the node needs nothing else and a task lost with its node
+/// is placed again from this message alone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Dispatch {
     pub task: TaskSubmission,
-    /// 1 for the first placement; reserved to count re-placements.
+    /// 1 for the first placement; counts up each time the task is placed again because its
+    /// node was lost.
     pub attempt: u32,
     pub dispatched_at_ms: u64,
 }
@@ -408,6 +409,9 @@ pub enum TaskErrorKind {
     FuelExhausted,
     /// The task message itself was invalid.
     InvalidTask,
+    /// The nodes the task was placed on kept being lost (crashing or leaving) before it
+    /// finished, as many times as the scheduler allows attempts.
+    NodeLost,
     /// Something failed on the node's side; not the module's fault.
     Internal,
 }
@@ -424,6 +428,7 @@ impl fmt::Display for TaskErrorKind {
             TaskErrorKind::OutputLimit => "output limit exceeded",
             TaskErrorKind::FuelExhausted => "fuel exhausted",
             TaskErrorKind::InvalidTask => "invalid task",
+            TaskErrorKind::NodeLost => "node lost",
             TaskErrorKind::Internal => "internal error",
         })
     }

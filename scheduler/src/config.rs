@@ -22,6 +22,10 @@ pub struct SchedulerConfig {
     /// `reply_to` starts with none of these is refused. Add an application's custom inbox
     /// prefix here (with its trailing dot) if it sets one.
     pub reply_subject_prefixes: Vec<String>,
+    /// `APIARY_MAX_ATTEMPTS`: how many times a task is placed before the loss of its nodes
+    /// is reported as a `node_lost` failure. Each node lost while holding the task (crashed,
+    /// or left without running it) costs one attempt.
+    pub max_attempts: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -31,6 +35,7 @@ impl Default for SchedulerConfig {
             heartbeat_interval: Duration::from_secs(5),
             max_in_flight: 256,
             reply_subject_prefixes: vec![subject::DEFAULT_REPLY_PREFIX.to_owned()],
+            max_attempts: 3,
         }
     }
 }

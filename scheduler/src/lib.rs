@@ -20,12 +20,12 @@ use anyhow::Context as _;
 use apiary_proto::codec::{self, Encoding};
 use apiary_proto::message::{
     Dispatch, ErrorBody, ErrorCode, Heartbeat, HeartbeatReply, NodeLiveness, NodeMetrics,
-    NodeRecord, NodeState, NodesListReply, NodesListRequest, RegisterReply, RegisterRequest, Reply,
-    TaskResult, TaskSubmission,
+    NodeRecord, NodeState, NodesListReply, NodesListRequest, Outcome, RegisterReply,
+    RegisterRequest, Reply, TaskError, TaskErrorKind, TaskResult, TaskSubmission,
 };
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::topology::{self, NodeKey};
-use apiary_proto::{NodeId, headers, now_ms, rpc};
+use apiary_proto::{NodeId, now_ms, rpc, stored};
 use async_nats::jetstream::{self, AckKind, kv};
 use async_nats::service::ServiceExt as _;
 use futures::StreamExt as _;
@@ -132,6 +132,7 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
         }
         tasks.spawn(intake(shared.clone(), stop.clone()).in_current_span());
         tasks.spawn(deliver_results(shared.clone(), stop.clone()).in_current_span());
+        tasks.spawn(recover_lost_work(shared.clone(), stop.clone()).in_current_span());
         tracing::info!("scheduler started");
 
         // Every loop runs until `stop`; one that ends early has failed, and takes the replica
@@ -518,9 +519,11 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, stop: &C
             attempt: 1,
             dispatched_at_ms: now_ms(),
         };
-        match publish_dispatch(shared, &node, &dispatch).await {
-            Ok(()) => {
-                tracing::debug!(node_id = %node, "task dispatched");
+        match stored::dispatch(&shared.js, &node, &dispatch).await {
+            Ok(stored) => {
+                // A duplicate is this task placed before (a redelivered submission): the
+                // stored dispatch stands either way.
+                tracing::debug!(node_id = %node, duplicate = stored.duplicate, "task dispatched");
                 if let Err(err) = message.ack().await {
                     // The dispatch is stored; a redelivered submission is dispatched again
                     // under the same message id and dropped as a duplicate.
@@ -615,23 +618,171 @@ async fn wait_for_node(
     }
 }
 
-async fn publish_dispatch(
-    shared: &Shared,
-    node: &NodeId,
-    dispatch: &Dispatch,
-) -> anyhow::Result<()> {
-    let payload = codec::encode(dispatch)?;
-    let mut headers = Encoding::MsgPack.headers();
-    headers.insert(headers::MSG_ID, dispatch.msg_id().as_str());
-    headers.insert(headers::TASK_ID, dispatch.task.id.as_str());
-    shared
+// -------------------------------------------------------------------------------------------
+// Work lost with a node
+// -------------------------------------------------------------------------------------------
+
+/// Moves work off nodes that are offline or have left, once every heartbeat interval.
+///
+/// A lost node's work sits in its own consumer on `APIARY_DISPATCH`: tasks it never received,
+/// and tasks it received but never finished, which JetStream hands out again once their ack
+/// wait runs out (no more progress acks come from a dead agent). Every replica pulls from that
+/// consumer as the agent would, and places what it gets on another node with the next
+/// attempt number. Replicas share the consumer, so each task moves once. A node that comes
+/// back is simply online again and keeps whatever is still queued for it.
+async fn recover_lost_work(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
+    let stream = shared
         .js
-        .publish_with_headers(subject::node(node, NodeVerb::Dispatch), headers, payload)
+        .get_stream(topology::DISPATCH_STREAM)
         .await
-        .context("failed to publish the dispatch")?
+        .context("failed to open the dispatch stream")?;
+    let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        let lost = shared.view().lost_nodes(now_ms());
+        for node in lost {
+            if let Err(err) = recover_node(&shared, &stream, &node).await {
+                tracing::warn!(node_id = %node, error = %format!("{err:#}"), "failed to recover work from a lost node");
+            }
+        }
+    }
+}
+
+/// How many of a lost node's tasks one replica moves per round.
+const RECOVERY_BATCH: usize = 64;
+
+async fn recover_node(
+    shared: &Shared,
+    stream: &jetstream::stream::Stream,
+    node: &NodeId,
+) -> anyhow::Result<()> {
+    // Created if missing: a node that registered but died before making its consumer may
+    // still have had work placed on it.
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &topology::node_dispatch_consumer_name(node),
+            topology::node_dispatch_consumer(node, 1),
+        )
         .await
-        .context("JetStream did not store the dispatch")?;
+        .context("failed to open the node's dispatch consumer")?;
+    let info = consumer
+        .info()
+        .await
+        .context("failed to read the node's consumer")?;
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        return Ok(());
+    }
+    let mut batch = consumer
+        .fetch()
+        .max_messages(RECOVERY_BATCH)
+        .messages()
+        .await
+        .context("failed to fetch the node's queued work")?;
+    while let Some(message) = batch.next().await {
+        match message {
+            Ok(message) => move_dispatch(shared, node, message).await,
+            Err(err) => {
+                tracing::warn!(error = %err, "error while fetching a lost node's work");
+                break;
+            }
+        }
+    }
     Ok(())
+}
+
+/// Places one task of a lost node elsewhere, or, once it has used up its attempts, stores a
+/// `node_lost` failure as its result. While no other node can take it, it stays where it
+/// is and is looked at again next round.
+async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Message) {
+    let dispatch =
+        match codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload) {
+            Ok((dispatch, _)) => dispatch,
+            Err(err) => {
+                reject(&message, &err.to_string()).await;
+                return;
+            }
+        };
+    let span = tracing::info_span!(
+        "task",
+        task_id = %dispatch.task.id,
+        attempt = dispatch.attempt,
+        lost_node = %lost,
+    );
+    async {
+        let moved = if dispatch.attempt >= shared.config.max_attempts {
+            let result = node_lost_result(&dispatch, lost);
+            tracing::warn!("task failed: its nodes were lost on every attempt");
+            stored::result(&shared.js, &result).await.map(drop)
+        } else {
+            let placement = {
+                let mut view = shared.view();
+                let placement = view.place(&dispatch.task.requirements, now_ms());
+                if let Placement::Node(node) = &placement {
+                    view.note_placed(node);
+                }
+                placement
+            };
+            let Placement::Node(target) = placement else {
+                message
+                    .ack_with(AckKind::Nak(Some(shared.config.heartbeat_interval)))
+                    .await
+                    .ok();
+                return;
+            };
+            let next = Dispatch {
+                task: dispatch.task.clone(),
+                attempt: dispatch.attempt + 1,
+                dispatched_at_ms: now_ms(),
+            };
+            tracing::info!(node_id = %target, "moving a task off a lost node");
+            stored::dispatch(&shared.js, &target, &next).await.map(drop)
+        };
+        match moved {
+            Ok(()) => {
+                if let Err(err) = message.double_ack().await {
+                    tracing::warn!(error = %err, "failed to acknowledge a moved task");
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "failed to move a task; retrying");
+                message
+                    .ack_with(AckKind::Nak(Some(shared.config.heartbeat_interval)))
+                    .await
+                    .ok();
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The result of a task whose every attempt was lost with its node. Stored on the lost node's
+/// result subject, so it reaches the submitter like any other result.
+fn node_lost_result(dispatch: &Dispatch, lost: &NodeId) -> TaskResult {
+    let now = now_ms();
+    TaskResult {
+        task_id: dispatch.task.id.clone(),
+        node_id: lost.clone(),
+        attempt: dispatch.attempt,
+        outcome: Outcome::Failed {
+            error: TaskError::new(
+                TaskErrorKind::NodeLost,
+                format!(
+                    "the task was placed {} times and each node was lost before it finished; \
+                     the last was {lost}",
+                    dispatch.attempt
+                ),
+            ),
+            stderr: Default::default(),
+        },
+        started_at_ms: now,
+        finished_at_ms: now,
+        reply_to: dispatch.task.reply_to.clone(),
+    }
 }
 
 // -------------------------------------------------------------------------------------------

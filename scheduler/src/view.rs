@@ -137,6 +137,20 @@ impl NodeView {
         }
     }
 
+    /// Registered nodes that are offline or have left: whatever is still queued for them
+    /// must go elsewhere.
+    pub fn lost_nodes(&self, now_ms: u64) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, entry)| {
+                entry.record.as_ref().is_some_and(|record| {
+                    liveness::node_status(record, entry.live.as_ref(), now_ms) != NodeStatus::Online
+                })
+            })
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
     /// Records that this replica placed a task on `node`.
     pub fn note_placed(&mut self, node: &NodeId) {
         if let Some(entry) = self.nodes.get_mut(node) {
@@ -340,6 +354,16 @@ mod tests {
         assert_eq!(view.place(&wants, NOW), Placement::Node(id("attic")));
         wants.labels.insert("zone".into(), "cellar".into());
         assert_eq!(view.place(&wants, NOW), Placement::NoMatchingNode);
+    }
+
+    #[test]
+    fn offline_and_departed_nodes_are_lost() {
+        let mut view = view(&[("alive", 2, 2, 0), ("dead", 2, 2, 0), ("gone", 2, 2, 0)]);
+        view.apply(NodeChange::Heartbeat(id("dead"), live(0, NOW - 10_000)));
+        let mut leaving = live(0, NOW);
+        leaving.state = NodeState::Leaving;
+        view.apply(NodeChange::Heartbeat(id("gone"), leaving));
+        assert_eq!(view.lost_nodes(NOW), vec![id("dead"), id("gone")]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use apiary_proto::message::{
     TaskResult, TaskSubmission,
 };
 use apiary_proto::topology::{self, NodeKey, Topology};
-use apiary_proto::{NodeId, TaskId, headers, now_ms, subject};
+use apiary_proto::{NodeId, TaskId, now_ms, stored};
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::InfoErrorKind;
 use bytes::Bytes;
@@ -177,11 +177,6 @@ impl Client {
         let id = submission.id.clone();
         let span =
             tracing::debug_span!("submit", task_id = %id, module = %submission.module.sha256);
-        let payload = codec::encode(&submission)?;
-        let mut headers = Encoding::MsgPack.headers();
-        headers.insert(headers::MSG_ID, id.as_str());
-        headers.insert(headers::TASK_ID, id.as_str());
-
         // Listen before publishing: the result can arrive before `publish` returns.
         let (sender, receiver) = oneshot::channel();
         lock(&self.inner.waiters).insert(id.clone(), sender);
@@ -191,11 +186,7 @@ impl Client {
             waiters: self.inner.waiters.clone(),
         };
         async {
-            self.inner
-                .js
-                .publish_with_headers(subject::task_submit(), headers, payload)
-                .await
-                .map_err(|err| Error::Publish(err.to_string()))?
+            stored::submission(&self.inner.js, &submission)
                 .await
                 .map_err(|err| Error::Publish(err.to_string()))?;
             tracing::debug!("task submitted");

@@ -28,6 +28,12 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// The heartbeat interval tests run with unless they choose another.
 pub const FAST_HEARTBEAT: Duration = Duration::from_millis(200);
 
+/// Whether the slow suites run: `APIARY_SLOW_TESTS=1`. They wait out real JetStream timers
+/// (the 30 s ack wait) and are skipped, with a message, otherwise.
+pub fn slow_tests_enabled() -> bool {
+    std::env::var("APIARY_SLOW_TESTS").is_ok_and(|value| value == "1")
+}
+
 /// Installs a log subscriber once per test binary; `APIARY_LOG=debug` shows what happened.
 pub fn init_logging() {
     static ONCE: OnceLock<()> = OnceLock::new();

@@ -2,5 +2,6 @@
 //! harness) and runs schedulers and agents in-process.
 
 mod nodes;
+mod recovery;
 mod tasks;
 mod wire;

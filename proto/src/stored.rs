@@ -1,0 +1,102 @@
+//! Publishing the task path's JetStream messages, one way for every component.
+//!
+//! Each task message (submission, dispatch, result) is MessagePack, names its task in the
+//! `Apiary-Task-Id` header and carries a `Nats-Msg-Id`, so that JetStream stores a re-sent
+//! copy once. [`publish`] returns only when JetStream has stored it.
+
+use async_nats::jetstream;
+use serde::Serialize;
+
+use crate::codec::{self, CodecError, Encoding};
+use crate::headers;
+use crate::id::{NodeId, TaskId};
+use crate::message::{Dispatch, TaskResult, TaskSubmission};
+use crate::subject::{self, NodeVerb, Subject};
+
+/// A task message JetStream did not store.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("failed to publish to {subject}: {reason}")]
+    Publish { subject: String, reason: String },
+    #[error("JetStream did not store the message on {subject}: {reason}")]
+    NotStored { subject: String, reason: String },
+}
+
+/// What JetStream said about a stored message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub sequence: u64,
+    /// True when a message with the same `Nats-Msg-Id` was already stored, inside the
+    /// stream's duplicate window: this copy was dropped.
+    pub duplicate: bool,
+}
+
+/// Publishes `value` on `subject` with the task headers and waits until it is stored.
+pub async fn publish<T: Serialize>(
+    js: &jetstream::Context,
+    subject: Subject,
+    task: &TaskId,
+    msg_id: &str,
+    value: &T,
+) -> Result<Stored, PublishError> {
+    let payload = codec::encode(value)?;
+    let mut headers = Encoding::MsgPack.headers();
+    headers.insert(headers::MSG_ID, msg_id);
+    headers.insert(headers::TASK_ID, task.as_str());
+    let name = subject.as_str().to_owned();
+    let ack = js
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|err| PublishError::Publish {
+            subject: name.clone(),
+            reason: err.to_string(),
+        })?
+        .await
+        .map_err(|err| PublishError::NotStored {
+            subject: name,
+            reason: err.to_string(),
+        })?;
+    Ok(Stored {
+        sequence: ack.sequence,
+        duplicate: ack.duplicate,
+    })
+}
+
+/// Submits a task to `APIARY_TASKS`, de-duplicated by its id.
+pub async fn submission(
+    js: &jetstream::Context,
+    task: &TaskSubmission,
+) -> Result<Stored, PublishError> {
+    publish(js, subject::task_submit(), &task.id, task.id.as_str(), task).await
+}
+
+/// Places a task on `node` (`APIARY_DISPATCH`), de-duplicated by task and attempt.
+pub async fn dispatch(
+    js: &jetstream::Context,
+    node: &NodeId,
+    dispatch: &Dispatch,
+) -> Result<Stored, PublishError> {
+    publish(
+        js,
+        subject::node(node, NodeVerb::Dispatch),
+        &dispatch.task.id,
+        &dispatch.msg_id(),
+        dispatch,
+    )
+    .await
+}
+
+/// Stores the outcome of an attempt on its node's result subject (`APIARY_RESULTS`),
+/// de-duplicated by task and attempt.
+pub async fn result(js: &jetstream::Context, result: &TaskResult) -> Result<Stored, PublishError> {
+    publish(
+        js,
+        subject::node(&result.node_id, NodeVerb::Result),
+        &result.task_id,
+        &result.msg_id(),
+        result,
+    )
+    .await
+}

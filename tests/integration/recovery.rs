@@ -1,0 +1,147 @@
+//! Work lost with a node: moved to another node, or, after too many losses, failed with a
+//! typed `node_lost` error. Nothing is dropped.
+
+use apiary_harness::{PATIENCE, Stack, eventually, slow_tests_enabled, wasm, within};
+use apiary_proto::message::{
+    Dispatch, ModuleRef, Outcome, TaskErrorKind, TaskResult, TaskSubmission,
+};
+use apiary_proto::{NodeId, TaskId, now_ms, stored, topology};
+use apiary_sdk::Task;
+use futures::StreamExt as _;
+
+/// A dispatch of `module` as the scheduler would have placed it, results to `reply_to`.
+fn dispatch(module: ModuleRef, reply_to: String, attempt: u32) -> Dispatch {
+    Dispatch {
+        task: TaskSubmission {
+            id: TaskId::generate(),
+            module,
+            input: "moved".into(),
+            limits: Default::default(),
+            requirements: Default::default(),
+            priority: Default::default(),
+            reply_to: Some(reply_to),
+            submitted_at_ms: now_ms(),
+        },
+        attempt,
+        dispatched_at_ms: now_ms(),
+    }
+}
+
+/// Crashes `node`'s agent and places `dispatch` on it, as if the scheduler had done so just
+/// before the crash was noticed. Returns the subscription its result will arrive on.
+async fn strand_on_crashed_node(stack: &Stack, node: &str, attempt: u32) -> async_nats::Subscriber {
+    let agent = stack.spawn_agent_online(node).await;
+    agent.crash().await;
+    let nats = stack.nats().await;
+    let inbox = nats.new_inbox();
+    let results = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    let client = stack.client().await;
+    let module = client
+        .upload_module(&wasm("uppercase"))
+        .await
+        .expect("upload");
+    let js = async_nats::jetstream::new(nats);
+    stored::dispatch(
+        &js,
+        &NodeId::new(node).expect("id"),
+        &dispatch(module, inbox, attempt),
+    )
+    .await
+    .expect("stored");
+    results
+}
+
+async fn next_result(results: &mut async_nats::Subscriber) -> TaskResult {
+    let message = within(PATIENCE, "a result", results.next())
+        .await
+        .expect("a message");
+    apiary_proto::codec::decode_message::<TaskResult>(message.headers.as_ref(), &message.payload)
+        .expect("a task result")
+        .0
+}
+
+#[tokio::test]
+async fn work_queued_for_a_dead_node_moves_to_a_live_one() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let mut results = strand_on_crashed_node(&stack, "node-a", 1).await;
+    let _b = stack.spawn_agent_online("node-b").await;
+
+    let result = next_result(&mut results).await;
+    assert_eq!(result.node_id.as_str(), "node-b");
+    assert_eq!(result.attempt, 2, "the move counts as a new attempt");
+    match result.outcome {
+        Outcome::Completed { stdout, .. } => assert_eq!(stdout.as_bytes(), b"MOVED"),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_task_whose_nodes_keep_dying_fails_with_node_lost() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let max_attempts = stack.scheduler_config().max_attempts;
+    let mut results = strand_on_crashed_node(&stack, "node-a", max_attempts).await;
+    let _b = stack.spawn_agent_online("node-b").await;
+
+    let result = next_result(&mut results).await;
+    assert_eq!(result.attempt, max_attempts);
+    match result.outcome {
+        Outcome::Failed { error, .. } => assert_eq!(error.kind, TaskErrorKind::NodeLost),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
+/// A node that dies in the middle of a task: the task's message stays unacknowledged, comes
+/// back once the ack wait (30 s) runs out, and is moved. Slow, so only with
+/// `APIARY_SLOW_TESTS=1`.
+#[tokio::test]
+async fn a_task_running_on_a_node_that_dies_completes_elsewhere() {
+    if !slow_tests_enabled() {
+        eprintln!("skipped: set APIARY_SLOW_TESTS=1 to run");
+        return;
+    }
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let a = stack.spawn_agent_online("node-a").await;
+    let client = stack.client().await;
+    // Spins for a few seconds, then exits 0.
+    let spin = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+             (func (export "_start") (local $i i32)
+               (loop $again
+                 (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                 (br_if $again (i32.lt_u (local.get $i) (i32.const 400000000))))))"#,
+    )
+    .expect("wat");
+    let handle = client
+        .submit(Task::new(spin).timeout(std::time::Duration::from_secs(120)))
+        .await
+        .expect("submit");
+
+    // Wait until node-a holds the task, then kill it mid-run.
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(topology::DISPATCH_STREAM)
+        .await
+        .expect("dispatch stream")
+        .get_consumer(&topology::node_dispatch_consumer_name(
+            &NodeId::new("node-a").expect("id"),
+        ))
+        .await
+        .expect("node-a's consumer");
+    eventually(PATIENCE, "node-a to start the task", || {
+        let mut consumer = consumer.clone();
+        async move { (consumer.info().await.ok()?.num_ack_pending == 1).then_some(()) }
+    })
+    .await;
+    a.crash().await;
+    let _b = stack.spawn_agent_online("node-b").await;
+
+    let output = handle
+        .result_within(PATIENCE * 3)
+        .await
+        .expect("completes on the other node");
+    assert_eq!(output.node_id.as_str(), "node-b");
+    assert!(output.attempt >= 2);
+}
