@@ -81,6 +81,28 @@ impl Stack {
         self.server.url()
     }
 
+    /// The common case: a stack with one scheduler and one online agent, `node-a`. The two
+    /// components run until the returned handles are dropped.
+    pub async fn with_one_node() -> (Self, [Component; 2]) {
+        let stack = Self::start().await;
+        let scheduler = stack.spawn_scheduler().await;
+        let agent = stack.spawn_agent_online("node-a").await;
+        (stack, [scheduler, agent])
+    }
+
+    /// Submits `task` with a fresh SDK client and waits (up to [`PATIENCE`]) for its outcome.
+    pub async fn run(
+        &self,
+        task: apiary_sdk::Task,
+    ) -> Result<apiary_sdk::TaskOutput, apiary_sdk::Error> {
+        self.client()
+            .await
+            .submit(task)
+            .await?
+            .result_within(PATIENCE)
+            .await
+    }
+
     pub fn scheduler_config(&self) -> SchedulerConfig {
         SchedulerConfig {
             nats_url: self.url().to_owned(),

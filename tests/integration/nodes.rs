@@ -9,9 +9,7 @@ use futures::StreamExt as _;
 
 #[tokio::test]
 async fn a_registered_node_appears_in_the_node_list() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
 
     let nodes = stack.client().await.nodes().await.expect("list nodes");
     assert_eq!(nodes.len(), 1, "{nodes:?}");
@@ -112,9 +110,7 @@ async fn an_agent_registers_once_a_scheduler_appears() {
 
 #[tokio::test]
 async fn a_forgotten_node_registers_again() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let js = async_nats::jetstream::new(stack.nats().await);
     let bucket = apiary_proto::topology::ensure(&js)
         .await

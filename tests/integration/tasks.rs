@@ -11,9 +11,7 @@ use futures::StreamExt as _;
 
 #[tokio::test]
 async fn a_submitted_task_returns_its_output() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let client = stack.client().await;
 
     let output = client
@@ -183,9 +181,7 @@ async fn a_task_submitted_while_no_scheduler_is_up_runs_once_one_starts() {
 
 #[tokio::test]
 async fn a_non_zero_exit_code_is_an_answer_not_a_failure() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let module = wat::parse_str(
         r#"(module
              (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
@@ -193,31 +189,16 @@ async fn a_non_zero_exit_code_is_an_answer_not_a_failure() {
              (func (export "_start") (call $exit (i32.const 7))))"#,
     )
     .expect("wat");
-    let output = stack
-        .client()
-        .await
-        .submit(Task::new(module))
-        .await
-        .expect("submit")
-        .result_within(PATIENCE)
-        .await
-        .expect("completes");
+    let output = stack.run(Task::new(module)).await.expect("completes");
     assert_eq!(output.exit_code, 7);
 }
 
 #[tokio::test]
 async fn a_module_missing_from_the_store_is_a_typed_error() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let missing = apiary_proto::message::ModuleRef::for_bytes(b"never uploaded");
     let err = stack
-        .client()
-        .await
-        .submit(Task::stored(missing))
-        .await
-        .expect("submit")
-        .result_within(PATIENCE)
+        .run(Task::stored(missing))
         .await
         .expect_err("nothing to run");
     assert_eq!(
@@ -319,9 +300,7 @@ async fn count_deliveries(
 
 #[tokio::test]
 async fn output_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     // Writes 16 × 64 KiB = 1 MiB to stdout: within the default output limit, but a result
     // that size cannot cross a server with the default 1 MB max_payload.
     let module = wat::parse_str(
@@ -338,12 +317,7 @@ async fn output_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
     )
     .expect("wat");
     let err = stack
-        .client()
-        .await
-        .submit(Task::new(module))
-        .await
-        .expect("submit")
-        .result_within(PATIENCE)
+        .run(Task::new(module))
         .await
         .expect_err("too big to deliver");
     assert_eq!(
@@ -355,9 +329,7 @@ async fn output_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
 
 #[tokio::test]
 async fn modules_are_uploaded_once_and_bad_copies_are_replaced() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let module = wasm("uppercase");
     let client = stack.client().await;
     let reference = client.upload_module(&module).await.expect("upload");
@@ -388,12 +360,7 @@ async fn modules_are_uploaded_once_and_bad_copies_are_replaced() {
         .await
         .expect("overwrite");
     let output = stack
-        .client()
-        .await
-        .submit(Task::new(module).input("fixed"))
-        .await
-        .expect("submit")
-        .result_within(PATIENCE)
+        .run(Task::new(module).input("fixed"))
         .await
         .expect("runs with the real bytes");
     assert_eq!(output.stdout.as_ref(), b"FIXED");
@@ -418,20 +385,13 @@ async fn a_handle_outliving_its_client_reports_disconnected() {
 
 #[tokio::test]
 async fn tasks_asking_for_more_than_the_node_allows_are_refused() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let greedy = apiary_proto::message::Limits {
         timeout_ms: u64::MAX,
         ..Default::default()
     };
     let err = stack
-        .client()
-        .await
-        .submit(Task::new(wasm("uppercase")).limits(greedy))
-        .await
-        .expect("submit")
-        .result_within(PATIENCE)
+        .run(Task::new(wasm("uppercase")).limits(greedy))
         .await
         .expect_err("refused");
     assert_eq!(

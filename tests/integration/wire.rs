@@ -176,9 +176,7 @@ async fn the_scheduler_answers_the_micro_protocol() {
 
 #[tokio::test]
 async fn a_hand_written_json_submission_runs_and_answers_in_json() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let client = stack.client().await;
     // `nats obj put APIARY_MODULES --name <sha256> uppercase.wasm`
     let module: ModuleRef = client
@@ -221,9 +219,7 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
 
 #[tokio::test]
 async fn malformed_submissions_are_dropped_without_blocking_the_queue() {
-    let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let _agent = stack.spawn_agent_online("node-a").await;
+    let (stack, _running) = Stack::with_one_node().await;
     let js = async_nats::jetstream::new(stack.nats().await);
     let client = stack.client().await;
     for garbage in [&b"\xc1\xc1\xc1"[..], b"{\"module\": 12}", b"{}"] {
