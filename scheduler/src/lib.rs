@@ -21,7 +21,7 @@ use apiary_proto::codec::{self, Encoding};
 use apiary_proto::message::{
     Dispatch, ErrorBody, ErrorCode, Heartbeat, HeartbeatReply, NodeLiveness, NodeMetrics,
     NodeRecord, NodeState, NodesListReply, NodesListRequest, Outcome, RegisterReply,
-    RegisterRequest, Reply, TaskError, TaskErrorKind, TaskResult, TaskSubmission,
+    RegisterRequest, Reply, Requirements, TaskError, TaskErrorKind, TaskResult, TaskSubmission,
 };
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::topology::{self, NodeKey};
@@ -184,6 +184,16 @@ impl Shared {
         self.view().apply(change);
         self.changed
             .send_modify(|version| *version = version.wrapping_add(1));
+    }
+
+    /// Chooses a node for a task now, and counts the placement against that node's load.
+    fn place(&self, requirements: &Requirements) -> Placement {
+        let mut view = self.view();
+        let placement = view.place(requirements, now_ms());
+        if let Placement::Node(node) = &placement {
+            view.note_placed(node);
+        }
+        placement
     }
 
     async fn wait_synced(&self, limit: Duration) {
@@ -576,14 +586,7 @@ async fn wait_for_node(
         topology::PROGRESS_INTERVAL,
     );
     loop {
-        let placement = {
-            let mut view = shared.view();
-            let placement = view.place(&submission.requirements, now_ms());
-            if let Placement::Node(node) = &placement {
-                view.note_placed(node);
-            }
-            placement
-        };
+        let placement = shared.place(&submission.requirements);
         match placement {
             Placement::Node(node) => return Some(node),
             Placement::NoMatchingNode => {
@@ -718,14 +721,7 @@ async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Messa
             tracing::warn!("task failed: its nodes were lost on every attempt");
             stored::result(&shared.js, &result).await.map(drop)
         } else {
-            let placement = {
-                let mut view = shared.view();
-                let placement = view.place(&dispatch.task.requirements, now_ms());
-                if let Placement::Node(node) = &placement {
-                    view.note_placed(node);
-                }
-                placement
-            };
+            let placement = shared.place(&dispatch.task.requirements);
             let Placement::Node(target) = placement else {
                 message
                     .ack_with(AckKind::Nak(Some(shared.config.heartbeat_interval)))

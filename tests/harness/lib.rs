@@ -123,6 +123,21 @@ impl Stack {
         }
     }
 
+    /// Runs `task` and asserts that it fails with `kind`; returns the failure.
+    pub async fn run_expecting_failure(
+        &self,
+        task: apiary_sdk::Task,
+        kind: apiary_sdk::TaskErrorKind,
+    ) -> apiary_sdk::TaskFailure {
+        match self.run(task).await {
+            Err(apiary_sdk::Error::TaskFailed(failure)) => {
+                assert_eq!(failure.error.kind, kind, "{failure}");
+                *failure
+            }
+            other => panic!("expected a {kind} failure, got {other:?}"),
+        }
+    }
+
     /// Starts a scheduler replica with the stack's settings; see
     /// [`Stack::spawn_scheduler_with`].
     pub async fn spawn_scheduler(&self) -> Component {

@@ -197,15 +197,9 @@ async fn a_non_zero_exit_code_is_an_answer_not_a_failure() {
 async fn a_module_missing_from_the_store_is_a_typed_error() {
     let (stack, _running) = Stack::with_one_node().await;
     let missing = apiary_proto::message::ModuleRef::for_bytes(b"never uploaded");
-    let err = stack
-        .run(Task::stored(missing))
-        .await
-        .expect_err("nothing to run");
-    assert_eq!(
-        err.task_error_kind(),
-        Some(TaskErrorKind::ModuleNotFound),
-        "{err}"
-    );
+    stack
+        .run_expecting_failure(Task::stored(missing), TaskErrorKind::ModuleNotFound)
+        .await;
 }
 
 #[tokio::test]
@@ -316,15 +310,9 @@ async fn output_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
                  (br_if $again (i32.lt_u (local.get $i) (i32.const 16))))))"#,
     )
     .expect("wat");
-    let err = stack
-        .run(Task::new(module))
-        .await
-        .expect_err("too big to deliver");
-    assert_eq!(
-        err.task_error_kind(),
-        Some(TaskErrorKind::OutputLimit),
-        "{err}"
-    );
+    stack
+        .run_expecting_failure(Task::new(module), TaskErrorKind::OutputLimit)
+        .await;
 }
 
 #[tokio::test]
@@ -390,15 +378,12 @@ async fn tasks_asking_for_more_than_the_node_allows_are_refused() {
         timeout_ms: u64::MAX,
         ..Default::default()
     };
-    let err = stack
-        .run(Task::new(wasm("uppercase")).limits(greedy))
-        .await
-        .expect_err("refused");
-    assert_eq!(
-        err.task_error_kind(),
-        Some(TaskErrorKind::InvalidTask),
-        "{err}"
-    );
+    stack
+        .run_expecting_failure(
+            Task::new(wasm("uppercase")).limits(greedy),
+            TaskErrorKind::InvalidTask,
+        )
+        .await;
 }
 
 #[tokio::test]
