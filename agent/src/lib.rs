@@ -35,7 +35,7 @@ use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{NodeId, now_ms, stored, topology};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::service::ServiceExt as _;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -347,6 +347,11 @@ async fn work_loop(
             },
         }
     };
+    // Tasks already delivered to this client but not started go back at once, instead of
+    // waiting out their ack wait and costing an attempt when they are moved.
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        message.ack_with(AckKind::Nak(None)).await.ok();
+    }
     (outcome, running)
 }
 

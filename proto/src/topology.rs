@@ -131,6 +131,11 @@ pub fn modules_bucket() -> object_store::Config {
 
 /// The consumer every scheduler replica pulls submitted tasks from. It never gives up on a
 /// task (`max_deliver` unlimited): a task that cannot be placed yet waits in the queue.
+///
+/// Tasks that no online node can run wait as pending messages of this consumer (handed back
+/// with a delay), so its pending window is wide: with a narrow one, enough of them would
+/// stop the consumer from delivering tasks that can run. Each replica's own `max_in_flight`
+/// bounds what it actually works on.
 pub fn scheduler_tasks_consumer() -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(SCHEDULER_TASKS_CONSUMER.into()),
@@ -138,10 +143,14 @@ pub fn scheduler_tasks_consumer() -> consumer::pull::Config {
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: ACK_WAIT,
         max_deliver: -1,
-        max_ack_pending: 1024,
+        max_ack_pending: SCHEDULER_MAX_ACK_PENDING,
         ..Default::default()
     }
 }
+
+/// How many submitted tasks may wait unplaceable (or be in flight across all replicas) before
+/// the task consumer stops delivering.
+pub const SCHEDULER_MAX_ACK_PENDING: i64 = 100_000;
 
 /// The consumer every scheduler replica pulls task results from.
 pub fn scheduler_results_consumer() -> consumer::pull::Config {

@@ -427,21 +427,37 @@ async fn list_nodes(shared: Arc<Shared>, request: NodesListRequest) -> Reply<Nod
 // Placement and dispatch
 // -------------------------------------------------------------------------------------------
 
-/// Opens (creating if needed) a durable pull consumer on `stream` and starts pulling.
+/// Most submitted tasks one pull asks for; smaller when fewer permits are free.
+const PULL_BATCH: usize = 64;
+/// How long one pull waits for tasks before the next is sent.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The pause after a failed pull (the server is restarting, say).
+const PULL_RETRY: Duration = Duration::from_millis(500);
+
+/// Opens a durable pull consumer on `stream`, creating it or bringing its configuration up
+/// to date: the consumers are apiary's own, and every replica declares the same one.
+async fn open_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::Config,
+) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    js.get_stream(stream)
+        .await
+        .with_context(|| format!("failed to open stream {stream}"))?
+        .create_consumer(config)
+        .await
+        .with_context(|| format!("failed to open consumer {name} on {stream}"))
+}
+
+/// Opens a durable pull consumer on `stream` and starts pulling continuously.
 async fn pull(
     js: &jetstream::Context,
     stream: &str,
     config: jetstream::consumer::pull::Config,
 ) -> anyhow::Result<jetstream::consumer::pull::Stream> {
-    let name = config.durable_name.clone().unwrap_or_default();
-    let consumer: jetstream::consumer::PullConsumer = js
-        .get_stream(stream)
-        .await
-        .with_context(|| format!("failed to open stream {stream}"))?
-        .get_or_create_consumer(&name, config)
-        .await
-        .with_context(|| format!("failed to open consumer {name} on {stream}"))?;
-    consumer
+    open_consumer(js, stream, config)
+        .await?
         .messages()
         .await
         .with_context(|| format!("failed to start pulling from {stream}"))
@@ -449,7 +465,7 @@ async fn pull(
 
 /// Pulls submitted tasks and places each on a node, up to `max_in_flight` at once.
 async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
-    let mut messages = pull(
+    let consumer = open_consumer(
         &shared.js,
         topology::TASKS_STREAM,
         topology::scheduler_tasks_consumer(),
@@ -459,32 +475,61 @@ async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<
 
     let permits = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
     let mut in_flight = JoinSet::new();
-    loop {
+    'pulling: loop {
         while in_flight.try_join_next().is_some() {}
-        // Take a permit before taking a message, so that no message waits unattended (and
-        // without progress acks) behind a full house.
-        let permit = tokio::select! {
+        // Pull only as many messages as there are free permits. A message this replica has
+        // taken is then always being worked on (and kept alive with progress acks), never
+        // waiting unattended in a client-side buffer while its ack wait runs out, which would
+        // hand it to another replica and, minutes later, let it be dispatched twice.
+        let first = tokio::select! {
             _ = stop.cancelled() => break,
             permit = permits.clone().acquire_owned() => permit.context("the permit pool closed")?,
         };
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            message = messages.next() => message,
-        };
-        let message = match message {
-            Some(Ok(message)) => message,
-            Some(Err(err)) => {
-                tracing::warn!(error = %err, "error while pulling submitted tasks");
-                continue;
+        let mut held = vec![first];
+        while held.len() < PULL_BATCH {
+            match permits.clone().try_acquire_owned() {
+                Ok(permit) => held.push(permit),
+                Err(_) => break,
             }
-            None => anyhow::bail!("the task consumer closed"),
+        }
+        let batch = consumer
+            .batch()
+            .max_messages(held.len())
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::warn!(error = %err, "failed to pull submitted tasks; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(PULL_RETRY) => continue,
+                }
+            }
         };
-        let shared = shared.clone();
-        let stop = stop.clone();
-        in_flight.spawn(async move {
-            place_submission(&shared, message, &stop).await;
-            drop(permit);
-        });
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => break 'pulling,
+                message = batch.next() => message,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "error while pulling submitted tasks");
+                    break;
+                }
+                // The batch is full or expired; the next one takes the free permits again.
+                None => break,
+            };
+            let Some(permit) = held.pop() else { break };
+            let shared = shared.clone();
+            let stop = stop.clone();
+            in_flight.spawn(async move {
+                place_submission(&shared, message, &stop).await;
+                drop(permit);
+            });
+        }
     }
     // Tasks still waiting for a node hand their messages back (they watch `stop`), so another
     // replica takes them at once; give them a moment to do so.
@@ -648,15 +693,24 @@ async fn recover_lost_work(shared: Arc<Shared>, stop: CancellationToken) -> anyh
         }
         let lost = shared.view().lost_nodes(now_ms());
         for node in lost {
-            if let Err(err) = recover_node(&shared, &stream, &node).await {
-                tracing::warn!(node_id = %node, error = %format!("{err:#}"), "failed to recover work from a lost node");
-            }
+            // Bounded, so that one lost reply (a server restart mid-fetch) cannot stall
+            // recovery for every other node.
+            let recovered =
+                tokio::time::timeout(RECOVERY_TIMEOUT, recover_node(&shared, &stream, &node)).await;
+            let error = match recovered {
+                Ok(Ok(())) => continue,
+                Ok(Err(err)) => format!("{err:#}"),
+                Err(_) => format!("no answer within {RECOVERY_TIMEOUT:?}"),
+            };
+            tracing::warn!(node_id = %node, error, "failed to recover work from a lost node");
         }
     }
 }
 
 /// How many of a lost node's tasks one replica moves per round.
 const RECOVERY_BATCH: usize = 64;
+/// The longest one node's recovery round may take.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn recover_node(
     shared: &Shared,
@@ -682,6 +736,7 @@ async fn recover_node(
     let mut batch = consumer
         .fetch()
         .max_messages(RECOVERY_BATCH)
+        .expires(Duration::from_secs(2))
         .messages()
         .await
         .context("failed to fetch the node's queued work")?;
@@ -716,10 +771,22 @@ async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Messa
         lost_node = %lost,
     );
     async {
+        // The node may have come back between the look at the view and now (one late
+        // heartbeat): then its work stays with it, and no attempt is spent.
+        if shared.view().is_online(lost, now_ms()) {
+            message.ack_with(AckKind::Nak(None)).await.ok();
+            return;
+        }
         let moved = if dispatch.attempt >= shared.config.max_attempts {
             let result = node_lost_result(&dispatch, lost);
             tracing::warn!("task failed: its nodes were lost on every attempt");
-            stored::result(&shared.js, &result).await.map(drop)
+            // Its own message id: should the lost node finish after all (it was only cut
+            // off), its real result for this attempt is still stored and delivered too.
+            let msg_id = format!("{}.lost", result.msg_id());
+            let subject = subject::node(lost, NodeVerb::Result);
+            stored::publish(&shared.js, subject, &result.task_id, &msg_id, &result)
+                .await
+                .map(drop)
         } else {
             let placement = shared.place(&dispatch.task.requirements);
             let Placement::Node(target) = placement else {

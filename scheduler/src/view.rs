@@ -137,6 +137,15 @@ impl NodeView {
         }
     }
 
+    /// Whether `node` is registered and online at `now_ms`.
+    pub fn is_online(&self, node: &NodeId, now_ms: u64) -> bool {
+        self.nodes.get(node).is_some_and(|entry| {
+            entry.record.as_ref().is_some_and(|record| {
+                liveness::node_status(record, entry.live.as_ref(), now_ms) == NodeStatus::Online
+            })
+        })
+    }
+
     /// Registered nodes that are offline or have left: whatever is still queued for them
     /// must go elsewhere.
     pub fn lost_nodes(&self, now_ms: u64) -> Vec<NodeId> {
@@ -364,6 +373,9 @@ mod tests {
         leaving.state = NodeState::Leaving;
         view.apply(NodeChange::Heartbeat(id("gone"), leaving));
         assert_eq!(view.lost_nodes(NOW), vec![id("dead"), id("gone")]);
+        assert!(view.is_online(&id("alive"), NOW));
+        assert!(!view.is_online(&id("dead"), NOW));
+        assert!(!view.is_online(&id("unknown"), NOW));
     }
 
     #[test]

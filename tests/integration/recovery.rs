@@ -105,13 +105,14 @@ async fn a_task_running_on_a_node_that_dies_completes_elsewhere() {
     let _scheduler = stack.spawn_scheduler().await;
     let a = stack.spawn_agent_online("node-a").await;
     let client = stack.client().await;
-    // Spins for a few seconds, then exits 0.
+    // Spins for seconds (three billion iterations), then exits 0: long enough that
+    // node-a is still running it when it dies, however loaded the machine.
     let spin = wat::parse_str(
         r#"(module (memory (export "memory") 1)
-             (func (export "_start") (local $i i32)
+             (func (export "_start") (local $i i64)
                (loop $again
-                 (local.set $i (i32.add (local.get $i) (i32.const 1)))
-                 (br_if $again (i32.lt_u (local.get $i) (i32.const 400000000))))))"#,
+                 (local.set $i (i64.add (local.get $i) (i64.const 1)))
+                 (br_if $again (i64.lt_u (local.get $i) (i64.const 3000000000))))))"#,
     )
     .expect("wat");
     let handle = client
