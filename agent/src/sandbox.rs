@@ -370,6 +370,13 @@ mod tests {
         assert_eq!(err.kind, TaskErrorKind::InvalidModule);
     }
 
+    /// Compiles `wat`, runs it with `input` under `limits`, and returns how it failed.
+    fn fails_with(wat: &str, input: &'static [u8], limits: Limits) -> TaskErrorKind {
+        let sandbox = sandbox();
+        let module = module(&sandbox, wat);
+        failure_kind(sandbox.run(&module, Bytes::from_static(input), &limits))
+    }
+
     fn failure_kind(outcome: Outcome) -> TaskErrorKind {
         match outcome {
             Outcome::Failed { error, .. } => error.kind,
@@ -379,54 +386,51 @@ mod tests {
 
     #[test]
     fn an_endless_loop_times_out() {
-        let sandbox = sandbox();
-        let module = module(
-            &sandbox,
-            r#"(module (memory (export "memory") 1)
-                 (func (export "_start") (loop (br 0))))"#,
-        );
         let limits = Limits {
             timeout_ms: 50,
             ..Limits::default()
         };
         assert_eq!(
-            failure_kind(sandbox.run(&module, Bytes::new(), &limits)),
+            fails_with(
+                r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (loop (br 0))))"#,
+                b"",
+                limits
+            ),
             TaskErrorKind::Timeout
         );
     }
 
     #[test]
     fn fuel_bounds_cpu() {
-        let sandbox = sandbox();
-        let module = module(
-            &sandbox,
-            r#"(module (memory (export "memory") 1)
-                 (func (export "_start") (loop (br 0))))"#,
-        );
         let limits = Limits {
             fuel: Some(10_000),
             ..Limits::default()
         };
         assert_eq!(
-            failure_kind(sandbox.run(&module, Bytes::new(), &limits)),
+            fails_with(
+                r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (loop (br 0))))"#,
+                b"",
+                limits
+            ),
             TaskErrorKind::FuelExhausted
         );
     }
 
     #[test]
     fn memory_growth_past_the_limit_fails() {
-        let sandbox = sandbox();
-        let module = module(
-            &sandbox,
-            r#"(module (memory (export "memory") 1)
-                 (func (export "_start") (drop (memory.grow (i32.const 100)))))"#,
-        );
         let limits = Limits {
             max_memory_bytes: 2 * 65536,
             ..Limits::default()
         };
         assert_eq!(
-            failure_kind(sandbox.run(&module, Bytes::new(), &limits)),
+            fails_with(
+                r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (drop (memory.grow (i32.const 100)))))"#,
+                b"",
+                limits
+            ),
             TaskErrorKind::MemoryLimit
         );
     }
@@ -447,13 +451,12 @@ mod tests {
 
     #[test]
     fn a_trap_is_reported_as_such() {
-        let sandbox = sandbox();
-        let module = module(
-            &sandbox,
-            r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
-        );
         assert_eq!(
-            failure_kind(sandbox.run(&module, Bytes::new(), &Limits::default())),
+            fails_with(
+                r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
+                b"",
+                Limits::default()
+            ),
             TaskErrorKind::Trap
         );
     }
@@ -470,14 +473,13 @@ mod tests {
 
     #[test]
     fn unknown_imports_are_an_invalid_module() {
-        let sandbox = sandbox();
-        let module = module(
-            &sandbox,
-            r#"(module (import "env" "launch_missiles" (func))
-                 (memory (export "memory") 1) (func (export "_start")))"#,
-        );
         assert_eq!(
-            failure_kind(sandbox.run(&module, Bytes::new(), &Limits::default())),
+            fails_with(
+                r#"(module (import "env" "launch_missiles" (func))
+                 (memory (export "memory") 1) (func (export "_start")))"#,
+                b"",
+                Limits::default()
+            ),
             TaskErrorKind::InvalidModule
         );
     }

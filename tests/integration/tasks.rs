@@ -67,18 +67,7 @@ async fn fifty_tasks_on_two_agents_each_come_back_exactly_once() {
 
     // Exactly once: fifty results published, one per task, and fifty stored.
     let mut seen: HashMap<String, u32> = HashMap::new();
-    within(PATIENCE, "fifty published results", async {
-        while seen.len() < 50 {
-            let message = published.next().await.expect("subscription open");
-            let (result, _) = apiary_proto::codec::decode_message::<TaskResult>(
-                message.headers.as_ref(),
-                &message.payload,
-            )
-            .expect("results decode");
-            *seen.entry(result.task_id.to_string()).or_default() += 1;
-        }
-    })
-    .await;
+    count_deliveries(&mut published, &mut seen, 50).await;
     assert!(seen.values().all(|&count| count == 1), "{seen:?}");
     let js = async_nats::jetstream::new(stack.nats().await);
     let mut results = js
