@@ -333,6 +333,10 @@ mod tests {
             (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
     "#;
 
+    /// A WASI command that never returns.
+    const SPIN_FOREVER: &str = r#"(module (memory (export "memory") 1)
+        (func (export "_start") (loop (br 0))))"#;
+
     #[test]
     fn runs_a_command_with_stdin_and_stdout() {
         let sandbox = sandbox();
@@ -391,12 +395,7 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            fails_with(
-                r#"(module (memory (export "memory") 1)
-                 (func (export "_start") (loop (br 0))))"#,
-                b"",
-                limits
-            ),
+            fails_with(SPIN_FOREVER, b"", limits),
             TaskErrorKind::Timeout
         );
     }
@@ -408,12 +407,7 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            fails_with(
-                r#"(module (memory (export "memory") 1)
-                 (func (export "_start") (loop (br 0))))"#,
-                b"",
-                limits
-            ),
+            fails_with(SPIN_FOREVER, b"", limits),
             TaskErrorKind::FuelExhausted
         );
     }
