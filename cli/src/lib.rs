@@ -4,5 +4,6 @@
 
 pub mod bench;
 pub mod broker;
+pub mod commands;
 pub mod dev;
 pub mod output;

@@ -1,14 +1,14 @@
 //! `apiary`: the command line for an apiary cluster.
 
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use apiary_bin_support::LogFormat;
+use apiary_cli::commands::{self, Output, SubmitOptions};
 use apiary_proto::message::NodeStatus;
-use apiary_sdk::{Client, Error, Task};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -138,41 +138,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             json,
         }) => {
-            let module = std::fs::read(&module)
-                .with_context(|| format!("failed to read module {}", module.display()))?;
-            let input = read_input(input.as_deref())?;
-            let client = connect(&cli.server).await?;
-            let handle = client
-                .submit(Task::new(module).input(input).timeout(timeout))
-                .await
-                .context("failed to submit the task")?;
-            let task_id = handle.id().clone();
-            if json {
-                let report =
-                    tokio::time::timeout(wait, handle.report())
-                        .await
-                        .map_err(|_| {
-                            anyhow::anyhow!("no result for task {task_id} within {wait:?}")
-                        })??;
-                println!("{}", serde_json::to_string_pretty(&report)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            match handle.result_within(wait).await {
-                Ok(output) => {
-                    std::io::stdout().write_all(&output.stdout)?;
-                    std::io::stderr().write_all(&output.stderr)?;
-                    Ok(exit_code(output.exit_code))
-                }
-                Err(Error::TaskFailed(failure)) => {
-                    std::io::stderr().write_all(&failure.stderr)?;
-                    eprintln!(
-                        "error: task {} failed on node {}: {}",
-                        failure.task_id, failure.node_id, failure.error
-                    );
-                    Ok(ExitCode::from(125))
-                }
-                Err(err) => Err(err.into()),
-            }
+            let options = SubmitOptions {
+                module: std::fs::read(&module)
+                    .with_context(|| format!("failed to read module {}", module.display()))?,
+                input: read_input(input.as_deref())?,
+                timeout,
+                wait,
+                json,
+            };
+            let client = commands::connect(&cli.server).await?;
+            // Unlocked handles: log lines from other threads go to stderr meanwhile.
+            let mut out = Output {
+                stdout: std::io::stdout(),
+                stderr: std::io::stderr(),
+            };
+            let code = commands::task_submit(&client, options, &mut out).await?;
+            Ok(ExitCode::from(code))
         }
         Command::Bench {
             local,
@@ -209,28 +190,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Nodes(NodesCommand::Ls { status, json }) => {
-            let client = connect(&cli.server).await?;
-            let mut nodes = client.nodes().await.context("failed to list nodes")?;
-            if let Some(status) = status {
-                nodes.retain(|node| node.status == status);
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
-            } else {
-                println!(
-                    "{}",
-                    apiary_cli::output::node_table(&nodes, apiary_proto::now_ms())
-                );
-            }
+            let client = commands::connect(&cli.server).await?;
+            commands::nodes_ls(&client, status, json, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-async fn connect(server: &str) -> anyhow::Result<Client> {
-    Client::connect(server).await.with_context(|| {
-        format!("cannot reach the cluster at {server} (set --server or APIARY_NATS_URL)")
-    })
 }
 
 fn read_input(input: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
@@ -247,9 +211,4 @@ fn read_input(input: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
             std::fs::read(path).with_context(|| format!("failed to read input {}", path.display()))
         }
     }
-}
-
-/// The task's exit code as this process's: codes outside 0–255 (WASI allows any i32) become 1.
-fn exit_code(code: i32) -> ExitCode {
-    u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)
 }

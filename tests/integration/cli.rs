@@ -1,0 +1,96 @@
+//! The `apiary` command line's task and node commands, run against a real cluster through
+//! the same functions the binary calls.
+
+use std::time::Duration;
+
+use apiary_cli::commands::{self, Output, SubmitOptions, TASK_FAILED_EXIT};
+use apiary_harness::{Stack, wasm};
+
+fn options(module: Vec<u8>, input: &str) -> SubmitOptions {
+    SubmitOptions {
+        module,
+        input: input.as_bytes().to_vec(),
+        timeout: Duration::from_secs(30),
+        wait: Duration::from_secs(30),
+        json: false,
+    }
+}
+
+async fn submit(stack: &Stack, options: SubmitOptions) -> (u8, String, String) {
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let mut out = Output {
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    let code = commands::task_submit(&client, options, &mut out)
+        .await
+        .expect("the command runs");
+    (
+        code,
+        String::from_utf8(out.stdout).expect("utf-8"),
+        String::from_utf8(out.stderr).expect("utf-8"),
+    )
+}
+
+#[tokio::test]
+async fn task_submit_prints_the_output_and_exits_with_the_module_code() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let (code, stdout, stderr) = submit(&stack, options(wasm("wordcount").to_vec(), "a b\n")).await;
+    assert_eq!((code, stdout.as_str(), stderr.as_str()), (0, "1 2 4\n", ""));
+
+    let exit_3 = wat::parse_str(
+        r#"(module
+             (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+             (memory (export "memory") 1)
+             (func (export "_start") (call $exit (i32.const 3))))"#,
+    )
+    .expect("wat");
+    let (code, _, _) = submit(&stack, options(exit_3, "")).await;
+    assert_eq!(code, 3);
+}
+
+#[tokio::test]
+async fn task_submit_reports_a_failed_task_with_its_kind() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let (code, stdout, stderr) = submit(&stack, options(b"not wasm at all".to_vec(), "")).await;
+    assert_eq!(code, TASK_FAILED_EXIT);
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("invalid module"), "{stderr}");
+}
+
+#[tokio::test]
+async fn task_submit_json_prints_the_whole_result() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let mut submission = options(wasm("uppercase").to_vec(), "quiet");
+    submission.json = true;
+    let (code, stdout, _) = submit(&stack, submission).await;
+    assert_eq!(code, 0);
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(report["outcome"]["completed"]["stdout"], "QUIET");
+    assert_eq!(report["node_id"], "node-a");
+}
+
+#[tokio::test]
+async fn nodes_ls_shows_the_table() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let mut table = Vec::new();
+    commands::nodes_ls(&client, None, false, &mut table)
+        .await
+        .expect("list");
+    let table = String::from_utf8(table).expect("utf-8");
+    let row = table.lines().nth(1).expect("a row under the header");
+    assert!(row.contains("node-a") && row.contains("online"), "{table}");
+
+    let mut offline = Vec::new();
+    commands::nodes_ls(
+        &client,
+        Some(apiary_proto::message::NodeStatus::Offline),
+        true,
+        &mut offline,
+    )
+    .await
+    .expect("list");
+    let offline: serde_json::Value = serde_json::from_slice(&offline).expect("JSON");
+    assert_eq!(offline, serde_json::json!([]));
+}
