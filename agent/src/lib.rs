@@ -155,13 +155,25 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .in_current_span(),
         ));
 
-        let (work, running) = work_loop(agent.clone(), &shutdown).await;
+        let stop_pulling = CancellationToken::new();
+        let mut work = std::pin::pin!(work_loop(agent.clone(), &stop_pulling));
+        let ended_early = tokio::select! {
+            ended = &mut work => Some(ended),
+            _ = shutdown.cancelled() => None,
+        };
 
-        // Say goodbye first, so that no scheduler places more work here while the running
-        // tasks finish.
+        // Say goodbye while still pulling, so that schedulers stop placing work here before
+        // this node stops taking it; then stop pulling and let the running tasks finish.
         stop_heartbeats.cancel();
         let sequence = heartbeats.await.unwrap_or(0);
         send_leaving(&client, &agent, sequence + 1, config.request_timeout).await;
+        let (work, running) = match ended_early {
+            Some(ended) => ended,
+            None => {
+                stop_pulling.cancel();
+                work.await
+            }
+        };
         drain(running, config.shutdown_grace).await;
         status.abort();
         service.stop().await.ok();
@@ -317,11 +329,11 @@ impl Agent {
     }
 }
 
-/// Pulls the node's dispatched tasks and runs up to `slots` at once until `shutdown`, then
-/// waits up to `grace` for running tasks.
+/// Pulls the node's dispatched tasks and starts each (at most `slots` run at once: the
+/// consumer hands out no more) until `stop`. Returns the tasks still running.
 async fn work_loop(
     agent: Arc<Agent>,
-    shutdown: &CancellationToken,
+    stop: &CancellationToken,
 ) -> (anyhow::Result<()>, JoinSet<()>) {
     let mut running = JoinSet::new();
     let mut messages = match dispatched_tasks(&agent).await {
@@ -332,7 +344,7 @@ async fn work_loop(
         // Reap finished tasks so the set does not grow with every task ever run.
         while running.try_join_next().is_some() {}
         tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(()),
             next = messages.next() => match next {
                 Some(Ok(message)) => {
                     let agent = agent.clone();

@@ -429,8 +429,9 @@ async fn list_nodes(shared: Arc<Shared>, request: NodesListRequest) -> Reply<Nod
 
 /// Most submitted tasks one pull asks for; smaller when fewer permits are free.
 const PULL_BATCH: usize = 64;
-/// How long one pull waits for tasks before the next is sent.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long one pull request waits for messages before the next is sent; also how long a
+/// stopping replica keeps reading its last one.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// The pause after a failed pull (the server is restarting, say).
 const PULL_RETRY: Duration = Duration::from_millis(500);
 
@@ -450,17 +451,34 @@ async fn open_consumer(
         .with_context(|| format!("failed to open consumer {name} on {stream}"))
 }
 
-/// Opens a durable pull consumer on `stream` and starts pulling continuously.
-async fn pull(
-    js: &jetstream::Context,
-    stream: &str,
-    config: jetstream::consumer::pull::Config,
-) -> anyhow::Result<jetstream::consumer::pull::Stream> {
-    open_consumer(js, stream, config)
-        .await?
+/// Asks for up to `size` messages. The server holds the request until it is full or expires
+/// ([`PULL_EXPIRES`]); the batch yields messages as they arrive.
+async fn next_batch(
+    consumer: &jetstream::consumer::PullConsumer,
+    size: usize,
+) -> Result<jetstream::consumer::pull::Batch, async_nats::Error> {
+    Ok(consumer
+        .batch()
+        .max_messages(size)
+        .expires(PULL_EXPIRES)
         .messages()
-        .await
-        .with_context(|| format!("failed to start pulling from {stream}"))
+        .await?)
+}
+
+/// Reads a batch to its end when the replica stops, handing back whatever still arrives.
+/// The server holds a pull request until it expires; without this, a message it sends to a
+/// replica that has stopped listening would sit out the whole ack wait before anyone else
+/// could take it.
+async fn hand_back(mut batch: jetstream::consumer::pull::Batch) {
+    let drained = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(1), async {
+        while let Some(Ok(message)) = batch.next().await {
+            message.ack_with(AckKind::Nak(None)).await.ok();
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!("a pull request outlived its expiry while stopping");
+    }
 }
 
 /// Pulls submitted tasks and places each on a node, up to `max_in_flight` at once.
@@ -492,13 +510,7 @@ async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<
                 Err(_) => break,
             }
         }
-        let batch = consumer
-            .batch()
-            .max_messages(held.len())
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        let mut batch = match batch {
+        let mut batch = match next_batch(&consumer, held.len()).await {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(error = %err, "failed to pull submitted tasks; retrying");
@@ -510,7 +522,10 @@ async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<
         };
         loop {
             let message = tokio::select! {
-                _ = stop.cancelled() => break 'pulling,
+                _ = stop.cancelled() => {
+                    hand_back(batch).await;
+                    break 'pulling;
+                }
                 message = batch.next() => message,
             };
             let message = match message {
@@ -855,21 +870,42 @@ fn node_lost_result(dispatch: &Dispatch, lost: &NodeId) -> TaskResult {
 /// Delivers each stored result to the submitter's reply subject, then acknowledges it. The
 /// result stays in `APIARY_RESULTS` (by age and size limits) for readers that missed it.
 async fn deliver_results(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
-    let mut messages = pull(
+    let consumer = open_consumer(
         &shared.js,
         topology::RESULTS_STREAM,
         topology::scheduler_results_consumer(),
     )
     .await?;
     loop {
-        let message = tokio::select! {
+        let mut batch = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            message = messages.next() => message,
+            batch = next_batch(&consumer, PULL_BATCH) => match batch {
+                Ok(batch) => batch,
+                Err(err) => {
+                    tracing::warn!(error = %err, "failed to pull results; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(PULL_RETRY) => continue,
+                    }
+                }
+            },
         };
-        match message {
-            Some(Ok(message)) => deliver_result(&shared, message).await,
-            Some(Err(err)) => tracing::warn!(error = %err, "error while pulling results"),
-            None => anyhow::bail!("the results consumer closed"),
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => {
+                    hand_back(batch).await;
+                    return Ok(());
+                }
+                message = batch.next() => message,
+            };
+            match message {
+                Some(Ok(message)) => deliver_result(&shared, message).await,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "error while pulling results");
+                    break;
+                }
+                None => break,
+            }
         }
     }
 }

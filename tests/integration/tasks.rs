@@ -216,7 +216,9 @@ async fn scheduler_replicas_share_the_work_and_either_can_carry_on_alone() {
     // One replica goes away; the other carries on with the same durable consumers.
     first.stop().await.expect("the first replica stops cleanly");
     submit_by_hand(&js, &module, &inbox, 20..40).await;
-    count_deliveries(&mut delivered, &mut seen, 40).await;
+    // Well inside the ack wait: a stopped replica must leave no task parked in a pull
+    // request nobody reads, which would hold it until the ack wait ran out.
+    count_deliveries_within(topology::ACK_WAIT / 2, &mut delivered, &mut seen, 40).await;
     assert!(seen.values().all(|&count| count == 1), "{seen:?}");
 
     // Nothing was redelivered, and nothing is left unacknowledged.
@@ -267,7 +269,16 @@ async fn count_deliveries(
     seen: &mut HashMap<String, u32>,
     distinct: usize,
 ) {
-    within(PATIENCE, "results", async {
+    count_deliveries_within(PATIENCE, delivered, seen, distinct).await;
+}
+
+async fn count_deliveries_within(
+    limit: std::time::Duration,
+    delivered: &mut async_nats::Subscriber,
+    seen: &mut HashMap<String, u32>,
+    distinct: usize,
+) {
+    within(limit, "results", async {
         while seen.len() < distinct {
             let message = delivered.next().await.expect("subscription open");
             let (result, _) = apiary_proto::codec::decode_message::<TaskResult>(
