@@ -469,7 +469,7 @@ async fn next_batch(
 /// The server holds a pull request until it expires; without this, a message it sends to a
 /// replica that has stopped listening would sit out the whole ack wait before anyone else
 /// could take it.
-async fn hand_back(mut batch: jetstream::consumer::pull::Batch) {
+async fn hand_back(batch: &mut jetstream::consumer::pull::Batch) {
     let drained = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(1), async {
         while let Some(Ok(message)) = batch.next().await {
             message.ack_with(AckKind::Nak(None)).await.ok();
@@ -478,6 +478,41 @@ async fn hand_back(mut batch: jetstream::consumer::pull::Batch) {
     .await;
     if drained.is_err() {
         tracing::debug!("a pull request outlived its expiry while stopping");
+    }
+}
+
+/// What reading the next message of a batch gave.
+// Only ever a return value, moved once; boxing the message would cost an allocation per task.
+#[allow(clippy::large_enum_variant)]
+enum Pulled {
+    Message(jetstream::Message),
+    /// The batch is full, expired or failed; ask for the next one.
+    BatchDone,
+    /// The replica is stopping; the batch has been handed back.
+    Stopped,
+}
+
+/// The next message of `batch`, unless the batch ends or `stop` comes first (then the batch
+/// is handed back before returning).
+async fn next_pulled(
+    batch: &mut jetstream::consumer::pull::Batch,
+    stop: &CancellationToken,
+    what: &str,
+) -> Pulled {
+    let message = tokio::select! {
+        _ = stop.cancelled() => {
+            hand_back(batch).await;
+            return Pulled::Stopped;
+        }
+        message = batch.next() => message,
+    };
+    match message {
+        Some(Ok(message)) => Pulled::Message(message),
+        Some(Err(err)) => {
+            tracing::warn!(error = %err, "error while pulling {what}");
+            Pulled::BatchDone
+        }
+        None => Pulled::BatchDone,
     }
 }
 
@@ -521,21 +556,11 @@ async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<
             }
         };
         loop {
-            let message = tokio::select! {
-                _ = stop.cancelled() => {
-                    hand_back(batch).await;
-                    break 'pulling;
-                }
-                message = batch.next() => message,
-            };
-            let message = match message {
-                Some(Ok(message)) => message,
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "error while pulling submitted tasks");
-                    break;
-                }
-                // The batch is full or expired; the next one takes the free permits again.
-                None => break,
+            let message = match next_pulled(&mut batch, &stop, "submitted tasks").await {
+                Pulled::Message(message) => message,
+                // The next batch takes the free permits again.
+                Pulled::BatchDone => break,
+                Pulled::Stopped => break 'pulling,
             };
             let Some(permit) = held.pop() else { break };
             let shared = shared.clone();
@@ -891,20 +916,10 @@ async fn deliver_results(shared: Arc<Shared>, stop: CancellationToken) -> anyhow
             },
         };
         loop {
-            let message = tokio::select! {
-                _ = stop.cancelled() => {
-                    hand_back(batch).await;
-                    return Ok(());
-                }
-                message = batch.next() => message,
-            };
-            match message {
-                Some(Ok(message)) => deliver_result(&shared, message).await,
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "error while pulling results");
-                    break;
-                }
-                None => break,
+            match next_pulled(&mut batch, &stop, "results").await {
+                Pulled::Message(message) => deliver_result(&shared, message).await,
+                Pulled::BatchDone => break,
+                Pulled::Stopped => return Ok(()),
             }
         }
     }
