@@ -42,7 +42,8 @@ pub fn host_facts() -> HostFacts {
     }
 }
 
-/// The registration record of this node.
+/// The registration record of this node, with a fresh incarnation id: call it once per start
+/// of the agent.
 pub fn node_info(
     node_id: NodeId,
     facts: &HostFacts,
@@ -60,6 +61,7 @@ pub fn node_info(
         slots,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         labels,
+        incarnation: nuid::next().to_string(),
     }
 }
 

@@ -80,6 +80,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
         let agent = Arc::new(Agent {
             node_id: node_id.clone(),
+            incarnation: info.incarnation.clone(),
             slots,
             client: client.clone(),
             js: js.clone(),
@@ -188,6 +189,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 /// What the task-running side of the agent shares.
 struct Agent {
     node_id: NodeId,
+    /// This process's incarnation, sent with every heartbeat.
+    incarnation: String,
     slots: u32,
     client: async_nats::Client,
     js: jetstream::Context,
@@ -274,6 +277,7 @@ async fn heartbeat_loop(
             seq: sequence,
             state: NodeState::Active,
             metrics: agent.metrics(),
+            incarnation: agent.incarnation.clone(),
         };
         match send_heartbeat(&client, &heartbeat, config.request_timeout).await {
             Ok(HeartbeatReply { registered: true }) => {}
@@ -310,6 +314,7 @@ async fn send_leaving(client: &async_nats::Client, agent: &Agent, seq: u64, time
         seq,
         state: NodeState::Leaving,
         metrics: agent.metrics(),
+        incarnation: agent.incarnation.clone(),
     };
     if let Err(err) = send_heartbeat(client, &heartbeat, timeout).await {
         tracing::warn!(error = %err, "could not announce leaving");

@@ -79,6 +79,7 @@ mod tests {
                 slots: 4,
                 agent_version: "0.1.0".into(),
                 labels: Default::default(),
+                incarnation: String::new(),
             },
             status: NodeStatus::Offline,
             registered_at_ms: 0,

@@ -57,6 +57,7 @@ mod tests {
                 slots: 2,
                 agent_version: "0".into(),
                 labels: Default::default(),
+                incarnation: String::new(),
             },
             registered_at_ms: 1_000,
         }

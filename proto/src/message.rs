@@ -109,6 +109,11 @@ pub struct NodeInfo {
     /// Free-form labels set by the operator (`zone=attic`, …).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A fresh id for each start of the agent process. A registration with a new incarnation
+    /// tells the cluster that the previous process is gone, so whatever it held is handed
+    /// out again at once instead of after the ack wait. Empty from agents that predate it.
+    #[serde(default)]
+    pub incarnation: String,
 }
 
 /// `apiary.v1.node.<node>.register`: an agent asks to join.
@@ -164,13 +169,18 @@ pub struct Heartbeat {
     #[serde(default)]
     pub state: NodeState,
     pub metrics: NodeMetrics,
+    /// The incarnation the agent registered with ([`NodeInfo::incarnation`]). A heartbeat
+    /// from another incarnation than the registered one is answered `registered: false`.
+    #[serde(default)]
+    pub incarnation: String,
 }
 
 /// The scheduler's answer to a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatReply {
-    /// False when the cluster has no record of the node (it was removed, or the bucket was
-    /// lost): the agent must register again.
+    /// False when the replica that answered cannot place work on this agent: it has no
+    /// record of the node (it was removed, or the bucket was lost) or the record is another
+    /// incarnation's. The agent must register again.
     pub registered: bool,
 }
 

@@ -185,6 +185,9 @@ pub fn node_dispatch_consumer(node: &NodeId, slots: u32) -> consumer::pull::Conf
     }
 }
 
+/// The key filter that matches every key of `APIARY_NODES`, for watching them all.
+pub const NODES_ALL_KEYS: &str = ">";
+
 /// The KV key of a node's registration record.
 pub fn node_info_key(node: &NodeId) -> String {
     format!("info.{node}")

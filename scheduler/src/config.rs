@@ -26,6 +26,10 @@ pub struct SchedulerConfig {
     /// is reported as a `node_lost` failure. Each node lost while holding the task (crashed,
     /// or left without running it) costs one attempt.
     pub max_attempts: u32,
+    /// `APIARY_NODE_BACKLOG`: how many of this replica's tasks may wait at a node beyond its
+    /// slots; unset means as many as the node has slots. The rest waits in the shared queue,
+    /// for whichever node has room first.
+    pub node_backlog: Option<u32>,
 }
 
 impl Default for SchedulerConfig {
@@ -36,6 +40,7 @@ impl Default for SchedulerConfig {
             max_in_flight: 256,
             reply_subject_prefixes: vec![subject::DEFAULT_REPLY_PREFIX.to_owned()],
             max_attempts: 3,
+            node_backlog: None,
         }
     }
 }

@@ -1,11 +1,13 @@
 //! The scheduler's view of the cluster and its placement decisions: pure data, no I/O.
 //!
 //! The view is rebuilt from the `APIARY_NODES` KV bucket (a replica that starts fresh replays
-//! the bucket), so it is a cache of NATS state, never a source of truth. The only thing it
-//! adds is a count of tasks this replica placed on each node since that node's last
-//! heartbeat, so that a burst of tasks spreads out before the next heartbeat reports the load.
+//! the bucket), so it is a cache of NATS state, never a source of truth. What it adds is this
+//! replica's own dispatches that have not finished yet, by attempt id. They bound how much
+//! work the replica queues at a node (its slots plus a small backlog), so that work waiting
+//! for nodes stays in the shared queue for whichever node has room, and they spread a burst
+//! of tasks before the next heartbeat reports the load.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use apiary_proto::NodeId;
 use apiary_proto::liveness;
@@ -15,8 +17,18 @@ use apiary_proto::message::{NodeLiveness, NodeRecord, NodeStatus, NodeSummary, R
 struct NodeEntry {
     record: Option<NodeRecord>,
     live: Option<NodeLiveness>,
-    /// Tasks this replica placed on the node since its last heartbeat.
-    placed_since_heartbeat: u32,
+    /// This replica's dispatches to the node that have not finished.
+    outstanding: u32,
+}
+
+/// One of this replica's dispatches that has not finished yet.
+#[derive(Clone, Debug)]
+struct Outstanding {
+    node: NodeId,
+    /// When the entry is dropped even if no result was seen (a result missed while the
+    /// replica was cut off from the server), so that a lost signal cannot shrink a node's
+    /// room for good.
+    expires_at_ms: u64,
 }
 
 /// A change to one key of the node bucket.
@@ -36,14 +48,34 @@ pub enum Placement {
     NoLiveNode,
     /// Nodes are online, but none meets the task's requirements.
     NoMatchingNode,
+    /// Nodes that meet the task's requirements are online, but each already holds as much of
+    /// this replica's work as it can start soon.
+    NodesFull,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct NodeView {
     nodes: BTreeMap<NodeId, NodeEntry>,
+    /// This replica's unfinished dispatches, by attempt id (`<task>.<attempt>`, the
+    /// `Nats-Msg-Id` of both the dispatch and its result).
+    dispatched: HashMap<String, Outstanding>,
+    /// The node chosen last: among equally loaded nodes the next one in id order goes first,
+    /// so equal nodes take turns instead of the lowest id taking everything.
+    last_chosen: Option<NodeId>,
+    /// Tasks queued at a node beyond its slots; `None` means as many as it has slots.
+    backlog: Option<u32>,
 }
 
 impl NodeView {
+    /// An empty view that queues at most `backlog` tasks beyond a node's slots (`None`: as
+    /// many as the node has slots).
+    pub fn new(backlog: Option<u32>) -> Self {
+        Self {
+            backlog,
+            ..Self::default()
+        }
+    }
+
     pub fn apply(&mut self, change: NodeChange) {
         match change {
             NodeChange::Registered(record) => {
@@ -57,9 +89,7 @@ impl NodeView {
                 self.drop_if_empty(&node);
             }
             NodeChange::Heartbeat(node, live) => {
-                let entry = self.nodes.entry(node).or_default();
-                entry.live = Some(live);
-                entry.placed_since_heartbeat = 0;
+                self.nodes.entry(node).or_default().live = Some(live);
             }
             NodeChange::LivenessCleared(node) => {
                 if let Some(entry) = self.nodes.get_mut(&node) {
@@ -71,20 +101,16 @@ impl NodeView {
     }
 
     fn drop_if_empty(&mut self, node: &NodeId) {
-        if self
-            .nodes
-            .get(node)
-            .is_some_and(|entry| entry.record.is_none() && entry.live.is_none())
-        {
+        if self.nodes.get(node).is_some_and(|entry| {
+            entry.record.is_none() && entry.live.is_none() && entry.outstanding == 0
+        }) {
             self.nodes.remove(node);
         }
     }
 
-    /// Whether the node has a registration record.
-    pub fn is_registered(&self, node: &NodeId) -> bool {
-        self.nodes
-            .get(node)
-            .is_some_and(|entry| entry.record.is_some())
+    /// The node's registration record, if the view has one.
+    pub fn registration(&self, node: &NodeId) -> Option<&NodeRecord> {
+        self.nodes.get(node)?.record.as_ref()
     }
 
     /// The node table at `now_ms`, sorted by node id.
@@ -98,21 +124,36 @@ impl NodeView {
             .collect()
     }
 
-    /// Picks the online node that meets `requirements` and is least loaded, counting the
-    /// tasks this replica placed since the node last reported. Ties go to the node with more
-    /// free slots, then to the lowest node id, so the choice is deterministic.
+    /// The most of this replica's work a node may hold: its slots plus the backlog.
+    fn capacity(&self, record: &NodeRecord) -> u32 {
+        let slots = record.info.slots.max(1);
+        slots.saturating_add(self.backlog.unwrap_or(slots))
+    }
+
+    /// Online nodes with their entries.
+    fn online(&self, now_ms: u64) -> impl Iterator<Item = (&NodeId, &NodeEntry, &NodeRecord)> {
+        self.nodes.iter().filter_map(move |(node, entry)| {
+            let record = entry.record.as_ref()?;
+            let online =
+                liveness::node_status(record, entry.live.as_ref(), now_ms) == NodeStatus::Online;
+            online.then_some((node, entry, record))
+        })
+    }
+
+    /// Picks the online node that meets `requirements`, has room for more of this replica's
+    /// work, and is least loaded. Ties go to the node with more free slots, then to the next
+    /// node after the last one chosen, so equal nodes share the work.
     pub fn place(&self, requirements: &Requirements, now_ms: u64) -> Placement {
         let mut any_online = false;
+        let mut any_matching = false;
         let mut best: Option<(&NodeId, Load)> = None;
-        for (node, entry) in &self.nodes {
-            let Some(record) = &entry.record else {
-                continue;
-            };
-            if liveness::node_status(record, entry.live.as_ref(), now_ms) != NodeStatus::Online {
-                continue;
-            }
+        for (node, entry, record) in self.online(now_ms) {
             any_online = true;
             if !meets(record, requirements) {
+                continue;
+            }
+            any_matching = true;
+            if entry.outstanding >= self.capacity(record) {
                 continue;
             }
             let running = entry
@@ -120,30 +161,127 @@ impl NodeView {
                 .as_ref()
                 .map_or(0, |live| live.metrics.running_tasks);
             let load = Load {
-                busy: running.saturating_add(entry.placed_since_heartbeat),
+                // Heartbeats count every replica's work; our own count is fresher.
+                busy: running.max(entry.outstanding),
                 slots: record.info.slots.max(1),
+                after_last: self.last_chosen.as_ref().is_none_or(|last| node > last),
             };
             if best
                 .as_ref()
-                .is_none_or(|(_, best_load)| load.less_than(best_load))
+                .is_none_or(|(_, best_load)| load.better_than(best_load))
             {
                 best = Some((node, load));
             }
         }
         match best {
             Some((node, _)) => Placement::Node(node.clone()),
+            None if any_matching => Placement::NodesFull,
             None if any_online => Placement::NoMatchingNode,
             None => Placement::NoLiveNode,
         }
     }
 
+    /// How many more tasks this replica could queue on online nodes right now, whatever
+    /// their requirements.
+    pub fn room(&self, now_ms: u64) -> u32 {
+        self.online(now_ms)
+            .map(|(_, entry, record)| self.capacity(record).saturating_sub(entry.outstanding))
+            .fold(0, u32::saturating_add)
+    }
+
+    /// Records that this replica dispatched attempt `attempt_id` to `node`; it counts against
+    /// the node's room until [`NodeView::finished`], or until `expires_at_ms`.
+    pub fn reserve(&mut self, node: &NodeId, attempt_id: String, expires_at_ms: u64) {
+        if !self.nodes.contains_key(node) {
+            return;
+        }
+        let outstanding = Outstanding {
+            node: node.clone(),
+            expires_at_ms,
+        };
+        if let Some(previous) = self.dispatched.insert(attempt_id, outstanding) {
+            // The same attempt reserved twice (a redelivered submission): count it once.
+            self.release_on(&previous.node);
+        }
+        if let Some(entry) = self.nodes.get_mut(node) {
+            entry.outstanding = entry.outstanding.saturating_add(1);
+        }
+        self.last_chosen = Some(node.clone());
+    }
+
+    /// Records that attempt `attempt_id` finished (or was never stored). True if it was one
+    /// of this replica's outstanding dispatches, so its node has room again.
+    pub fn finished(&mut self, attempt_id: &str) -> bool {
+        match self.dispatched.remove(attempt_id) {
+            Some(outstanding) => {
+                self.release_on(&outstanding.node);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release_on(&mut self, node: &NodeId) {
+        if let Some(entry) = self.nodes.get_mut(node) {
+            entry.outstanding = entry.outstanding.saturating_sub(1);
+        }
+        self.drop_if_empty(node);
+    }
+
+    /// Forgets this replica's outstanding dispatches, on `node` only or on every node: the
+    /// node was lost (its work is moved by recovery), or the replica may have missed results
+    /// (it reconnected). Returns how many were forgotten.
+    pub fn forget_outstanding(&mut self, node: Option<&NodeId>) -> usize {
+        let before = self.dispatched.len();
+        self.dispatched
+            .retain(|_, outstanding| node.is_some_and(|node| &outstanding.node != node));
+        self.recount();
+        before - self.dispatched.len()
+    }
+
+    /// Drops outstanding dispatches past their expiry; returns how many.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let before = self.dispatched.len();
+        self.dispatched
+            .retain(|_, outstanding| outstanding.expires_at_ms > now_ms);
+        let expired = before - self.dispatched.len();
+        if expired > 0 {
+            self.recount();
+        }
+        expired
+    }
+
+    /// Rebuilds the per-node counts from the outstanding dispatches.
+    fn recount(&mut self) {
+        for entry in self.nodes.values_mut() {
+            entry.outstanding = 0;
+        }
+        for outstanding in self.dispatched.values() {
+            if let Some(entry) = self.nodes.get_mut(&outstanding.node) {
+                entry.outstanding = entry.outstanding.saturating_add(1);
+            }
+        }
+        let empty: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, entry)| {
+                entry.record.is_none() && entry.live.is_none() && entry.outstanding == 0
+            })
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in empty {
+            self.nodes.remove(&node);
+        }
+    }
+
+    /// This replica's unfinished dispatches on `node`.
+    pub fn outstanding(&self, node: &NodeId) -> u32 {
+        self.nodes.get(node).map_or(0, |entry| entry.outstanding)
+    }
+
     /// Whether `node` is registered and online at `now_ms`.
     pub fn is_online(&self, node: &NodeId, now_ms: u64) -> bool {
-        self.nodes.get(node).is_some_and(|entry| {
-            entry.record.as_ref().is_some_and(|record| {
-                liveness::node_status(record, entry.live.as_ref(), now_ms) == NodeStatus::Online
-            })
-        })
+        self.online(now_ms).any(|(online, _, _)| online == node)
     }
 
     /// Registered nodes that are offline or have left: whatever is still queued for them
@@ -159,27 +297,31 @@ impl NodeView {
             .map(|(node, _)| node.clone())
             .collect()
     }
-
-    /// Records that this replica placed a task on `node`.
-    pub fn note_placed(&mut self, node: &NodeId) {
-        if let Some(entry) = self.nodes.get_mut(node) {
-            entry.placed_since_heartbeat = entry.placed_since_heartbeat.saturating_add(1);
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug)]
 struct Load {
     busy: u32,
     slots: u32,
+    /// Whether the node comes after the last one chosen, in id order.
+    after_last: bool,
 }
 
 impl Load {
-    /// Compares `busy / slots` without floating point: a/b < c/d ⇔ a·d < c·b.
-    fn less_than(&self, other: &Load) -> bool {
+    /// Lower `busy / slots` first (compared without floating point: a/b < c/d ⇔ a·d < c·b),
+    /// then more free slots, then a node after the last one chosen. Candidates are visited in
+    /// id order and only a strictly better one replaces the best, so among the rest the
+    /// lowest id wins: together, equal nodes are chosen in turn.
+    fn better_than(&self, other: &Load) -> bool {
         let mine = u64::from(self.busy) * u64::from(other.slots);
         let theirs = u64::from(other.busy) * u64::from(self.slots);
-        mine < theirs || (mine == theirs && self.free() > other.free())
+        if mine != theirs {
+            return mine < theirs;
+        }
+        if self.free() != other.free() {
+            return self.free() > other.free();
+        }
+        self.after_last && !other.after_last
     }
 
     fn free(&self) -> u32 {
@@ -229,6 +371,7 @@ mod tests {
                 slots,
                 agent_version: "0".into(),
                 labels: Default::default(),
+                incarnation: String::new(),
             },
             registered_at_ms: 0,
         }
@@ -305,35 +448,124 @@ mod tests {
         );
     }
 
+    /// Places one task and reserves it as the scheduler does; the node chosen.
+    fn place_one(view: &mut NodeView, task: usize) -> Option<NodeId> {
+        match view.place(&Requirements::default(), NOW) {
+            Placement::Node(node) => {
+                view.reserve(&node, format!("t{task}.1"), NOW + 60_000);
+                Some(node)
+            }
+            _ => None,
+        }
+    }
+
     #[test]
     fn placements_spread_before_the_next_heartbeat() {
         let mut view = view(&[("a", 2, 2, 0), ("b", 2, 2, 0)]);
         let mut counts = BTreeMap::new();
-        for _ in 0..10 {
-            let Placement::Node(node) = view.place(&Requirements::default(), NOW) else {
-                panic!("no placement");
-            };
-            view.note_placed(&node);
+        for task in 0..8 {
+            let node = place_one(&mut view, task).expect("a placement");
             *counts.entry(node).or_insert(0) += 1;
         }
-        assert_eq!(counts.get(&id("a")), Some(&5));
-        assert_eq!(counts.get(&id("b")), Some(&5));
+        assert_eq!(counts.get(&id("a")), Some(&4));
+        assert_eq!(counts.get(&id("b")), Some(&4));
     }
 
     #[test]
-    fn a_heartbeat_resets_the_local_placement_count() {
-        let mut view = view(&[("a", 2, 2, 0), ("b", 2, 2, 0)]);
-        view.note_placed(&id("a"));
-        view.note_placed(&id("a"));
+    fn a_node_is_given_no_more_than_its_slots_plus_the_backlog() {
+        // 757 tasks waiting and one node that just came: it gets 2 slots + 2 backlog, and
+        // the rest stays in the queue for nodes that come a moment later.
+        let mut view = view(&[("first", 2, 2, 0)]);
+        let placed = (0..757)
+            .map_while(|task| place_one(&mut view, task))
+            .count();
+        assert_eq!(placed, 4);
         assert_eq!(
             view.place(&Requirements::default(), NOW),
-            Placement::Node(id("b"))
+            Placement::NodesFull
         );
+        assert_eq!(view.room(NOW), 0);
+
+        // A second node arriving gets its share at once.
+        view.apply(NodeChange::Registered(record("second", 2, 2)));
+        view.apply(NodeChange::Heartbeat(id("second"), live(0, NOW)));
+        assert_eq!(view.room(NOW), 4);
+        assert_eq!(place_one(&mut view, 1_000), Some(id("second")));
+    }
+
+    #[test]
+    fn the_backlog_is_configurable() {
+        let mut view = NodeView::new(Some(0));
+        view.apply(NodeChange::Registered(record("a", 4, 4)));
         view.apply(NodeChange::Heartbeat(id("a"), live(0, NOW)));
-        assert_eq!(
-            view.place(&Requirements::default(), NOW),
-            Placement::Node(id("a"))
-        );
+        assert_eq!(view.room(NOW), 4);
+        let placed = (0..10).map_while(|task| place_one(&mut view, task)).count();
+        assert_eq!(placed, 4);
+    }
+
+    #[test]
+    fn a_finished_task_makes_room_and_only_our_own_count() {
+        let mut view = view(&[("a", 1, 1, 0)]);
+        assert_eq!(place_one(&mut view, 1), Some(id("a")));
+        assert_eq!(place_one(&mut view, 2), Some(id("a")));
+        assert_eq!(place_one(&mut view, 3), None);
+        // A result of another replica's dispatch changes nothing.
+        assert!(!view.finished("someone-else.1"));
+        assert_eq!(view.room(NOW), 0);
+        assert!(view.finished("t1.1"));
+        assert!(!view.finished("t1.1"), "each attempt finishes once");
+        assert_eq!(view.room(NOW), 1);
+        assert_eq!(place_one(&mut view, 3), Some(id("a")));
+    }
+
+    #[test]
+    fn the_same_attempt_reserved_twice_counts_once() {
+        let mut view = view(&[("a", 1, 1, 0)]);
+        view.reserve(&id("a"), "t.1".into(), NOW + 1);
+        view.reserve(&id("a"), "t.1".into(), NOW + 1);
+        assert_eq!(view.outstanding(&id("a")), 1);
+    }
+
+    #[test]
+    fn outstanding_work_expires_and_can_be_forgotten() {
+        let mut view = view(&[("a", 2, 2, 0), ("b", 2, 2, 0)]);
+        view.reserve(&id("a"), "old.1".into(), NOW + 10);
+        view.reserve(&id("a"), "new.1".into(), NOW + 1_000);
+        view.reserve(&id("b"), "other.1".into(), NOW + 1_000);
+        assert_eq!(view.expire(NOW + 10), 1);
+        assert_eq!(view.outstanding(&id("a")), 1);
+        assert_eq!(view.forget_outstanding(Some(&id("a"))), 1);
+        assert_eq!(view.outstanding(&id("a")), 0);
+        assert_eq!(view.outstanding(&id("b")), 1);
+        assert_eq!(view.forget_outstanding(None), 1);
+        assert_eq!(view.room(NOW), 8);
+    }
+
+    #[test]
+    fn equal_nodes_take_turns() {
+        // One task at a time, each finished before the next: with ties going to the lowest
+        // id, node "a" would run all of them.
+        let mut view = view(&[
+            ("a", 2, 2, 0),
+            ("b", 2, 2, 0),
+            ("c", 2, 2, 0),
+            ("d", 2, 2, 0),
+        ]);
+        let mut chosen = Vec::new();
+        for task in 0..8 {
+            let node = place_one(&mut view, task).expect("a placement");
+            assert!(view.finished(&format!("t{task}.1")));
+            chosen.push(node.to_string());
+        }
+        assert_eq!(chosen, ["a", "b", "c", "d", "a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn heartbeat_load_counts_when_it_is_higher_than_our_own() {
+        // Another replica's work shows only in the heartbeat.
+        let mut view = view(&[("a", 2, 2, 2), ("b", 2, 2, 0)]);
+        assert_eq!(place_one(&mut view, 1), Some(id("b")));
+        assert_eq!(place_one(&mut view, 2), Some(id("b")));
     }
 
     #[test]
@@ -384,7 +616,7 @@ mod tests {
         assert_eq!(view.summaries(NOW).len(), 1);
         view.apply(NodeChange::Forgotten(id("a")));
         assert!(view.summaries(NOW).is_empty());
-        assert!(!view.is_registered(&id("a")));
+        assert!(view.registration(&id("a")).is_none());
         view.apply(NodeChange::LivenessCleared(id("a")));
         assert_eq!(
             view.place(&Requirements::default(), NOW),

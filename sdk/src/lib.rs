@@ -19,7 +19,8 @@
 
 mod error;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +43,36 @@ pub use apiary_proto::message::{TaskError, TaskErrorKind};
 pub use error::{Error, TaskFailure};
 
 type Waiters = Arc<Mutex<HashMap<TaskId, oneshot::Sender<TaskResult>>>>;
+
+/// How many recently resolved task ids a client remembers, to tell a repeated result from a
+/// result for a handle that was dropped.
+const RESOLVED_MEMORY: usize = 16_384;
+
+/// What the result router counts, shared with the client.
+#[derive(Debug, Default)]
+struct RouterStats {
+    duplicates: AtomicU64,
+}
+
+/// The ids of the last [`RESOLVED_MEMORY`] tasks whose handles received their result.
+#[derive(Debug, Default)]
+struct Resolved {
+    order: VecDeque<TaskId>,
+    ids: HashSet<TaskId>,
+}
+
+impl Resolved {
+    fn insert(&mut self, id: TaskId) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > RESOLVED_MEMORY {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
+}
 
 /// A connection to an apiary cluster. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -67,6 +98,7 @@ struct Inner {
     /// Module digests known to be in the module store, so each is checked once.
     uploaded: Mutex<HashSet<String>>,
     router: tokio::task::JoinHandle<()>,
+    stats: Arc<RouterStats>,
 }
 
 impl Drop for Inner {
@@ -100,7 +132,8 @@ impl Client {
             .await
             .map_err(|err| Error::Transport(format!("failed to subscribe to {inbox}: {err}")))?;
         let waiters: Waiters = Arc::default();
-        let router = tokio::spawn(route_results(subscription, waiters.clone()));
+        let stats = Arc::new(RouterStats::default());
+        let router = tokio::spawn(route_results(subscription, waiters.clone(), stats.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 js: jetstream::new(nats.clone()),
@@ -110,6 +143,7 @@ impl Client {
                 waiters,
                 uploaded: Mutex::default(),
                 router,
+                stats,
             }),
         })
     }
@@ -117,6 +151,14 @@ impl Client {
     /// The underlying NATS connection.
     pub fn nats(&self) -> &async_nats::Client {
         &self.inner.nats
+    }
+
+    /// How many results arrived for a task whose handle already had its result, and were
+    /// dropped. The cluster executes a task at least once and may deliver a result more than
+    /// once (after a redelivery, or a server restart); a handle still resolves exactly once,
+    /// with the first result to arrive. Counted over the last 16,384 tasks resolved.
+    pub fn duplicate_results(&self) -> u64 {
+        self.inner.stats.duplicates.load(Ordering::Relaxed)
     }
 
     async fn topology(&self) -> Result<&Topology, Error> {
@@ -248,8 +290,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Hands each result that arrives on the client's inbox to the handle waiting for it. A
-/// result nobody waits for (a duplicate, or a handle that was dropped) is discarded.
-async fn route_results(mut subscription: async_nats::Subscriber, waiters: Waiters) {
+/// result nobody waits for (a duplicate, or a handle that was dropped) is discarded, and a
+/// duplicate is counted.
+async fn route_results(
+    mut subscription: async_nats::Subscriber,
+    waiters: Waiters,
+    stats: Arc<RouterStats>,
+) {
+    let mut resolved = Resolved::default();
     while let Some(message) = subscription.next().await {
         let result = match codec::decode_message::<TaskResult>(
             message.headers.as_ref(),
@@ -264,7 +312,12 @@ async fn route_results(mut subscription: async_nats::Subscriber, waiters: Waiter
         let waiter = lock(&waiters).remove(&result.task_id);
         match waiter {
             Some(waiter) => {
+                resolved.insert(result.task_id.clone());
                 let _ = waiter.send(result);
+            }
+            None if resolved.ids.contains(&result.task_id) => {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(task_id = %result.task_id, attempt = result.attempt, "dropping a repeated result");
             }
             None => tracing::debug!(task_id = %result.task_id, "result with no waiter"),
         }

@@ -1,0 +1,98 @@
+//! What the pulling jobs (intake, delivery) share: durable consumers, batches, and handing a
+//! batch back when the replica stops.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+/// Most submitted tasks one pull asks for; smaller when fewer permits are free.
+pub(crate) const PULL_BATCH: usize = 64;
+/// How long one pull request waits for messages before the next is sent; also how long a
+/// stopping replica keeps reading its last one.
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// The pause after a failed pull (the server is restarting, say).
+pub(crate) const PULL_RETRY: Duration = Duration::from_millis(500);
+
+/// Opens a durable pull consumer on `stream`, creating it or bringing its configuration up
+/// to date: the consumers are apiary's own, and every replica declares the same one.
+pub(crate) async fn open_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::Config,
+) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    js.get_stream(stream)
+        .await
+        .with_context(|| format!("failed to open stream {stream}"))?
+        .create_consumer(config)
+        .await
+        .with_context(|| format!("failed to open consumer {name} on {stream}"))
+}
+
+/// Asks for up to `size` messages. The server holds the request until it is full or expires
+/// ([`PULL_EXPIRES`]); the batch yields messages as they arrive.
+pub(crate) async fn next_batch(
+    consumer: &jetstream::consumer::PullConsumer,
+    size: usize,
+) -> Result<jetstream::consumer::pull::Batch, async_nats::Error> {
+    Ok(consumer
+        .batch()
+        .max_messages(size)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await?)
+}
+
+/// Reads a batch to its end when the replica stops, handing back whatever still arrives.
+/// The server holds a pull request until it expires; without this, a message it sends to a
+/// replica that has stopped listening would sit out the whole ack wait before anyone else
+/// could take it.
+async fn hand_back(batch: &mut jetstream::consumer::pull::Batch) {
+    let drained = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(1), async {
+        while let Some(Ok(message)) = batch.next().await {
+            message.ack_with(AckKind::Nak(None)).await.ok();
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::debug!("a pull request outlived its expiry while stopping");
+    }
+}
+
+/// What reading the next message of a batch gave.
+// Only ever a return value, moved once; boxing the message would cost an allocation per task.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Pulled {
+    Message(jetstream::Message),
+    /// The batch is full, expired or failed; ask for the next one.
+    BatchDone,
+    /// The replica is stopping; the batch has been handed back.
+    Stopped,
+}
+
+/// The next message of `batch`, unless the batch ends or `stop` comes first (then the batch
+/// is handed back before returning).
+pub(crate) async fn next_pulled(
+    batch: &mut jetstream::consumer::pull::Batch,
+    stop: &CancellationToken,
+    what: &str,
+) -> Pulled {
+    let message = tokio::select! {
+        _ = stop.cancelled() => {
+            hand_back(batch).await;
+            return Pulled::Stopped;
+        }
+        message = batch.next() => message,
+    };
+    match message {
+        Some(Ok(message)) => Pulled::Message(message),
+        Some(Err(err)) => {
+            tracing::warn!(error = %err, "error while pulling {what}");
+            Pulled::BatchDone
+        }
+        None => Pulled::BatchDone,
+    }
+}

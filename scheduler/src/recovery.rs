@@ -1,0 +1,268 @@
+//! Work lost with a node: moved to live nodes as new attempts, or reclaimed at once from a
+//! node's previous process when it restarts.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use apiary_proto::codec;
+use apiary_proto::message::{Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult};
+use apiary_proto::subject::{self, NodeVerb};
+use apiary_proto::{NodeId, now_ms, stored, topology};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::intake::reject;
+use crate::view::Placement;
+use crate::{Counters, Shared};
+
+/// Hands out again, at once, every task a node's previous process held: the node's consumer
+/// is deleted, and the agent's next pull creates it anew, which delivers everything still in
+/// the node's queue (a work-queue stream keeps only unfinished work) without waiting for the
+/// old deliveries' ack wait. The new process runs them under the same attempt numbers, so
+/// nothing is spent on a restart the cluster has seen.
+pub(crate) async fn reclaim_deliveries(shared: &Shared, node: &NodeId) -> anyhow::Result<()> {
+    let stream = shared
+        .js
+        .get_stream(topology::DISPATCH_STREAM)
+        .await
+        .context("failed to open the dispatch stream")?;
+    let name = topology::node_dispatch_consumer_name(node);
+    let held = match stream.consumer_info(&name).await {
+        Ok(info) => info.num_ack_pending,
+        // No consumer: the previous process never pulled, so it held nothing.
+        Err(_) => return Ok(()),
+    };
+    if held == 0 {
+        return Ok(());
+    }
+    stream
+        .delete_consumer(&name)
+        .await
+        .context("failed to delete the node's dispatch consumer")?;
+    tracing::info!(node_id = %node, held, "handed out again the tasks a node's previous process held");
+    Ok(())
+}
+
+/// Moves work off nodes that are offline or have left, once every heartbeat interval.
+///
+/// A lost node's work sits in its own consumer on `APIARY_DISPATCH`: tasks it never received,
+/// and tasks it received but never finished, which JetStream hands out again once their ack
+/// wait runs out (no more progress acks come from a dead agent). Every replica pulls from that
+/// consumer as the agent would, and places what it gets on another node with the next
+/// attempt number. Replicas share the consumer, so each task moves once. A node that comes
+/// back is simply online again and keeps whatever is still queued for it.
+pub(crate) async fn recover_lost_work(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let stream = shared
+        .js
+        .get_stream(topology::DISPATCH_STREAM)
+        .await
+        .context("failed to open the dispatch stream")?;
+    let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connects = shared.client.statistics().connects.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        tidy_outstanding(&shared, &mut connects);
+        let lost = shared.view().lost_nodes(now_ms());
+        for node in lost {
+            // Bounded, so that one lost reply (a server restart mid-fetch) cannot stall
+            // recovery for every other node.
+            let recovered =
+                tokio::time::timeout(RECOVERY_TIMEOUT, recover_node(&shared, &stream, &node)).await;
+            let error = match recovered {
+                Ok(Ok(())) => continue,
+                Ok(Err(err)) => format!("{err:#}"),
+                Err(_) => format!("no answer within {RECOVERY_TIMEOUT:?}"),
+            };
+            tracing::warn!(node_id = %node, error, "failed to recover work from a lost node");
+        }
+    }
+}
+
+/// Keeps the view's count of this replica's unfinished dispatches honest, once a tick: work
+/// on lost nodes is recovery's now; entries past their expiry go; and after a reconnect,
+/// when results may have been stored while this replica could not see them, every entry
+/// goes. Forgetting too much lets a node be given a little more than its backlog for a
+/// moment; remembering too much would keep it idle.
+fn tidy_outstanding(shared: &Shared, connects: &mut u64) {
+    let now = now_ms();
+    let reconnected = {
+        let current = shared.client.statistics().connects.load(Ordering::Relaxed);
+        std::mem::replace(connects, current) != current
+    };
+    let forgotten = shared.update(|view| {
+        let mut forgotten = view.expire(now);
+        if reconnected {
+            forgotten += view.forget_outstanding(None);
+        }
+        for node in view.lost_nodes(now) {
+            forgotten += view.forget_outstanding(Some(&node));
+        }
+        forgotten
+    });
+    if forgotten > 0 {
+        tracing::debug!(forgotten, reconnected, "forgot unfinished dispatches");
+    }
+}
+
+/// How many of a lost node's tasks one replica moves per round.
+const RECOVERY_BATCH: usize = 64;
+/// The longest one node's recovery round may take.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn recover_node(
+    shared: &Shared,
+    stream: &jetstream::stream::Stream,
+    node: &NodeId,
+) -> anyhow::Result<()> {
+    // Created if missing: a node that registered but died before making its consumer may
+    // still have had work placed on it.
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &topology::node_dispatch_consumer_name(node),
+            topology::node_dispatch_consumer(node, 1),
+        )
+        .await
+        .context("failed to open the node's dispatch consumer")?;
+    let info = consumer
+        .info()
+        .await
+        .context("failed to read the node's consumer")?;
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        return Ok(());
+    }
+    let mut batch = consumer
+        .fetch()
+        .max_messages(RECOVERY_BATCH)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .context("failed to fetch the node's queued work")?;
+    while let Some(message) = batch.next().await {
+        match message {
+            Ok(message) => move_dispatch(shared, node, message).await,
+            Err(err) => {
+                tracing::warn!(error = %err, "error while fetching a lost node's work");
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Places one task of a lost node elsewhere, or, once it has used up its attempts, stores a
+/// `node_lost` failure as its result. While no other node can take it, it stays where it
+/// is and is looked at again next round.
+async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Message) {
+    let dispatch =
+        match codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload) {
+            Ok((dispatch, _)) => dispatch,
+            Err(err) => {
+                reject(&message, &err.to_string()).await;
+                return;
+            }
+        };
+    let span = tracing::info_span!(
+        "task",
+        task_id = %dispatch.task.id,
+        attempt = dispatch.attempt,
+        lost_node = %lost,
+    );
+    async {
+        // The node may have come back between the look at the view and now (one late
+        // heartbeat): then its work stays with it, and no attempt is spent.
+        if shared.view().is_online(lost, now_ms()) {
+            message.ack_with(AckKind::Nak(None)).await.ok();
+            return;
+        }
+        let moved = if dispatch.attempt >= shared.config.max_attempts {
+            let result = node_lost_result(&dispatch, lost);
+            tracing::warn!("task failed: its nodes were lost on every attempt");
+            Counters::count(&shared.counters.tasks_lost);
+            // Its own message id: should the lost node finish after all (it was only cut
+            // off), its real result for this attempt is still stored and delivered too.
+            let msg_id = format!("{}.lost", result.msg_id());
+            let subject = subject::node(lost, NodeVerb::Result);
+            stored::publish(&shared.js, subject, &result.task_id, &msg_id, &result)
+                .await
+                .map(drop)
+        } else {
+            let next_attempt = dispatch.attempt + 1;
+            let placement = shared.place(
+                &dispatch.task.requirements,
+                apiary_proto::message::attempt_msg_id(&dispatch.task.id, next_attempt),
+                dispatch.task.limits.timeout_ms,
+            );
+            let Placement::Node(target) = placement else {
+                message
+                    .ack_with(AckKind::Nak(Some(shared.config.heartbeat_interval)))
+                    .await
+                    .ok();
+                return;
+            };
+            let next = Dispatch {
+                task: dispatch.task.clone(),
+                attempt: next_attempt,
+                dispatched_at_ms: now_ms(),
+            };
+            tracing::info!(node_id = %target, "moving a task off a lost node");
+            let stored = stored::dispatch(&shared.js, &target, &next).await;
+            match &stored {
+                Ok(stored) if !stored.duplicate => Counters::count(&shared.counters.tasks_moved),
+                _ => shared.unreserve(&next.msg_id()),
+            }
+            stored.map(drop)
+        };
+        match moved {
+            Ok(()) => {
+                if let Err(err) = message.double_ack().await {
+                    tracing::warn!(error = %err, "failed to acknowledge a moved task");
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "failed to move a task; retrying");
+                message
+                    .ack_with(AckKind::Nak(Some(shared.config.heartbeat_interval)))
+                    .await
+                    .ok();
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The result of a task whose every attempt was lost with its node. Stored on the lost node's
+/// result subject, so it reaches the submitter like any other result.
+fn node_lost_result(dispatch: &Dispatch, lost: &NodeId) -> TaskResult {
+    let now = now_ms();
+    TaskResult {
+        task_id: dispatch.task.id.clone(),
+        node_id: lost.clone(),
+        attempt: dispatch.attempt,
+        outcome: Outcome::Failed {
+            error: TaskError::new(
+                TaskErrorKind::NodeLost,
+                format!(
+                    "the task was placed {} times and each node was lost before it finished; \
+                     the last was {lost}",
+                    dispatch.attempt
+                ),
+            ),
+            stderr: Default::default(),
+        },
+        started_at_ms: now,
+        finished_at_ms: now,
+        reply_to: dispatch.task.reply_to.clone(),
+    }
+}

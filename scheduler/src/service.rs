@@ -1,0 +1,271 @@
+//! The replica's micro service endpoints: `register` and `heartbeat` for agents, `nodes-list`
+//! for everyone. Requests decode from either encoding and are answered in kind
+//! ([`rpc::serve`]).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use apiary_proto::message::{
+    ErrorBody, ErrorCode, Heartbeat, HeartbeatReply, NodeLiveness, NodeMetrics, NodeRecord,
+    NodeState, NodesListReply, NodesListRequest, RegisterReply, RegisterRequest, Reply,
+};
+use apiary_proto::subject::{self, NodeVerb};
+use apiary_proto::{NodeId, now_ms, rpc, topology};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::nodes::{decode_value, put_record};
+use crate::view::NodeChange;
+use crate::{Counters, SYNC_WAIT, Shared, recovery};
+
+/// Adds the endpoints to `service` and answers them on `tasks` until `stop`.
+pub(crate) async fn start(
+    service: &async_nats::service::Service,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let endpoint = |name: &'static str, subject: String| async move {
+        service
+            .endpoint_builder()
+            .name(name)
+            .add(subject)
+            .await
+            .map_err(|err| anyhow::anyhow!("failed to add the {name} endpoint: {err}"))
+    };
+    let register_endpoint =
+        endpoint("register", subject::all_nodes(NodeVerb::Register).into()).await?;
+    let heartbeat_endpoint =
+        endpoint("heartbeat", subject::all_nodes(NodeVerb::Heartbeat).into()).await?;
+    let list_endpoint = endpoint("nodes-list", subject::nodes_list().into()).await?;
+
+    let on_register = shared.clone();
+    tasks.spawn(
+        serve(register_endpoint, stop.clone(), move |node, request| {
+            register(on_register.clone(), node, request)
+        })
+        .in_current_span(),
+    );
+    let on_heartbeat = shared.clone();
+    tasks.spawn(
+        serve(heartbeat_endpoint, stop.clone(), move |node, request| {
+            heartbeat(on_heartbeat.clone(), node, request)
+        })
+        .in_current_span(),
+    );
+    let on_list = shared.clone();
+    tasks.spawn(
+        serve(list_endpoint, stop.clone(), move |_, request| {
+            list_nodes(on_list.clone(), request)
+        })
+        .in_current_span(),
+    );
+    Ok(())
+}
+
+/// Answers an endpoint's requests with `handler` until `stop` (see [`rpc::serve`]).
+async fn serve<Req, Resp, H, Fut>(
+    endpoint: async_nats::service::endpoint::Endpoint,
+    stop: CancellationToken,
+    handler: H,
+) -> anyhow::Result<()>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Fn(Option<NodeId>, Req) -> Fut,
+    Fut: Future<Output = Reply<Resp>>,
+{
+    tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        _ = rpc::serve(endpoint, handler) => anyhow::bail!("a service endpoint closed"),
+    }
+}
+
+/// The node named in the subject must be the node the body speaks for: server permissions
+/// fence nodes by subject, so the subject is the identity that counts.
+fn check_subject(subject_node: Option<NodeId>, body_node: &NodeId) -> Result<(), ErrorBody> {
+    match subject_node {
+        Some(node) if &node == body_node => Ok(()),
+        Some(node) => Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!("the body speaks for node {body_node} but was sent on node {node}'s subject"),
+        )),
+        None => Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "the subject names no node",
+        )),
+    }
+}
+
+/// The registration record the bucket holds for `node`, read from the server rather than
+/// the view, which may lag a registration another replica just stored.
+async fn stored_registration(
+    shared: &Shared,
+    node: &NodeId,
+) -> Result<Option<NodeRecord>, ErrorBody> {
+    let key = topology::node_info_key(node);
+    match shared.nodes.get(&key).await {
+        Ok(Some(value)) => Ok(decode_value(&key, &value)),
+        Ok(None) => Ok(None),
+        Err(err) => Err(ErrorBody::new(
+            ErrorCode::Internal,
+            format!("failed to read the node record: {err}"),
+        )),
+    }
+}
+
+/// Whether a registration comes from another process than the one registered before. An
+/// agent that predates incarnations sends none, and then nothing can be told.
+fn is_new_incarnation(previous: &NodeRecord, incoming: &str) -> bool {
+    !incoming.is_empty() && previous.info.incarnation != incoming
+}
+
+async fn register(
+    shared: Arc<Shared>,
+    subject_node: Option<NodeId>,
+    request: RegisterRequest,
+) -> Reply<RegisterReply> {
+    let node = request.node.node_id.clone();
+    let span = tracing::info_span!("register", node_id = %node);
+    async move {
+        if let Err(err) = check_subject(subject_node, &node) {
+            return Reply::Error(err);
+        }
+        let previous = match stored_registration(&shared, &node).await {
+            Ok(previous) => previous,
+            Err(err) => return Reply::Error(err),
+        };
+        if let Some(previous) = &previous
+            && is_new_incarnation(previous, &request.node.incarnation)
+        {
+            // The process that registered before is gone (or a second process claims the
+            // same node id, which the warning in the log makes loud). What it held is handed
+            // out again now, to the new process, instead of after the ack wait.
+            Counters::count(&shared.counters.node_restarts);
+            tracing::info!(
+                previous = %previous.info.incarnation,
+                incarnation = %request.node.incarnation,
+                "node restarted; reclaiming the work its previous process held"
+            );
+            if let Err(err) = recovery::reclaim_deliveries(&shared, &node).await {
+                tracing::warn!(error = %format!("{err:#}"), "failed to reclaim a restarted node's work; it returns after the ack wait");
+            }
+        }
+        let now = now_ms();
+        let record = NodeRecord {
+            info: request.node,
+            registered_at_ms: now,
+        };
+        let live = NodeLiveness {
+            last_seen_ms: now,
+            heartbeat_interval_ms: shared.heartbeat_interval_ms(),
+            seq: 0,
+            state: NodeState::Active,
+            metrics: NodeMetrics {
+                slots: record.info.slots,
+                ..NodeMetrics::default()
+            },
+        };
+        if let Err(err) = put_record(&shared, topology::node_info_key(&node), &record).await {
+            return Reply::Error(err);
+        }
+        if let Err(err) = put_record(&shared, topology::node_live_key(&node), &live).await {
+            return Reply::Error(err);
+        }
+        // Known to this replica at once; the bucket watch brings the same records back.
+        shared.apply(NodeChange::Registered(record.clone()));
+        shared.apply(NodeChange::Heartbeat(node.clone(), live));
+        Counters::count(&shared.counters.nodes_registered);
+        tracing::info!(
+            hostname = %record.info.hostname,
+            arch = %record.info.arch,
+            cores = record.info.cpu_cores,
+            slots = record.info.slots,
+            incarnation = %record.info.incarnation,
+            "node registered"
+        );
+        Reply::Ok(RegisterReply {
+            node_id: node,
+            heartbeat_interval_ms: shared.heartbeat_interval_ms(),
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+/// Whether this replica can place work on the heartbeat's sender: the view holds a
+/// registration of the sender's incarnation. A view that lacks it, or holds another
+/// incarnation's, is checked against the bucket first and brought up to date, so the answer
+/// and the view always agree.
+async fn knows_sender(shared: &Shared, heartbeat: &Heartbeat) -> Result<bool, ErrorBody> {
+    let node = &heartbeat.node_id;
+    let matches = |record: &NodeRecord| {
+        heartbeat.incarnation.is_empty() || !is_new_incarnation(record, &heartbeat.incarnation)
+    };
+    if shared.view().registration(node).is_some_and(matches) {
+        return Ok(true);
+    }
+    // A replica that is still reading the bucket answers from the bucket.
+    shared.wait_synced(SYNC_WAIT).await;
+    let Some(record) = stored_registration(shared, node).await? else {
+        return Ok(false);
+    };
+    let known = matches(&record);
+    if !known {
+        tracing::warn!(
+            node_id = %node,
+            registered = %record.info.incarnation,
+            heartbeat = %heartbeat.incarnation,
+            "a heartbeat from another process than the registered one; is the node id used twice?"
+        );
+    }
+    shared.apply(NodeChange::Registered(record));
+    Ok(known)
+}
+
+async fn heartbeat(
+    shared: Arc<Shared>,
+    subject_node: Option<NodeId>,
+    heartbeat: Heartbeat,
+) -> Reply<HeartbeatReply> {
+    let node = heartbeat.node_id.clone();
+    if let Err(err) = check_subject(subject_node, &node) {
+        return Reply::Error(err);
+    }
+    match knows_sender(&shared, &heartbeat).await {
+        Ok(true) => {}
+        Ok(false) => {
+            Counters::count(&shared.counters.heartbeats_refused);
+            tracing::debug!(node_id = %node, "heartbeat from an unregistered node");
+            return Reply::Ok(HeartbeatReply { registered: false });
+        }
+        Err(err) => return Reply::Error(err),
+    }
+    let live = NodeLiveness {
+        last_seen_ms: now_ms(),
+        heartbeat_interval_ms: shared.heartbeat_interval_ms(),
+        seq: heartbeat.seq,
+        state: heartbeat.state,
+        metrics: heartbeat.metrics,
+    };
+    if heartbeat.state == NodeState::Leaving {
+        tracing::info!(node_id = %node, "node leaving");
+    }
+    if let Err(err) = put_record(&shared, topology::node_live_key(&node), &live).await {
+        return Reply::Error(err);
+    }
+    shared.apply(NodeChange::Heartbeat(node, live));
+    Reply::Ok(HeartbeatReply { registered: true })
+}
+
+async fn list_nodes(shared: Arc<Shared>, request: NodesListRequest) -> Reply<NodesListReply> {
+    shared.wait_synced(SYNC_WAIT).await;
+    let mut nodes = shared.view().summaries(now_ms());
+    if let Some(status) = request.status {
+        nodes.retain(|node| node.status == status);
+    }
+    Reply::Ok(NodesListReply { nodes })
+}
