@@ -42,6 +42,16 @@ pub const ACK_WAIT: Duration = Duration::from_secs(30);
 /// sends a progress ack, so the ack wait never runs out under it.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The ack wait of the scheduler replicas' shared consumers (submissions, results). A replica
+/// places or delivers a message within milliseconds, so a short wait costs nothing, and what
+/// a replica held when it was killed goes to another replica within seconds rather than
+/// after [`ACK_WAIT`].
+pub const SCHEDULER_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a replica holding a submission for long (every node that can run it is full)
+/// sends a progress ack, well within [`SCHEDULER_ACK_WAIT`].
+pub const SCHEDULER_PROGRESS_INTERVAL: Duration = Duration::from_millis(1500);
+
 /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -141,7 +151,7 @@ pub fn scheduler_tasks_consumer() -> consumer::pull::Config {
         durable_name: Some(SCHEDULER_TASKS_CONSUMER.into()),
         description: Some("apiary schedulers: place submitted tasks".into()),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: ACK_WAIT,
+        ack_wait: SCHEDULER_ACK_WAIT,
         max_deliver: -1,
         max_ack_pending: SCHEDULER_MAX_ACK_PENDING,
         ..Default::default()
@@ -158,7 +168,7 @@ pub fn scheduler_results_consumer() -> consumer::pull::Config {
         durable_name: Some(SCHEDULER_RESULTS_CONSUMER.into()),
         description: Some("apiary schedulers: deliver task results".into()),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: ACK_WAIT,
+        ack_wait: SCHEDULER_ACK_WAIT,
         max_deliver: -1,
         max_ack_pending: 1024,
         ..Default::default()
@@ -340,6 +350,7 @@ mod tests {
     #[test]
     fn progress_acks_come_well_within_the_ack_wait() {
         assert!(PROGRESS_INTERVAL * 2 < ACK_WAIT);
+        assert!(SCHEDULER_PROGRESS_INTERVAL * 3 < SCHEDULER_ACK_WAIT);
     }
 
     #[test]

@@ -257,8 +257,8 @@ async fn wait_for_node(
     // The first tick one period from now: an interval's immediate first tick still waits for
     // the timer wheel (about a millisecond), which would sit on every task's path.
     let mut progress = tokio::time::interval_at(
-        tokio::time::Instant::now() + topology::PROGRESS_INTERVAL,
-        topology::PROGRESS_INTERVAL,
+        tokio::time::Instant::now() + topology::SCHEDULER_PROGRESS_INTERVAL,
+        topology::SCHEDULER_PROGRESS_INTERVAL,
     );
     loop {
         let placement = shared.place(

@@ -17,10 +17,10 @@
 //! the client, the scheduler and any node. Modules are uploaded once to the cluster's module
 //! store, named by their SHA-256, and later submits of the same module send only the name.
 
+mod catch_up;
 mod error;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,16 +42,61 @@ use tracing::Instrument as _;
 pub use apiary_proto::message::{TaskError, TaskErrorKind};
 pub use error::{Error, TaskFailure};
 
-type Waiters = Arc<Mutex<HashMap<TaskId, oneshot::Sender<TaskResult>>>>;
-
 /// How many recently resolved task ids a client remembers, to tell a repeated result from a
 /// result for a handle that was dropped.
 const RESOLVED_MEMORY: usize = 16_384;
 
-/// What the result router counts, shared with the client.
+type Routes = Arc<Mutex<Routing>>;
+
+/// Where results go: the handles waiting for them. Shared by the inbox router and the
+/// catch-up after a reconnect, so a result reaches its handle once whichever path brings it.
 #[derive(Debug, Default)]
-struct RouterStats {
-    duplicates: AtomicU64,
+struct Routing {
+    waiters: HashMap<TaskId, Waiter>,
+    resolved: Resolved,
+    duplicates: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    sender: oneshot::Sender<TaskResult>,
+    submitted_at_ms: u64,
+}
+
+impl Routing {
+    /// Hands `result` to the handle waiting for it. A result nobody waits for (a duplicate,
+    /// or a handle that was dropped) is discarded, and a duplicate is counted. True if a
+    /// handle took it.
+    fn deliver(&mut self, result: TaskResult) -> bool {
+        match self.waiters.remove(&result.task_id) {
+            Some(waiter) => {
+                self.resolved.insert(result.task_id.clone());
+                let _ = waiter.sender.send(result);
+                true
+            }
+            None if self.resolved.ids.contains(&result.task_id) => {
+                self.duplicates += 1;
+                tracing::debug!(task_id = %result.task_id, attempt = result.attempt, "dropping a repeated result");
+                false
+            }
+            None => {
+                tracing::debug!(task_id = %result.task_id, "result with no waiter");
+                false
+            }
+        }
+    }
+
+    fn is_waiting_for(&self, task: &TaskId) -> bool {
+        self.waiters.contains_key(task)
+    }
+
+    /// When the oldest task still waiting for its result was submitted.
+    fn oldest_waiting_ms(&self) -> Option<u64> {
+        self.waiters
+            .values()
+            .map(|waiter| waiter.submitted_at_ms)
+            .min()
+    }
 }
 
 /// The ids of the last [`RESOLVED_MEMORY`] tasks whose handles received their result.
@@ -94,19 +139,20 @@ struct Inner {
     topology: OnceCell<Topology>,
     /// Where the scheduler delivers this client's results.
     inbox: String,
-    waiters: Waiters,
+    routes: Routes,
     /// Module digests known to be in the module store, so each is checked once.
     uploaded: Mutex<HashSet<String>>,
     router: tokio::task::JoinHandle<()>,
-    stats: Arc<RouterStats>,
+    catch_up: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.router.abort();
+        self.catch_up.abort();
         // Handles may outlive the client: dropping their senders wakes them with
         // `Error::Disconnected` instead of leaving them pending forever.
-        lock(&self.waiters).clear();
+        lock(&self.routes).waiters.clear();
     }
 }
 
@@ -131,19 +177,24 @@ impl Client {
             .subscribe(inbox.clone())
             .await
             .map_err(|err| Error::Transport(format!("failed to subscribe to {inbox}: {err}")))?;
-        let waiters: Waiters = Arc::default();
-        let stats = Arc::new(RouterStats::default());
-        let router = tokio::spawn(route_results(subscription, waiters.clone(), stats.clone()));
+        let routes: Routes = Arc::default();
+        let js = jetstream::new(nats.clone());
+        let router = tokio::spawn(route_results(subscription, routes.clone()));
+        let catch_up = tokio::spawn(catch_up::after_reconnects(
+            nats.clone(),
+            js.clone(),
+            routes.clone(),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
-                js: jetstream::new(nats.clone()),
+                js,
                 nats,
                 topology: OnceCell::new(),
                 inbox,
-                waiters,
+                routes,
                 uploaded: Mutex::default(),
                 router,
-                stats,
+                catch_up,
             }),
         })
     }
@@ -158,7 +209,7 @@ impl Client {
     /// once (after a redelivery, or a server restart); a handle still resolves exactly once,
     /// with the first result to arrive. Counted over the last 16,384 tasks resolved.
     pub fn duplicate_results(&self) -> u64 {
-        self.inner.stats.duplicates.load(Ordering::Relaxed)
+        lock(&self.inner.routes).duplicates
     }
 
     async fn topology(&self) -> Result<&Topology, Error> {
@@ -221,11 +272,15 @@ impl Client {
             tracing::debug_span!("submit", task_id = %id, module = %submission.module.sha256);
         // Listen before publishing: the result can arrive before `publish` returns.
         let (sender, receiver) = oneshot::channel();
-        lock(&self.inner.waiters).insert(id.clone(), sender);
+        let waiter = Waiter {
+            sender,
+            submitted_at_ms: submission.submitted_at_ms,
+        };
+        lock(&self.inner.routes).waiters.insert(id.clone(), waiter);
         let handle = TaskHandle {
             id,
             receiver,
-            waiters: self.inner.waiters.clone(),
+            routes: self.inner.routes.clone(),
         };
         async {
             stored::submission(&self.inner.js, &submission)
@@ -289,41 +344,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Hands each result that arrives on the client's inbox to the handle waiting for it. A
-/// result nobody waits for (a duplicate, or a handle that was dropped) is discarded, and a
-/// duplicate is counted.
-async fn route_results(
-    mut subscription: async_nats::Subscriber,
-    waiters: Waiters,
-    stats: Arc<RouterStats>,
-) {
-    let mut resolved = Resolved::default();
+/// Hands each result that arrives on the client's inbox to the handle waiting for it.
+async fn route_results(mut subscription: async_nats::Subscriber, routes: Routes) {
     while let Some(message) = subscription.next().await {
-        let result = match codec::decode_message::<TaskResult>(
-            message.headers.as_ref(),
-            &message.payload,
-        ) {
-            Ok((result, _)) => result,
+        match codec::decode_message::<TaskResult>(message.headers.as_ref(), &message.payload) {
+            Ok((result, _)) => {
+                lock(&routes).deliver(result);
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "ignoring a malformed message on the result inbox");
-                continue;
             }
-        };
-        let waiter = lock(&waiters).remove(&result.task_id);
-        match waiter {
-            Some(waiter) => {
-                resolved.insert(result.task_id.clone());
-                let _ = waiter.send(result);
-            }
-            None if resolved.ids.contains(&result.task_id) => {
-                stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(task_id = %result.task_id, attempt = result.attempt, "dropping a repeated result");
-            }
-            None => tracing::debug!(task_id = %result.task_id, "result with no waiter"),
         }
     }
     // The subscription ended (the connection closed for good): no result can arrive now.
-    lock(&waiters).clear();
+    lock(&routes).waiters.clear();
 }
 
 /// Where a task's module comes from.
@@ -397,12 +431,12 @@ impl Task {
 pub struct TaskHandle {
     id: TaskId,
     receiver: oneshot::Receiver<TaskResult>,
-    waiters: Waiters,
+    routes: Routes,
 }
 
 impl Drop for TaskHandle {
     fn drop(&mut self) {
-        lock(&self.waiters).remove(&self.id);
+        lock(&self.routes).waiters.remove(&self.id);
     }
 }
 
