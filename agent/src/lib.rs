@@ -126,10 +126,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .in_current_span(),
         ));
 
-        let Some(registration) =
-            register_until_accepted(&client, &info, &config, &shutdown).await?
-        else {
-            return Ok(());
+        let registration = match register_until_accepted(&client, &info, &config, &shutdown).await {
+            Ok(Some(registration)) => registration,
+            // Refused, or told to stop first: the service goes with the agent, so nothing
+            // keeps answering for a node that is not there.
+            outcome => {
+                status.abort();
+                service.stop().await.ok();
+                return outcome.map(drop);
+            }
         };
         agent
             .heartbeat_interval_ms
@@ -341,9 +346,8 @@ async fn work_loop(
     stop: &CancellationToken,
 ) -> (anyhow::Result<()>, JoinSet<()>) {
     let mut running = JoinSet::new();
-    let mut messages = match dispatched_tasks(&agent).await {
-        Ok(messages) => messages,
-        Err(err) => return (Err(err), running),
+    let Some(mut messages) = dispatched_tasks(&agent, stop).await else {
+        return (Ok(()), running);
     };
     let outcome = loop {
         // Reap finished tasks so the set does not grow with every task ever run.
@@ -372,7 +376,36 @@ async fn work_loop(
     (outcome, running)
 }
 
-async fn dispatched_tasks(agent: &Agent) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+/// Opens this node's dispatch consumer and starts pulling, retrying until it works or
+/// `stop` (then `None`). Creating the consumer can fail for a moment while a scheduler
+/// recreates it for this node's new incarnation, or while the server restarts; neither is a
+/// reason for the agent to exit.
+async fn dispatched_tasks(
+    agent: &Agent,
+    stop: &CancellationToken,
+) -> Option<jetstream::consumer::pull::Stream> {
+    let mut backoff = Duration::from_millis(50);
+    let mut warned = false;
+    loop {
+        match open_dispatched_tasks(agent).await {
+            Ok(messages) => return Some(messages),
+            Err(err) if !warned => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot pull dispatched tasks yet; retrying");
+                warned = true;
+            }
+            Err(err) => {
+                tracing::debug!(error = %format!("{err:#}"), "still cannot pull dispatched tasks")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn open_dispatched_tasks(agent: &Agent) -> anyhow::Result<jetstream::consumer::pull::Stream> {
     let consumer: jetstream::consumer::PullConsumer = agent
         .js
         .get_stream(topology::DISPATCH_STREAM)

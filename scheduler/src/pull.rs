@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 pub(crate) const PULL_BATCH: usize = 64;
 /// How long one pull request waits for messages before the next is sent; also how long a
 /// stopping replica keeps reading its last one.
-pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(2);
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long past its expiry a pull request is still read. A request dies with the server
+/// that held it (a restart), and nothing then ends it; the client library would give up
+/// only five seconds after its expiry, stalling the replica that long after every restart.
+const PULL_GRACE: Duration = Duration::from_millis(500);
 /// The pause after a failed pull (the server is restarting, say).
 pub(crate) const PULL_RETRY: Duration = Duration::from_millis(500);
 
@@ -32,27 +36,35 @@ pub(crate) async fn open_consumer(
         .with_context(|| format!("failed to open consumer {name} on {stream}"))
 }
 
+/// One pull request: the messages it brings, and when it is given up on.
+pub(crate) struct Pull {
+    batch: jetstream::consumer::pull::Batch,
+    give_up_at: tokio::time::Instant,
+}
+
 /// Asks for up to `size` messages. The server holds the request until it is full or expires
 /// ([`PULL_EXPIRES`]); the batch yields messages as they arrive.
 pub(crate) async fn next_batch(
     consumer: &jetstream::consumer::PullConsumer,
     size: usize,
-) -> Result<jetstream::consumer::pull::Batch, async_nats::Error> {
-    Ok(consumer
+) -> Result<Pull, async_nats::Error> {
+    let give_up_at = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
+    let batch = consumer
         .batch()
         .max_messages(size)
         .expires(PULL_EXPIRES)
         .messages()
-        .await?)
+        .await?;
+    Ok(Pull { batch, give_up_at })
 }
 
 /// Reads a batch to its end when the replica stops, handing back whatever still arrives.
 /// The server holds a pull request until it expires; without this, a message it sends to a
 /// replica that has stopped listening would sit out the whole ack wait before anyone else
 /// could take it.
-async fn hand_back(batch: &mut jetstream::consumer::pull::Batch) {
-    let drained = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(1), async {
-        while let Some(Ok(message)) = batch.next().await {
+async fn hand_back(pull: &mut Pull) {
+    let drained = tokio::time::timeout_at(pull.give_up_at, async {
+        while let Some(Ok(message)) = pull.batch.next().await {
             message.ack_with(AckKind::Nak(None)).await.ok();
         }
     })
@@ -73,19 +85,21 @@ pub(crate) enum Pulled {
     Stopped,
 }
 
-/// The next message of `batch`, unless the batch ends or `stop` comes first (then the batch
-/// is handed back before returning).
-pub(crate) async fn next_pulled(
-    batch: &mut jetstream::consumer::pull::Batch,
-    stop: &CancellationToken,
-    what: &str,
-) -> Pulled {
+/// The next message of `pull`, unless the batch ends, outlives its expiry, or `stop` comes
+/// first (then the batch is handed back before returning).
+pub(crate) async fn next_pulled(pull: &mut Pull, stop: &CancellationToken, what: &str) -> Pulled {
     let message = tokio::select! {
         _ = stop.cancelled() => {
-            hand_back(batch).await;
+            hand_back(pull).await;
             return Pulled::Stopped;
         }
-        message = batch.next() => message,
+        message = tokio::time::timeout_at(pull.give_up_at, pull.batch.next()) => message,
+    };
+    let Ok(message) = message else {
+        tracing::debug!(
+            "a pull request for {what} outlived its expiry; the server may have restarted"
+        );
+        return Pulled::BatchDone;
     };
     match message {
         Some(Ok(message)) => Pulled::Message(message),

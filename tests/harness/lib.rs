@@ -4,22 +4,31 @@
 //! Nothing here mocks the bus. Waiting is done on events (KV watches, subscriptions, task
 //! results) with timeouts; where the only signal is a state that must be read (a node going
 //! offline is the absence of heartbeats), [`eventually`] re-reads it until a deadline.
+//!
+//! Each component connects through its own [`relay::Relay`], so that [`Component::crash`]
+//! drops its connection the way the death of a process would.
 
+pub mod relay;
+
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use apiary_agent::AgentConfig;
 use apiary_cli::broker::{BrokerOptions, DEV_CONFIG, NatsServer};
-use apiary_proto::message::{NodeLiveness, NodeState};
+use apiary_proto::message::{NodeLiveness, NodeRecord, NodeState, TaskResult};
+use apiary_proto::topology::NodeKey;
 use apiary_proto::{Encoding, NodeId, topology};
 use apiary_scheduler::SchedulerConfig;
+use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::relay::Relay;
 
 /// Generous bound for anything that should happen "soon": slow CI machines must not fail
 /// tests, and a hang still ends.
@@ -28,11 +37,11 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// The heartbeat interval tests run with unless they choose another.
 pub const FAST_HEARTBEAT: Duration = Duration::from_millis(200);
 
-/// Whether the slow suites run: `APIARY_SLOW_TESTS=1`. They wait out real JetStream timers
-/// (the 30 s ack wait) and are skipped, with a message, otherwise.
-pub fn slow_tests_enabled() -> bool {
-    std::env::var("APIARY_SLOW_TESTS").is_ok_and(|value| value == "1")
-}
+/// How long an inbox must stay silent before a reader concludes that nothing more is coming.
+/// A repeat of a result follows the original within milliseconds when it comes from a
+/// redelivery already under way, so a second and a half of silence is ample; a repeat that
+/// waits out the ack wait is the business of the tests that wait for it.
+pub const QUIET: Duration = Duration::from_millis(1500);
 
 /// Installs a log subscriber once per test binary; `APIARY_LOG=debug` shows what happened.
 pub fn init_logging() {
@@ -52,8 +61,9 @@ pub fn init_logging() {
 pub struct Stack {
     pub server: NatsServer,
     pub heartbeat_interval: Duration,
-    /// Scheduler replicas started so far, for the readiness check of the next one.
-    schedulers: AtomicUsize,
+    /// The micro service ids of the scheduler replicas started so far: a replica is ready
+    /// when an id not among these lists all its endpoints.
+    schedulers: Mutex<HashSet<String>>,
 }
 
 impl Stack {
@@ -73,7 +83,7 @@ impl Stack {
         Self {
             server,
             heartbeat_interval,
-            schedulers: AtomicUsize::new(0),
+            schedulers: Mutex::default(),
         }
     }
 
@@ -144,51 +154,87 @@ impl Stack {
         self.spawn_scheduler_with(self.scheduler_config()).await
     }
 
-    /// Starts a scheduler replica and returns once it answers on its request subjects: once
-    /// as many replicas as this stack has started list all their endpoints in reply to the
-    /// NATS micro protocol's INFO. (A replica answers pings before its endpoints exist, and
-    /// with several replicas any one of them may answer, so a single ping proves nothing.)
-    pub async fn spawn_scheduler_with(&self, config: SchedulerConfig) -> Component {
-        let expected = self.schedulers.fetch_add(1, Ordering::SeqCst) + 1;
-        let scheduler =
+    /// Starts a scheduler replica and returns once it answers on its request subjects: once a
+    /// replica this stack has not seen before lists all its endpoints in reply to the NATS
+    /// micro protocol's INFO. (A replica answers pings before its endpoints exist, and with
+    /// several replicas any one of them may answer, so a single ping proves nothing.)
+    pub async fn spawn_scheduler_with(&self, mut config: SchedulerConfig) -> Component {
+        let relay = Relay::start(&config.nats_url);
+        config.nats_url = relay.url().to_owned();
+        let mut scheduler =
             Component::spawn("scheduler", move |stop| apiary_scheduler::run(config, stop));
+        scheduler.relay = Some(relay);
+        let known = lock(&self.schedulers).clone();
         let nats = self.nats().await;
         let info = format!("$SRV.INFO.{}", apiary_scheduler::SERVICE_NAME);
-        eventually(PATIENCE, "every scheduler replica to serve", || async {
+        let id = eventually(PATIENCE, "the new scheduler replica to serve", || async {
             let inbox = nats.new_inbox();
             let mut replies = nats.subscribe(inbox.clone()).await.ok()?;
             nats.publish_with_reply(info.clone(), inbox, Bytes::new())
                 .await
                 .ok()?;
-            let mut ready = std::collections::HashSet::new();
-            // Replies arrive within milliseconds; a late one is caught by the next round.
-            let window = tokio::time::sleep(Duration::from_millis(100));
-            tokio::pin!(window);
+            // Replies arrive within milliseconds; one that misses this round is asked for
+            // again in the next.
+            let round = tokio::time::sleep(Duration::from_millis(100));
+            tokio::pin!(round);
             loop {
                 tokio::select! {
-                    _ = &mut window => break,
+                    _ = &mut round => return None,
                     reply = replies.next() => {
                         let reply = reply?;
-                        let value: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+                        let value: serde_json::Value =
+                            serde_json::from_slice(&reply.payload).ok()?;
+                        let id = value["id"].as_str()?;
                         let endpoints = value["endpoints"].as_array().map_or(0, Vec::len);
-                        if endpoints >= 3 {
-                            ready.insert(value["id"].as_str()?.to_owned());
+                        if endpoints >= 3 && !known.contains(id) {
+                            return Some(id.to_owned());
                         }
                     }
                 }
             }
-            (ready.len() >= expected).then_some(())
         })
         .await;
+        lock(&self.schedulers).insert(id.clone());
+        scheduler.service_id = Some(id);
         scheduler
+    }
+
+    /// The counters a scheduler replica reports in every endpoint's `data` in reply to the
+    /// NATS micro protocol's STATS (`nats micro stats apiary-scheduler`), asked of that
+    /// replica alone. A replica that has stopped no longer answers: read them before.
+    pub async fn scheduler_counters(&self, replica: &Component) -> SchedulerCounters {
+        let id = replica
+            .service_id
+            .as_deref()
+            .expect("a scheduler replica started by the stack");
+        let subject = format!("$SRV.STATS.{}.{id}", apiary_scheduler::SERVICE_NAME);
+        let reply = within(
+            PATIENCE,
+            "the replica's stats",
+            self.nats().await.request(subject, Bytes::new()),
+        )
+        .await
+        .expect("the replica answers STATS");
+        let stats: serde_json::Value =
+            serde_json::from_slice(&reply.payload).expect("STATS replies are JSON");
+        let data = stats["endpoints"]
+            .as_array()
+            .and_then(|endpoints| endpoints.first())
+            .map(|endpoint| endpoint["data"].clone())
+            .unwrap_or_else(|| panic!("no endpoint data in {stats}"));
+        SchedulerCounters(data)
     }
 
     pub fn spawn_agent(&self, node: &str) -> Component {
         self.spawn_agent_with(self.agent_config(node))
     }
 
-    pub fn spawn_agent_with(&self, config: AgentConfig) -> Component {
-        Component::spawn("agent", move |stop| apiary_agent::run(config, stop))
+    pub fn spawn_agent_with(&self, mut config: AgentConfig) -> Component {
+        let relay = Relay::start(&config.nats_url);
+        config.nats_url = relay.url().to_owned();
+        let mut agent = Component::spawn("agent", move |stop| apiary_agent::run(config, stop));
+        agent.relay = Some(relay);
+        agent
     }
 
     /// A plain NATS client, for speaking the protocol by hand as an operator would.
@@ -204,20 +250,92 @@ impl Stack {
             .expect("SDK client connects")
     }
 
-    /// Starts an agent and returns once its node has registered (its first liveness record
-    /// is in the node bucket). Needs a scheduler.
+    /// An SDK client whose inbox the test reads too: the client's inboxes start with
+    /// `prefix` (which must start with `_INBOX.`, where the scheduler delivers by default),
+    /// and the returned stream, read on a separate connection, has every task result the
+    /// cluster sends the client, repeats included, which the client itself hides.
+    pub async fn client_with_inbox(&self, prefix: &str) -> (apiary_sdk::Client, ResultWire) {
+        let watcher = self.nats().await;
+        let wire = watcher
+            .subscribe(format!("{prefix}.>"))
+            .await
+            .expect("subscribe to the client's inbox");
+        // The server has the subscription once the flush's round trip is done, so it sees
+        // even the first result.
+        watcher.flush().await.expect("flush");
+        let nats = async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(prefix)
+            .connect(self.url())
+            .await
+            .expect("connect to nats-server");
+        let client = apiary_sdk::Client::from_nats(nats)
+            .await
+            .expect("SDK client");
+        // The client's own JetStream requests get their replies under the same prefix; task
+        // results are the messages that name their task.
+        let results = wire.filter(|message| {
+            let is_result = message
+                .headers
+                .as_ref()
+                .is_some_and(|headers| headers.get(apiary_proto::headers::TASK_ID).is_some());
+            std::future::ready(is_result)
+        });
+        (client, ResultWire(Box::pin(results)))
+    }
+
+    /// Starts an agent and returns once its node has registered: the scheduler stored a
+    /// new registration record for it, and then its liveness. Records already in the
+    /// bucket (a node id used before in the test) do not count. Needs a scheduler.
     pub async fn spawn_agent_online(&self, node: &str) -> Component {
-        let mut watch = self.watch_liveness(node).await;
+        let id = NodeId::new(node).expect("valid node id");
+        let bucket = self.nodes_bucket().await;
+        let mut watch = bucket
+            .watch_many([topology::node_info_key(&id), topology::node_live_key(&id)])
+            .await
+            .expect("watch the node bucket");
         let agent = self.spawn_agent(node);
         within(PATIENCE, &format!("node {node} to register"), async {
-            while let Some(live) = watch.next().await {
-                if live.state == NodeState::Active {
-                    return;
+            let mut registered = false;
+            while let Some(entry) = watch.next().await {
+                let entry = entry.expect("a node bucket entry");
+                match topology::parse_node_key(&entry.key) {
+                    Some(NodeKey::Info(_)) => registered = true,
+                    Some(NodeKey::Live(_)) if registered => {
+                        let live: NodeLiveness = Encoding::detect(None, &entry.value)
+                            .decode(&entry.value)
+                            .expect("a liveness record");
+                        if live.state == NodeState::Active {
+                            return;
+                        }
+                    }
+                    _ => {}
                 }
             }
         })
         .await;
         agent
+    }
+
+    /// The cluster's node bucket, `APIARY_NODES`.
+    pub async fn nodes_bucket(&self) -> async_nats::jetstream::kv::Store {
+        let js = async_nats::jetstream::new(self.nats().await);
+        topology::ensure(&js).await.expect("topology").nodes
+    }
+
+    /// The registration record the cluster stores for `node`, if any.
+    pub async fn node_record(&self, node: &str) -> Option<NodeRecord> {
+        let node = NodeId::new(node).expect("valid node id");
+        let value = self
+            .nodes_bucket()
+            .await
+            .get(topology::node_info_key(&node))
+            .await
+            .expect("read the node bucket")?;
+        Some(
+            Encoding::detect(None, &value)
+                .decode(&value)
+                .expect("a registration record"),
+        )
     }
 
     /// A stream of the liveness records the cluster stores for `node`, starting with the
@@ -227,9 +345,9 @@ impl Stack {
         node: &str,
     ) -> std::pin::Pin<Box<dyn futures::Stream<Item = NodeLiveness> + Send>> {
         let node = NodeId::new(node).expect("valid node id");
-        let js = async_nats::jetstream::new(self.nats().await);
-        let bucket = topology::ensure(&js).await.expect("topology").nodes;
-        let watch = bucket
+        let watch = self
+            .nodes_bucket()
+            .await
             .watch_with_history(topology::node_live_key(&node))
             .await
             .expect("watch the node bucket");
@@ -240,6 +358,59 @@ impl Stack {
                 .ok()
         }))
     }
+
+    /// A durable consumer of one of the cluster's streams, to read its state from. Waits for
+    /// it to exist: components create their consumers a moment after they report ready.
+    pub async fn consumer(&self, stream: &str, consumer: &str) -> PullConsumer {
+        let js = async_nats::jetstream::new(self.nats().await);
+        eventually(
+            PATIENCE,
+            &format!("consumer {consumer} of {stream}"),
+            || async {
+                js.get_stream(stream)
+                    .await
+                    .ok()?
+                    .get_consumer(consumer)
+                    .await
+                    .ok()
+            },
+        )
+        .await
+    }
+}
+
+/// The task results sent to a client's inbox, as the wire carries them; see
+/// [`Stack::client_with_inbox`].
+pub struct ResultWire(std::pin::Pin<Box<dyn futures::Stream<Item = async_nats::Message> + Send>>);
+
+impl std::fmt::Debug for ResultWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultWire").finish_non_exhaustive()
+    }
+}
+
+impl futures::Stream for ResultWire {
+    type Item = async_nats::Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.as_mut().poll_next(cx)
+    }
+}
+
+/// A scheduler replica's counters, from its micro service stats.
+#[derive(Clone, Debug)]
+pub struct SchedulerCounters(pub serde_json::Value);
+
+impl SchedulerCounters {
+    /// The counter `name` (`tasks_placed`, …); fails the test if the replica has none.
+    pub fn get(&self, name: &str) -> u64 {
+        self.0[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {}", self.0))
+    }
 }
 
 /// A scheduler or agent running in this process.
@@ -248,6 +419,10 @@ pub struct Component {
     name: &'static str,
     stop: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The component's way to the server, cut when it crashes.
+    relay: Option<Relay>,
+    /// A scheduler replica's micro service id, the address of its own STATS.
+    service_id: Option<String>,
 }
 
 impl Component {
@@ -262,6 +437,8 @@ impl Component {
             name,
             stop,
             handle: Some(handle),
+            relay: None,
+            service_id: None,
         }
     }
 
@@ -275,8 +452,14 @@ impl Component {
     }
 
     /// Kills the component without letting it say goodbye, as a crash or power loss would:
-    /// its tasks are aborted and its connection drops.
+    /// its connection drops, so nothing more it sends reaches the server, and its tasks are
+    /// aborted. (A guest module already running on a blocking thread runs on to its end, as
+    /// threads cannot be killed, but its result has nowhere to go.)
     pub async fn crash(mut self) {
+        // The connection first: from this instant the component is gone for the cluster.
+        if let Some(relay) = &self.relay {
+            relay.cut();
+        }
         let handle = self.handle.take().expect("component handle");
         handle.abort();
         let _ = handle.await;
@@ -294,6 +477,113 @@ impl Drop for Component {
             handle.abort();
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Every task result that reached a subscription, by task id, in arrival order.
+#[derive(Debug, Default)]
+pub struct Deliveries(pub BTreeMap<String, Vec<TaskResult>>);
+
+impl Deliveries {
+    /// Reads task results from `subscription` until results for `tasks` distinct tasks
+    /// (counting those already read) have arrived, failing the test if that takes longer
+    /// than `limit`.
+    pub async fn read(
+        &mut self,
+        subscription: &mut (impl futures::Stream<Item = async_nats::Message> + Unpin),
+        tasks: usize,
+        limit: Duration,
+    ) {
+        within(limit, &format!("results for {tasks} tasks"), async {
+            while self.0.len() < tasks {
+                self.record(subscription.next().await.expect("subscription open"));
+            }
+        })
+        .await;
+    }
+
+    /// Like [`Deliveries::read`], and then reads on until the subscription has been
+    /// [`QUIET`] for a while, so that a repeat that follows its original is counted too.
+    pub async fn read_until_quiet(
+        &mut self,
+        subscription: &mut (impl futures::Stream<Item = async_nats::Message> + Unpin),
+        tasks: usize,
+        limit: Duration,
+    ) {
+        self.read(subscription, tasks, limit).await;
+        // Results that keep coming without a pause are a failure of their own; PATIENCE
+        // bounds the wait for the silence.
+        within(PATIENCE, "the results to stop coming", async {
+            while let Ok(message) = tokio::time::timeout(QUIET, subscription.next()).await {
+                self.record(message.expect("subscription open"));
+            }
+        })
+        .await;
+    }
+
+    fn record(&mut self, message: async_nats::Message) {
+        let (result, _) = apiary_proto::codec::decode_message::<TaskResult>(
+            message.headers.as_ref(),
+            &message.payload,
+        )
+        .unwrap_or_else(|err| panic!("not a task result on {}: {err}", message.subject));
+        self.0
+            .entry(result.task_id.to_string())
+            .or_default()
+            .push(result);
+    }
+
+    /// How many results arrived after the first for their task.
+    pub fn repeats(&self) -> usize {
+        self.0.values().map(|results| results.len() - 1).sum()
+    }
+
+    /// Fails the test unless exactly `tasks` tasks had results, and every repeat of a result
+    /// is the same result again (the same attempt, outcome and all), as a stored result
+    /// published a second time is.
+    pub fn assert_repeats_are_copies(&self, tasks: usize) {
+        for (task, results) in &self.0 {
+            assert!(
+                results.iter().all(|result| result == &results[0]),
+                "task {task} had different results: {results:?}"
+            );
+        }
+        assert_eq!(self.0.len(), tasks, "tasks with a result");
+    }
+
+    /// Fails the test unless exactly `tasks` tasks had results, each exactly one.
+    pub fn assert_each_exactly_once(&self, tasks: usize) {
+        let repeated: BTreeMap<&String, usize> = self
+            .0
+            .iter()
+            .filter(|(_, results)| results.len() != 1)
+            .map(|(id, results)| (id, results.len()))
+            .collect();
+        assert!(
+            repeated.is_empty(),
+            "tasks with repeated results: {repeated:?}"
+        );
+        assert_eq!(self.0.len(), tasks, "tasks with a result");
+    }
+}
+
+/// Reads task results from `subscription` until results for `tasks` distinct tasks have
+/// arrived and the subscription has then been [`QUIET`]; see [`Deliveries::read_until_quiet`].
+pub async fn results_until_quiet(
+    subscription: &mut (impl futures::Stream<Item = async_nats::Message> + Unpin),
+    tasks: usize,
+    limit: Duration,
+) -> Deliveries {
+    let mut deliveries = Deliveries::default();
+    deliveries
+        .read_until_quiet(subscription, tasks, limit)
+        .await;
+    deliveries
 }
 
 /// Awaits `future`, failing the test with `what` if it takes longer than `limit`.
@@ -330,6 +620,48 @@ pub fn wasm(name: &str) -> Bytes {
     let bytes = std::fs::read(&path)
         .unwrap_or_else(|err| panic!("cannot read guest module {}: {err}", path.display()));
     Bytes::from(bytes)
+}
+
+/// A guest that waits `duration` on the monotonic clock and then copies its stdin to stdout.
+/// It holds a slot for a known time without burning a core, which a machine with few cores
+/// needs when several such tasks run at once; and a task killed with its node leaves no
+/// thread spinning on. It traps if the clock cannot be waited on, so that a task which did
+/// not wait never passes for one that did.
+pub fn sleeping_module(duration: Duration) -> Vec<u8> {
+    let nanos = u64::try_from(duration.as_nanos()).expect("a duration that fits in u64");
+    // One WASI `subscription` at offset 0 (a relative clock timeout on the monotonic clock,
+    // id 1), its `event` at 64, the event count at 96; then an iovec at 128 for a 4 KiB
+    // buffer at 1024, with the byte count at 136 and the written count at 140.
+    wat::parse_str(format!(
+        r#"(module
+             (import "wasi_snapshot_preview1" "poll_oneoff"
+               (func $poll (param i32 i32 i32 i32) (result i32)))
+             (import "wasi_snapshot_preview1" "fd_read"
+               (func $read (param i32 i32 i32 i32) (result i32)))
+             (import "wasi_snapshot_preview1" "fd_write"
+               (func $write (param i32 i32 i32 i32) (result i32)))
+             (memory (export "memory") 1)
+             (func (export "_start") (local $n i32)
+               (i32.store8 (i32.const 8) (i32.const 0))
+               (i32.store (i32.const 16) (i32.const 1))
+               (i64.store (i32.const 24) (i64.const {nanos}))
+               (i64.store (i32.const 32) (i64.const 0))
+               (i32.store16 (i32.const 40) (i32.const 0))
+               (if (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 96))
+                 (then unreachable))
+               (block $done
+                 (loop $again
+                   (i32.store (i32.const 128) (i32.const 1024))
+                   (i32.store (i32.const 132) (i32.const 4096))
+                   (br_if $done
+                     (call $read (i32.const 0) (i32.const 128) (i32.const 1) (i32.const 136)))
+                   (local.set $n (i32.load (i32.const 136)))
+                   (br_if $done (i32.eqz (local.get $n)))
+                   (i32.store (i32.const 132) (local.get $n))
+                   (drop (call $write (i32.const 1) (i32.const 128) (i32.const 1) (i32.const 140)))
+                   (br $again)))))"#
+    ))
+    .expect("the sleeping module's WAT")
 }
 
 fn wasm_dir() -> PathBuf {

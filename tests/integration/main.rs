@@ -4,5 +4,7 @@
 mod cli;
 mod nodes;
 mod recovery;
+mod restarts;
+mod sdk;
 mod tasks;
 mod wire;

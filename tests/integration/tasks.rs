@@ -1,13 +1,11 @@
 //! Submitting tasks and getting their results.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use apiary_harness::{PATIENCE, Stack, eventually, wasm, within};
-use apiary_proto::message::TaskResult;
+use apiary_harness::{PATIENCE, Stack, eventually, results_until_quiet, wasm};
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::topology;
 use apiary_sdk::{Error, Task, TaskErrorKind};
-use futures::StreamExt as _;
 
 #[tokio::test]
 async fn a_submitted_task_returns_its_output() {
@@ -34,15 +32,16 @@ async fn fifty_tasks_on_two_agents_each_come_back_exactly_once() {
     let _scheduler = stack.spawn_scheduler().await;
     let _a = stack.spawn_agent_online("node-a").await;
     let _b = stack.spawn_agent_online("node-b").await;
-    let client = stack.client().await;
+    // The SDK hides repeated results, so the test reads the client's inbox as well.
+    let (client, mut delivered) = stack.client_with_inbox("_INBOX.fifty").await;
 
     // Every result the agents publish, as an operator's `nats sub` would see them.
-    let mut published = stack
-        .nats()
-        .await
+    let nats = stack.nats().await;
+    let mut published = nats
         .subscribe(subject::all_nodes(NodeVerb::Result).to_string())
         .await
         .expect("subscribe to results");
+    nats.flush().await.expect("flush");
 
     let module = wasm("uppercase");
     let mut handles = Vec::new();
@@ -65,11 +64,16 @@ async fn fifty_tasks_on_two_agents_each_come_back_exactly_once() {
     assert_eq!(per_node.values().sum::<i32>(), 50);
     assert_eq!(per_node.len(), 2, "both agents ran tasks: {per_node:?}");
 
-    // Exactly once: fifty results published, one per task, and fifty stored.
-    let mut seen: HashMap<String, u32> = HashMap::new();
-    count_deliveries(&mut published, &mut seen, 50).await;
-    assert!(seen.values().all(|&count| count == 1), "{seen:?}");
-    let js = async_nats::jetstream::new(stack.nats().await);
+    // Exactly once: one result published per task, one delivered per task (both read until
+    // the wire has gone quiet, so a late repeat is seen), and fifty stored.
+    results_until_quiet(&mut published, 50, PATIENCE)
+        .await
+        .assert_each_exactly_once(50);
+    results_until_quiet(&mut delivered, 50, PATIENCE)
+        .await
+        .assert_each_exactly_once(50);
+    assert_eq!(client.duplicate_results(), 0);
+    let js = async_nats::jetstream::new(nats);
     let mut results = js
         .get_stream(topology::RESULTS_STREAM)
         .await
@@ -126,20 +130,17 @@ async fn a_task_submitted_while_no_agent_is_up_runs_once_one_starts() {
         .await
         .expect("submit");
 
-    // The scheduler takes the task and holds it, unacknowledged, rather than failing it.
-    let js = async_nats::jetstream::new(stack.nats().await);
-    let consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(topology::TASKS_STREAM)
-        .await
-        .expect("task stream")
-        .get_consumer(topology::SCHEDULER_TASKS_CONSUMER)
-        .await
-        .expect("scheduler consumer");
-    eventually(PATIENCE, "the scheduler to hold the task", || {
-        let mut consumer = consumer.clone();
-        async move { (consumer.info().await.ok()?.num_ack_pending == 1).then_some(()) }
+    // With no node to place it on, the task stays in the queue, where any replica (and any
+    // node that appears) can have it: the scheduler does not pull it and sit on it.
+    let consumer = stack
+        .consumer(topology::TASKS_STREAM, topology::SCHEDULER_TASKS_CONSUMER)
+        .await;
+    eventually(PATIENCE, "the task to wait in the queue", || async {
+        let info = consumer.get_info().await.ok()?;
+        (info.num_pending == 1 && info.num_ack_pending == 0).then_some(())
     })
     .await;
+    let js = async_nats::jetstream::new(stack.nats().await);
     let mut dispatch = js
         .get_stream(topology::DISPATCH_STREAM)
         .await
@@ -195,7 +196,7 @@ async fn a_module_missing_from_the_store_is_a_typed_error() {
 async fn scheduler_replicas_share_the_work_and_either_can_carry_on_alone() {
     let stack = Stack::start().await;
     let first = stack.spawn_scheduler().await;
-    let _second = stack.spawn_scheduler().await;
+    let second = stack.spawn_scheduler().await;
     let _agent = stack.spawn_agent_online("node-a").await;
     let module = stack
         .client()
@@ -208,33 +209,45 @@ async fn scheduler_replicas_share_the_work_and_either_can_carry_on_alone() {
     let nats = stack.nats().await;
     let inbox = nats.new_inbox();
     let mut delivered = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    nats.flush().await.expect("flush");
     let js = async_nats::jetstream::new(nats.clone());
-    let mut seen: HashMap<String, u32> = HashMap::new();
 
     submit_by_hand(&js, &module, &inbox, 0..20).await;
-    count_deliveries(&mut delivered, &mut seen, 20).await;
+    results_until_quiet(&mut delivered, 20, PATIENCE)
+        .await
+        .assert_each_exactly_once(20);
+    // Each replica placed some of the tasks, and together they placed each exactly once.
+    // (Read before the first replica stops: a stopped replica no longer answers.)
+    let placed_by_first = stack.scheduler_counters(&first).await.get("tasks_placed");
+    let placed_by_second = stack.scheduler_counters(&second).await.get("tasks_placed");
+    assert!(
+        placed_by_first > 0 && placed_by_second > 0,
+        "the replicas placed {placed_by_first} and {placed_by_second} tasks"
+    );
+    assert_eq!(placed_by_first + placed_by_second, 20);
+
     // One replica goes away; the other carries on with the same durable consumers.
     first.stop().await.expect("the first replica stops cleanly");
     submit_by_hand(&js, &module, &inbox, 20..40).await;
-    // Well inside the ack wait: a stopped replica must leave no task parked in a pull
-    // request nobody reads, which would hold it until the ack wait ran out.
-    count_deliveries_within(topology::ACK_WAIT / 2, &mut delivered, &mut seen, 40).await;
-    assert!(seen.values().all(|&count| count == 1), "{seen:?}");
+    // Within the scheduler consumers' ack wait of the submissions: a stopped replica must
+    // leave no task parked in a pull request nobody reads, which would hold it until the
+    // ack wait ran out, so a parked task would come back only later than this.
+    results_until_quiet(&mut delivered, 20, topology::SCHEDULER_ACK_WAIT)
+        .await
+        .assert_each_exactly_once(20);
+    assert_eq!(
+        stack.scheduler_counters(&second).await.get("tasks_placed"),
+        placed_by_second + 20,
+        "the remaining replica placed the rest"
+    );
 
     // Nothing was redelivered, and nothing is left unacknowledged.
-    let consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(topology::TASKS_STREAM)
-        .await
-        .expect("task stream")
-        .get_consumer(topology::SCHEDULER_TASKS_CONSUMER)
-        .await
-        .expect("consumer");
-    let info = eventually(PATIENCE, "every submission acknowledged", || {
-        let mut consumer = consumer.clone();
-        async move {
-            let info = consumer.info().await.ok()?.clone();
-            (info.num_ack_pending == 0).then_some(info)
-        }
+    let consumer = stack
+        .consumer(topology::TASKS_STREAM, topology::SCHEDULER_TASKS_CONSUMER)
+        .await;
+    let info = eventually(PATIENCE, "every submission acknowledged", || async {
+        let info = consumer.get_info().await.ok()?;
+        (info.num_ack_pending == 0).then_some(info)
     })
     .await;
     assert_eq!(info.num_redelivered, 0);
@@ -260,36 +273,6 @@ async fn submit_by_hand(
             .await
             .expect("stored");
     }
-}
-
-/// Reads results from `delivered` until `seen` holds `distinct` task ids, counting each
-/// delivery per task.
-async fn count_deliveries(
-    delivered: &mut async_nats::Subscriber,
-    seen: &mut HashMap<String, u32>,
-    distinct: usize,
-) {
-    count_deliveries_within(PATIENCE, delivered, seen, distinct).await;
-}
-
-async fn count_deliveries_within(
-    limit: std::time::Duration,
-    delivered: &mut async_nats::Subscriber,
-    seen: &mut HashMap<String, u32>,
-    distinct: usize,
-) {
-    within(limit, "results", async {
-        while seen.len() < distinct {
-            let message = delivered.next().await.expect("subscription open");
-            let (result, _) = apiary_proto::codec::decode_message::<TaskResult>(
-                message.headers.as_ref(),
-                &message.payload,
-            )
-            .expect("a result");
-            *seen.entry(result.task_id.to_string()).or_default() += 1;
-        }
-    })
-    .await;
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use apiary_harness::{PATIENCE, Stack, wasm, within};
+use apiary_harness::{PATIENCE, Stack, eventually, wasm, within};
 use apiary_proto::message::ModuleRef;
 use apiary_proto::{headers, subject, topology};
 use async_nats::HeaderMap;
@@ -167,11 +167,10 @@ async fn the_scheduler_answers_the_micro_protocol() {
         .iter()
         .filter_map(|e| e["subject"].as_str())
         .collect();
-    assert!(
-        subjects.contains(&"apiary.v1.node.*.register"),
-        "{subjects:?}"
-    );
-    assert!(subjects.contains(&"apiary.v1.nodes.list"), "{subjects:?}");
+    let register = subject::all_nodes(subject::NodeVerb::Register);
+    assert!(subjects.contains(&register.as_str()), "{subjects:?}");
+    let list = subject::nodes_list();
+    assert!(subjects.contains(&list.as_str()), "{subjects:?}");
 }
 
 #[tokio::test]
@@ -256,22 +255,16 @@ async fn malformed_submissions_are_dropped_without_blocking_the_queue() {
 
     // Every bad submission was terminated, which removes it from the work queue, and the
     // task stream survived the hostile reply subject.
-    let mut tasks = js
+    let tasks = js
         .get_stream(topology::TASKS_STREAM)
         .await
         .expect("task stream");
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let messages = tasks.info().await.expect("info").state.messages;
-        if messages == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{messages} submissions left"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(
+        PATIENCE,
+        "every submission to leave the task stream",
+        || async { (tasks.get_info().await.ok()?.state.messages == 0).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -307,13 +300,19 @@ async fn agents_answer_the_micro_protocol_and_report_their_status() {
     nodes.sort();
     assert_eq!(nodes, ["node-a", "node-b"]);
 
-    // And each answers for itself, in JSON when asked in JSON.
+    // And each answers for itself, in JSON when asked in JSON. The node is online once the
+    // scheduler has stored its registration; the agent learns the heartbeat interval from
+    // the reply a moment later, and reports 0 until then.
     let node = apiary_proto::NodeId::new("node-b").expect("id");
-    let (_, status) = json_request(
-        &nats,
-        subject::node(&node, subject::NodeVerb::Status).to_string(),
-        json!({}),
-    )
+    let status = eventually(PATIENCE, "node-b to report its registration", || async {
+        let (_, status) = json_request(
+            &nats,
+            subject::node(&node, subject::NodeVerb::Status).to_string(),
+            json!({}),
+        )
+        .await;
+        (status["ok"]["heartbeat_interval_ms"] != 0).then_some(status)
+    })
     .await;
     assert_eq!(status["ok"]["info"]["node_id"], "node-b", "{status}");
     assert_eq!(status["ok"]["metrics"]["slots"], 2);

@@ -1,0 +1,78 @@
+//! A TCP relay between one in-process component and the test's `nats-server`.
+//!
+//! A component started in-process cannot be killed like a process: aborting its future stops
+//! its own work, but `async-nats` keeps the connection open from tasks of its own (the micro
+//! service's PING/INFO/STATS responder among them), so the server would never see the
+//! component go. Each component therefore connects through its own relay, and a crash cuts
+//! the relay: the server sees the connection drop at once, as it would when a process dies
+//! with SIGKILL, and nothing the dead component's leftover tasks write reaches the server.
+
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// One component's relay. Cutting it closes every connection through it and refuses new ones.
+#[derive(Debug)]
+pub struct Relay {
+    url: String,
+    cut: CancellationToken,
+}
+
+impl Relay {
+    /// Starts relaying connections to the server at `upstream` (a `nats://host:port` URL).
+    /// Must be called inside the test's runtime, which the relay's tasks then live in.
+    pub fn start(upstream: &str) -> Self {
+        let server: SocketAddr = upstream
+            .trim_start_matches("nats://")
+            .parse()
+            .unwrap_or_else(|err| panic!("the server URL {upstream} is not host:port: {err}"));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a relay port");
+        let address = listener.local_addr().expect("the relay's address");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking relay socket");
+        let listener = TcpListener::from_std(listener).expect("a tokio relay socket");
+        let cut = CancellationToken::new();
+        tokio::spawn(accept(listener, server, cut.clone()));
+        Self {
+            url: format!("nats://{address}"),
+            cut,
+        }
+    }
+
+    /// The URL the component connects to instead of the server's.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Drops every connection through the relay, and every later one. The listener stays
+    /// bound until the test's runtime ends, so that a reconnecting client of the dead
+    /// component finds this relay refusing it, never another relay that reused the port.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+async fn accept(listener: TcpListener, server: SocketAddr, cut: CancellationToken) {
+    while let Ok((inbound, _)) = listener.accept().await {
+        if cut.is_cancelled() {
+            drop(inbound);
+            continue;
+        }
+        tokio::spawn(pipe(inbound, server, cut.clone()));
+    }
+}
+
+async fn pipe(mut inbound: TcpStream, server: SocketAddr, cut: CancellationToken) {
+    let Ok(mut outbound) = TcpStream::connect(server).await else {
+        return;
+    };
+    // Biased, so that once the relay is cut not one more byte crosses it, even when data is
+    // waiting on both sockets at the moment the task wakes up.
+    tokio::select! {
+        biased;
+        _ = cut.cancelled() => {}
+        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+    }
+}
