@@ -628,7 +628,38 @@ pub fn wasm(name: &str) -> Bytes {
 /// thread spinning on. It traps if the clock cannot be waited on, so that a task which did
 /// not wait never passes for one that did.
 pub fn sleeping_module(duration: Duration) -> Vec<u8> {
-    let nanos = u64::try_from(duration.as_nanos()).expect("a duration that fits in u64");
+    sleeping_guest(duration, Answer::Echo).expect("the sleeping module's WAT")
+}
+
+/// What a [`sleeping_guest`] writes after its wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Its stdin, unchanged.
+    Echo,
+    /// Its stdin with ASCII letters in upper case, as `uppercase.wasm` answers (inputs up to
+    /// 4 KiB).
+    Uppercase,
+}
+
+/// A guest that waits `duration` on the monotonic clock, then gives `answer`.
+pub fn sleeping_guest(duration: Duration, answer: Answer) -> Result<Vec<u8>, wat::Error> {
+    let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+    let uppercase = match answer {
+        Answer::Echo => "",
+        Answer::Uppercase => {
+            r#"(local.set $i (i32.const 0))
+                   (block $upper_done
+                     (loop $upper
+                       (br_if $upper_done (i32.ge_u (local.get $i) (local.get $n)))
+                       (local.set $c (i32.load8_u (i32.add (i32.const 1024) (local.get $i))))
+                       (if (i32.and (i32.ge_u (local.get $c) (i32.const 97))
+                                    (i32.le_u (local.get $c) (i32.const 122)))
+                         (then (i32.store8 (i32.add (i32.const 1024) (local.get $i))
+                                           (i32.sub (local.get $c) (i32.const 32)))))
+                       (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                       (br $upper)))"#
+        }
+    };
     // One WASI `subscription` at offset 0 (a relative clock timeout on the monotonic clock,
     // id 1), its `event` at 64, the event count at 96; then an iovec at 128 for a 4 KiB
     // buffer at 1024, with the byte count at 136 and the written count at 140.
@@ -641,7 +672,7 @@ pub fn sleeping_module(duration: Duration) -> Vec<u8> {
              (import "wasi_snapshot_preview1" "fd_write"
                (func $write (param i32 i32 i32 i32) (result i32)))
              (memory (export "memory") 1)
-             (func (export "_start") (local $n i32)
+             (func (export "_start") (local $n i32) (local $i i32) (local $c i32)
                (i32.store8 (i32.const 8) (i32.const 0))
                (i32.store (i32.const 16) (i32.const 1))
                (i64.store (i32.const 24) (i64.const {nanos}))
@@ -657,11 +688,11 @@ pub fn sleeping_module(duration: Duration) -> Vec<u8> {
                      (call $read (i32.const 0) (i32.const 128) (i32.const 1) (i32.const 136)))
                    (local.set $n (i32.load (i32.const 136)))
                    (br_if $done (i32.eqz (local.get $n)))
+                   {uppercase}
                    (i32.store (i32.const 132) (local.get $n))
                    (drop (call $write (i32.const 1) (i32.const 128) (i32.const 1) (i32.const 140)))
                    (br $again)))))"#
     ))
-    .expect("the sleeping module's WAT")
 }
 
 fn wasm_dir() -> PathBuf {
