@@ -450,19 +450,10 @@ impl Agent {
     /// message that cannot be decoded is terminated (it can never succeed), and every other
     /// failure becomes a typed result.
     async fn handle(self: Arc<Self>, message: jetstream::Message) {
-        let dispatch = match codec::decode_message::<Dispatch>(
-            message.headers.as_ref(),
-            &message.payload,
-        ) {
-            Ok((dispatch, _)) => dispatch,
-            Err(err) => {
-                let sequence = message.info().map(|info| info.stream_sequence).ok();
-                tracing::error!(error = %err, ?sequence, "dropping a malformed dispatch message");
-                if let Err(err) = message.ack_with(AckKind::Term).await {
-                    tracing::warn!(error = %err, "failed to terminate a malformed message");
-                }
-                return;
-            }
+        let Some(dispatch) =
+            apiary_proto::inbound::decode_or_terminate::<Dispatch>(&message, "dispatch").await
+        else {
+            return;
         };
         let span = tracing::info_span!(
             "task",

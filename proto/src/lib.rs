@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod headers;
 pub mod id;
+pub mod inbound;
 pub mod liveness;
 pub mod message;
 pub mod payload;

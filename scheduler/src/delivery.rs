@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use apiary_proto::codec::{self, Encoding};
+use apiary_proto::codec::Encoding;
 use apiary_proto::message::TaskResult;
-use apiary_proto::{subject, topology};
+use apiary_proto::{inbound, subject, topology};
 use async_nats::jetstream::{self, AckKind};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -51,16 +51,9 @@ pub(crate) async fn deliver_results(
 }
 
 async fn deliver_result(shared: &Shared, message: jetstream::Message) {
-    let result =
-        match codec::decode_message::<TaskResult>(message.headers.as_ref(), &message.payload) {
-            Ok((result, _)) => result,
-            Err(err) => {
-                let sequence = message.info().map(|info| info.stream_sequence).ok();
-                tracing::error!(?sequence, error = %err, "dropping a malformed result");
-                message.ack_with(AckKind::Term).await.ok();
-                return;
-            }
-        };
+    let Some(result) = inbound::decode_or_terminate::<TaskResult>(&message, "result").await else {
+        return;
+    };
     let span = tracing::info_span!("task", task_id = %result.task_id, node_id = %result.node_id);
     async {
         match &result.reply_to {

@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::codec;
 use apiary_proto::message::{Dispatch, TaskSubmission, attempt_msg_id};
 use apiary_proto::subject;
-use apiary_proto::{NodeId, now_ms, stored, topology};
+use apiary_proto::{NodeId, inbound, now_ms, stored, topology};
 use async_nats::jetstream::{self, AckKind};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -163,22 +162,16 @@ async fn place_submission(
     mut claim: Claim,
     stop: &CancellationToken,
 ) {
-    let submission =
-        match codec::decode_message::<TaskSubmission>(message.headers.as_ref(), &message.payload) {
-            Ok((submission, _)) => submission,
-            Err(err) => {
-                reject(&message, &err.to_string()).await;
-                return;
-            }
-        };
+    let Some(submission) =
+        inbound::decode_or_terminate::<TaskSubmission>(&message, SUBMISSION).await
+    else {
+        return;
+    };
     if let Some(reply_to) = &submission.reply_to
         && !subject::is_allowed_reply_subject(reply_to, &shared.config.reply_subject_prefixes)
     {
-        reject(
-            &message,
-            &format!("reply subject {reply_to:?} is not allowed"),
-        )
-        .await;
+        let reason = format!("reply subject {reply_to:?} is not allowed");
+        inbound::terminate(&message, SUBMISSION, &reason).await;
         return;
     }
     let span = tracing::info_span!("task", task_id = %submission.id);
@@ -226,14 +219,8 @@ async fn place_submission(
     .await
 }
 
-/// Terminates a submission that can never be placed, with the reason in the log.
-pub(crate) async fn reject(message: &jetstream::Message, reason: &str) {
-    let sequence = message.info().map(|info| info.stream_sequence).ok();
-    tracing::error!(?sequence, reason, "rejecting an invalid task submission");
-    if let Err(err) = message.ack_with(AckKind::Term).await {
-        tracing::warn!(error = %err, "failed to terminate an invalid submission");
-    }
-}
+/// What a submission is called in the log when it is terminated.
+const SUBMISSION: &str = "task submission";
 
 /// How long a task that no online node can run waits before it is looked at again. It goes
 /// back to the queue meanwhile, so it holds no place in this replica's in-flight window.

@@ -6,16 +6,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::codec;
 use apiary_proto::message::{Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult};
 use apiary_proto::subject::{self, NodeVerb};
-use apiary_proto::{NodeId, now_ms, stored, topology};
+use apiary_proto::{NodeId, inbound, now_ms, stored, topology};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::intake::reject;
 use crate::view::Placement;
 use crate::{Counters, Shared};
 
@@ -164,14 +162,10 @@ async fn recover_node(
 /// `node_lost` failure as its result. While no other node can take it, it stays where it
 /// is and is looked at again next round.
 async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Message) {
-    let dispatch =
-        match codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload) {
-            Ok((dispatch, _)) => dispatch,
-            Err(err) => {
-                reject(&message, &err.to_string()).await;
-                return;
-            }
-        };
+    let Some(dispatch) = inbound::decode_or_terminate::<Dispatch>(&message, "dispatch").await
+    else {
+        return;
+    };
     let span = tracing::info_span!(
         "task",
         task_id = %dispatch.task.id,
