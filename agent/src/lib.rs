@@ -364,7 +364,17 @@ async fn work_loop(
                     // pull request); the stream keeps going.
                     tracing::warn!(error = %err, "error while pulling dispatched tasks");
                 }
-                None => break Err(anyhow::anyhow!("the dispatch consumer closed")),
+                None => {
+                    // The consumer was deleted: a scheduler took this node's registration for
+                    // a new process and handed out again what the consumer held (or an
+                    // operator removed it). Pull from a new one; whatever this process still
+                    // runs finishes, and its result is stored once per attempt.
+                    tracing::warn!("this node's dispatch consumer went away; opening it again");
+                    match dispatched_tasks(&agent, stop).await {
+                        Some(reopened) => messages = reopened,
+                        None => break Ok(()),
+                    }
+                }
             },
         }
     };
@@ -378,8 +388,8 @@ async fn work_loop(
 
 /// Opens this node's dispatch consumer and starts pulling, retrying until it works or
 /// `stop` (then `None`). Creating the consumer can fail for a moment while a scheduler
-/// recreates it for this node's new incarnation, or while the server restarts; neither is a
-/// reason for the agent to exit.
+/// deletes it to hand out a previous process's work, or while the server restarts; neither
+/// is a reason for the agent to exit.
 async fn dispatched_tasks(
     agent: &Agent,
     stop: &CancellationToken,

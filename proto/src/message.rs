@@ -512,6 +512,13 @@ impl TaskResult {
     pub fn msg_id(&self) -> String {
         attempt_msg_id(&self.task_id, self.attempt)
     }
+
+    /// The de-duplication id of a scheduler's `node_lost` result for this attempt: its own,
+    /// so that the lost node's real result for the attempt, should it still come (the node was
+    /// only cut off), is stored and delivered too.
+    pub fn node_lost_msg_id(&self) -> String {
+        format!("{}.lost", self.msg_id())
+    }
 }
 
 #[cfg(test)]

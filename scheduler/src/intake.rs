@@ -43,16 +43,15 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
     let mut in_flight = JoinSet::new();
     'pulling: loop {
         while in_flight.try_join_next().is_some() {}
-        let Some(room) = wait_for_room(&shared, &deciding, &stop).await else {
-            break;
-        };
         // Pull only as many messages as there are free permits. A message this replica has
-        // taken is then always being worked on (and kept alive with progress acks), never
-        // waiting unattended in a client-side buffer while its ack wait runs out, which would
-        // hand it to another replica and, minutes later, let it be dispatched twice.
+        // taken is then always being worked on, never waiting unattended in a client-side
+        // buffer while its ack wait runs out, which would hand it to another replica.
         let first = tokio::select! {
             _ = stop.cancelled() => break,
             permit = permits.clone().acquire_owned() => permit.context("the permit pool closed")?,
+        };
+        let Some(room) = wait_for_room(&shared, &deciding, &stop).await else {
+            break;
         };
         let wanted = usize::try_from(room).unwrap_or(usize::MAX).min(PULL_BATCH);
         let mut held = vec![first];
@@ -80,17 +79,16 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
                 Pulled::Stopped => break 'pulling,
             };
             let Some(permit) = held.pop() else { break };
+            let claim = Claim::new(deciding.clone(), shared.clone());
             let shared = shared.clone();
-            let stop = stop.clone();
-            let claim = Claim::new(deciding.clone());
             in_flight.spawn(async move {
-                place_submission(&shared, message, claim, &stop).await;
+                place_submission(&shared, message, claim).await;
                 drop(permit);
             });
         }
     }
-    // Tasks still waiting for a node hand their messages back (they watch `stop`), so another
-    // replica takes them at once; give them a moment to do so.
+    // Placements under way finish (each takes a dispatch's store and an ack); give them a
+    // moment, so that none leaves its submission to wait out the ack wait.
     let handed_back = tokio::time::timeout(Duration::from_secs(2), async {
         while in_flight.join_next().await.is_some() {}
     })
@@ -128,40 +126,42 @@ async fn wait_for_room(
 }
 
 /// A pulled submission's claim on the nodes' room, from the pull until its placement is
-/// decided (placed, or handed back): intake does not pull more than the room it leaves.
+/// decided: intake does not pull more than the room the claims leave.
 struct Claim {
     deciding: Option<Arc<AtomicU32>>,
+    shared: Arc<Shared>,
 }
 
 impl Claim {
-    fn new(deciding: Arc<AtomicU32>) -> Self {
+    fn new(deciding: Arc<AtomicU32>, shared: Arc<Shared>) -> Self {
         deciding.fetch_add(1, Ordering::AcqRel);
         Self {
             deciding: Some(deciding),
+            shared,
         }
     }
 
-    fn release(&mut self) {
+    /// Ends the claim. Unless its room was reserved in the view (`placed`), the room is free
+    /// again, and intake is woken to pull for it.
+    fn release(&mut self, placed: bool) {
         if let Some(deciding) = self.deciding.take() {
             deciding.fetch_sub(1, Ordering::AcqRel);
+            if !placed {
+                self.shared.wake();
+            }
         }
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.release();
+        self.release(false);
     }
 }
 
-/// Places one submitted task: waits, as long as it takes, for a live node that meets its
-/// requirements, dispatches it there, then acknowledges the submission.
-async fn place_submission(
-    shared: &Shared,
-    message: jetstream::Message,
-    mut claim: Claim,
-    stop: &CancellationToken,
-) {
+/// Places one submitted task: chooses a node for it, dispatches it there, then acknowledges
+/// the submission; or hands it back to the queue when no node can take it now.
+async fn place_submission(shared: &Shared, message: jetstream::Message, mut claim: Claim) {
     let Some(submission) =
         inbound::decode_or_terminate::<TaskSubmission>(&message, SUBMISSION).await
     else {
@@ -176,10 +176,9 @@ async fn place_submission(
     }
     let span = tracing::info_span!("task", task_id = %submission.id);
     async move {
-        let placed = wait_for_node(shared, &message, &submission, stop).await;
-        // Decided: placed (and counted in the view) or handed back.
-        claim.release();
-        shared.wake();
+        let placed = choose_node(shared, &message, &submission).await;
+        // Decided: the room the claim stood for is now reserved in the view, or free again.
+        claim.release(placed.is_some());
         let Some(node) = placed else {
             return;
         };
@@ -222,74 +221,49 @@ async fn place_submission(
 /// What a submission is called in the log when it is terminated.
 const SUBMISSION: &str = "task submission";
 
-/// How long a task that no online node can run waits before it is looked at again. It goes
-/// back to the queue meanwhile, so it holds no place in this replica's in-flight window.
+/// How long a task that no online node can run waits in the queue before it is looked at
+/// again, so such tasks cannot crowd out tasks that can run.
 const NO_MATCH_RETRY: Duration = Duration::from_secs(2);
 
-/// Waits until the view offers a node for the task and reserves room there. While the nodes
-/// that meet the task's requirements are all full, the task waits here for the view to change
-/// (keeping its message with progress acks). While no node is online, or nodes are online but
-/// none meets the task's requirements, the message goes back to the queue (for
-/// [`NO_MATCH_RETRY`] in the second case, so such tasks cannot crowd out tasks that can run).
-/// `None` if the message was handed back.
-async fn wait_for_node(
+/// How long a task whose matching nodes are all full waits in the queue before it is looked
+/// at again. It waits there, not in this replica: held here, tasks for a few busy nodes (a
+/// label only they have) would fill this replica's window while other nodes sat idle.
+const FULL_RETRY: Duration = Duration::from_millis(500);
+
+/// Chooses a node for the task now and reserves room there, or hands the message back to
+/// the shared queue (`None`): at once while no node is online (this replica pulls again only
+/// once a node has room), after [`FULL_RETRY`] while every node that meets its requirements
+/// is full, after [`NO_MATCH_RETRY`] while none does.
+async fn choose_node(
     shared: &Shared,
     message: &jetstream::Message,
     submission: &TaskSubmission,
-    stop: &CancellationToken,
 ) -> Option<NodeId> {
-    let attempt_id = attempt_msg_id(&submission.id, 1);
-    let mut changed = shared.changed.subscribe();
-    let mut announced = false;
-    // The first tick one period from now: an interval's immediate first tick still waits for
-    // the timer wheel (about a millisecond), which would sit on every task's path.
-    let mut progress = tokio::time::interval_at(
-        tokio::time::Instant::now() + topology::SCHEDULER_PROGRESS_INTERVAL,
-        topology::SCHEDULER_PROGRESS_INTERVAL,
+    let placement = shared.place(
+        &submission.requirements,
+        attempt_msg_id(&submission.id, 1),
+        submission.limits.timeout_ms,
     );
-    loop {
-        let placement = shared.place(
-            &submission.requirements,
-            attempt_id.clone(),
-            submission.limits.timeout_ms,
-        );
-        match placement {
-            Placement::Node(node) => return Some(node),
-            Placement::NoMatchingNode => {
-                let first = message.info().map_or(true, |info| info.delivered <= 1);
-                if first {
-                    tracing::info!(
-                        "no online node meets the task's requirements; it waits in the queue"
-                    );
-                }
-                message
-                    .ack_with(AckKind::Nak(Some(NO_MATCH_RETRY)))
-                    .await
-                    .ok();
-                return None;
-            }
-            Placement::NoLiveNode => {
-                // The nodes went away after the pull: back to the shared queue, which this
-                // replica pulls from again once a node has room.
-                tracing::debug!("no node is online; the task goes back to the queue");
-                message.ack_with(AckKind::Nak(None)).await.ok();
-                return None;
-            }
-            Placement::NodesFull if !announced => {
-                tracing::debug!("every node that can run the task is full; it waits for room");
-                announced = true;
-            }
-            Placement::NodesFull => {}
+    let retry = match placement {
+        Placement::Node(node) => return Some(node),
+        Placement::NoLiveNode => {
+            tracing::debug!("no node is online; the task goes back to the queue");
+            None
         }
-        tokio::select! {
-            _ = stop.cancelled() => {
-                message.ack_with(AckKind::Nak(None)).await.ok();
-                return None;
-            }
-            _ = changed.changed() => {}
-            _ = progress.tick() => {
-                message.ack_with(AckKind::Progress).await.ok();
-            }
+        Placement::NodesFull => {
+            tracing::debug!("every node that can run the task is full; it goes back to the queue");
+            Some(FULL_RETRY)
         }
-    }
+        Placement::NoMatchingNode => {
+            let first = message.info().map_or(true, |info| info.delivered <= 1);
+            if first {
+                tracing::info!(
+                    "no online node meets the task's requirements; it waits in the queue"
+                );
+            }
+            Some(NO_MATCH_RETRY)
+        }
+    };
+    message.ack_with(AckKind::Nak(retry)).await.ok();
+    None
 }

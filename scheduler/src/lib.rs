@@ -17,7 +17,8 @@
 //!   dispatches them.
 //! - [`completions`](crate::completions): sees results as they are stored, so the nodes that
 //!   ran them have room again.
-//! - [`recovery`](crate::recovery): moves work off lost nodes.
+//! - [`recovery`](crate::recovery): moves work off lost nodes, hands a restarted node's held
+//!   work back at once, and keeps the room accounting honest.
 //! - [`delivery`](crate::delivery): hands stored results to their submitters.
 //! - [`pull`](crate::pull): what the pulling jobs share.
 

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use apiary_proto::message::{Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult};
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{NodeId, inbound, now_ms, stored, topology};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -29,12 +30,18 @@ pub(crate) async fn reclaim_deliveries(shared: &Shared, node: &NodeId) -> anyhow
         .await
         .context("failed to open the dispatch stream")?;
     let name = topology::node_dispatch_consumer_name(node);
-    let held = match stream.consumer_info(&name).await {
-        Ok(info) => info.num_ack_pending,
+    let info = match stream.consumer_info(&name).await {
+        Ok(info) => info,
         // No consumer: the previous process never pulled, so it held nothing.
-        Err(_) => return Ok(()),
+        Err(err) if err.kind() == ConsumerInfoErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err).context("failed to read the node's dispatch consumer"),
     };
-    if held == 0 {
+    // Deliveries the old process holds, and pull requests it left open: a process that lost
+    // power can leave its connection, and so its request, on the server for minutes, and
+    // every dispatch sent to it would sit out the ack wait. The new process has not pulled
+    // yet (it pulls once its registration is answered), so both are the old process's.
+    let held = info.num_ack_pending;
+    if held == 0 && info.num_waiting == 0 {
         return Ok(());
     }
     stream
@@ -146,8 +153,14 @@ async fn recover_node(
         .messages()
         .await
         .context("failed to fetch the node's queued work")?;
+    // Past this, what the fetch still brings goes straight back, so that the round ends
+    // within its bound without leaving fetched messages to wait out the ack wait.
+    let hand_back_after = tokio::time::Instant::now() + RECOVERY_TIMEOUT / 2;
     while let Some(message) = batch.next().await {
         match message {
+            Ok(message) if tokio::time::Instant::now() > hand_back_after => {
+                message.ack_with(AckKind::Nak(None)).await.ok();
+            }
             Ok(message) => move_dispatch(shared, node, message).await,
             Err(err) => {
                 tracing::warn!(error = %err, "error while fetching a lost node's work");
@@ -185,7 +198,7 @@ async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Messa
             Counters::count(&shared.counters.tasks_lost);
             // Its own message id: should the lost node finish after all (it was only cut
             // off), its real result for this attempt is still stored and delivered too.
-            let msg_id = format!("{}.lost", result.msg_id());
+            let msg_id = result.node_lost_msg_id();
             let subject = subject::node(lost, NodeVerb::Result);
             stored::publish(&shared.js, subject, &result.task_id, &msg_id, &result)
                 .await

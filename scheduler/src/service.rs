@@ -10,7 +10,8 @@ use apiary_proto::message::{
     NodeState, NodesListReply, NodesListRequest, RegisterReply, RegisterRequest, Reply,
 };
 use apiary_proto::subject::{self, NodeVerb};
-use apiary_proto::{NodeId, now_ms, rpc, topology};
+use apiary_proto::{NodeId, codec, now_ms, rpc, topology};
+use async_nats::jetstream::kv;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
@@ -117,6 +118,46 @@ async fn stored_registration(
     }
 }
 
+/// Stores `record` as its node's registration, replacing the stored one only if nothing else
+/// replaced it meanwhile (compare-and-set on the key's revision). Returns the registration it
+/// replaced, when this replica's write was the one that replaced it: of two replicas handling
+/// the same registration at once (an agent that retried after a slow reply), only one sees
+/// the previous process, so only one reclaims its work and none deletes the new process's
+/// consumer under it.
+async fn store_registration(
+    shared: &Shared,
+    record: &NodeRecord,
+) -> Result<Option<NodeRecord>, ErrorBody> {
+    let key = topology::node_info_key(&record.info.node_id);
+    let internal = |what: &str, err: &dyn std::fmt::Display| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("failed to {what} the node record: {err}"),
+        )
+    };
+    let value = codec::encode(record).map_err(|err| internal("encode", &err))?;
+    let current = shared
+        .nodes
+        .entry(&key)
+        .await
+        .map_err(|err| internal("read", &err))?
+        .filter(|entry| entry.operation == kv::Operation::Put);
+    let Some(current) = current else {
+        return match shared.nodes.create(&key, value.clone()).await {
+            Ok(_) => Ok(None),
+            // Someone registered it meanwhile: theirs is the previous record no more.
+            Err(_) => put_record(shared, key, record).await.map(|()| None),
+        };
+    };
+    match shared.nodes.update(&key, value, current.revision).await {
+        Ok(_) => Ok(decode_value(&key, &current.value)),
+        Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            put_record(shared, key, record).await.map(|()| None)
+        }
+        Err(err) => Err(internal("store", &err)),
+    }
+}
+
 /// Whether a registration comes from another process than the one registered before. An
 /// agent that predates incarnations sends none, and then nothing can be told.
 fn is_new_incarnation(previous: &NodeRecord, incoming: &str) -> bool {
@@ -134,26 +175,6 @@ async fn register(
         if let Err(err) = check_subject(subject_node, &node) {
             return Reply::Error(err);
         }
-        let previous = match stored_registration(&shared, &node).await {
-            Ok(previous) => previous,
-            Err(err) => return Reply::Error(err),
-        };
-        if let Some(previous) = &previous
-            && is_new_incarnation(previous, &request.node.incarnation)
-        {
-            // The process that registered before is gone (or a second process claims the
-            // same node id, which the warning in the log makes loud). What it held is handed
-            // out again now, to the new process, instead of after the ack wait.
-            Counters::count(&shared.counters.node_restarts);
-            tracing::info!(
-                previous = %previous.info.incarnation,
-                incarnation = %request.node.incarnation,
-                "node restarted; reclaiming the work its previous process held"
-            );
-            if let Err(err) = recovery::reclaim_deliveries(&shared, &node).await {
-                tracing::warn!(error = %format!("{err:#}"), "failed to reclaim a restarted node's work; it returns after the ack wait");
-            }
-        }
         let now = now_ms();
         let record = NodeRecord {
             info: request.node,
@@ -169,8 +190,25 @@ async fn register(
                 ..NodeMetrics::default()
             },
         };
-        if let Err(err) = put_record(&shared, topology::node_info_key(&node), &record).await {
-            return Reply::Error(err);
+        let replaced = match store_registration(&shared, &record).await {
+            Ok(replaced) => replaced,
+            Err(err) => return Reply::Error(err),
+        };
+        if let Some(previous) = replaced
+            && is_new_incarnation(&previous, &record.info.incarnation)
+        {
+            // The process that registered before is gone (or a second process claims the
+            // same node id, which the warning in the log makes loud). What it held is handed
+            // out again now, to the new process, before it is told to start pulling.
+            Counters::count(&shared.counters.node_restarts);
+            tracing::info!(
+                previous = %previous.info.incarnation,
+                incarnation = %record.info.incarnation,
+                "node restarted; reclaiming the work its previous process held"
+            );
+            if let Err(err) = recovery::reclaim_deliveries(&shared, &node).await {
+                tracing::warn!(error = %format!("{err:#}"), "failed to reclaim a restarted node's work; it returns after the ack wait");
+            }
         }
         if let Err(err) = put_record(&shared, topology::node_live_key(&node), &live).await {
             return Reply::Error(err);

@@ -287,13 +287,19 @@ impl Stack {
     /// new registration record for it, and then its liveness. Records already in the
     /// bucket (a node id used before in the test) do not count. Needs a scheduler.
     pub async fn spawn_agent_online(&self, node: &str) -> Component {
-        let id = NodeId::new(node).expect("valid node id");
+        self.spawn_agent_online_with(self.agent_config(node)).await
+    }
+
+    /// [`Stack::spawn_agent_online`] with a configuration of the test's own.
+    pub async fn spawn_agent_online_with(&self, config: AgentConfig) -> Component {
+        let node = config.node_id.clone().expect("a configured node id");
+        let id = NodeId::new(&node).expect("valid node id");
         let bucket = self.nodes_bucket().await;
         let mut watch = bucket
             .watch_many([topology::node_info_key(&id), topology::node_live_key(&id)])
             .await
             .expect("watch the node bucket");
-        let agent = self.spawn_agent(node);
+        let agent = self.spawn_agent_with(config);
         within(PATIENCE, &format!("node {node} to register"), async {
             let mut registered = false;
             while let Some(entry) = watch.next().await {

@@ -1,11 +1,13 @@
 //! Submitting tasks and getting their results.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use apiary_harness::{PATIENCE, Stack, eventually, results_until_quiet, wasm};
+use apiary_harness::{PATIENCE, Stack, eventually, results_until_quiet, sleeping_module, wasm};
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::topology;
 use apiary_sdk::{Error, Task, TaskErrorKind};
+use futures::{FutureExt as _, StreamExt as _};
 
 #[tokio::test]
 async fn a_submitted_task_returns_its_output() {
@@ -401,4 +403,73 @@ async fn tasks_no_node_can_run_do_not_hold_up_the_queue() {
         .await
         .expect("a runnable task gets through");
     assert_eq!(output.stdout.as_ref(), b"THROUGH");
+}
+
+#[tokio::test]
+async fn tasks_waiting_for_a_busy_node_do_not_hold_up_tasks_other_nodes_can_run() {
+    // One node has a label that twenty tasks need and runs one at a time; another node runs
+    // anything. The labelled tasks wait for their node in the queue, not in the scheduler,
+    // so the scheduler keeps pulling and the plain tasks run on the other node meanwhile.
+    let stack = Stack::start().await;
+    let _scheduler = stack
+        .spawn_scheduler_with(apiary_scheduler::SchedulerConfig {
+            max_in_flight: 8,
+            ..stack.scheduler_config()
+        })
+        .await;
+    let mut attic = stack.agent_config("attic");
+    attic.slots = Some(1);
+    attic.labels.insert("zone".into(), "attic".into());
+    let _attic = stack.spawn_agent_online_with(attic).await;
+    let _plain = stack.spawn_agent_online("plain").await;
+
+    // Every result the attic stores, seen as it is published.
+    let attic_id = apiary_proto::NodeId::new("attic").expect("a node id");
+    let mut attic_results = stack
+        .nats()
+        .await
+        .subscribe(subject::node(&attic_id, NodeVerb::Result))
+        .await
+        .expect("subscribe to the attic's results");
+
+    let client = stack.client().await;
+    let mut wants_attic = apiary_proto::message::Requirements::default();
+    wants_attic.labels.insert("zone".into(), "attic".into());
+    let slow = bytes::Bytes::from(sleeping_module(Duration::from_secs(1)));
+    let mut labelled = Vec::new();
+    for n in 0..20 {
+        let task = Task::new(slow.clone())
+            .input(format!("attic {n}"))
+            .requirements(wants_attic.clone());
+        labelled.push(client.submit(task).await.expect("submit"));
+    }
+    let mut plain = Vec::new();
+    for n in 0..10 {
+        let task = Task::new(wasm("uppercase")).input(format!("plain {n}"));
+        plain.push(client.submit(task).await.expect("submit"));
+    }
+    for handle in plain {
+        let output = handle
+            .result_within(PATIENCE)
+            .await
+            .expect("a plain task runs on the plain node");
+        assert_eq!(output.node_id.as_str(), "plain");
+    }
+    // The attic runs one labelled task a second: had the plain tasks waited behind the
+    // labelled ones, most of those would be done by now.
+    let mut attic_done = 0;
+    while let Some(Some(_)) = attic_results.next().now_or_never() {
+        attic_done += 1;
+    }
+    assert!(
+        attic_done < 10,
+        "the plain tasks waited for {attic_done} labelled ones"
+    );
+    for handle in labelled {
+        let output = handle
+            .result_within(PATIENCE)
+            .await
+            .expect("every labelled task runs in the end");
+        assert_eq!(output.node_id.as_str(), "attic");
+    }
 }
