@@ -1,0 +1,136 @@
+//! Membership: joining the cluster (register, retried while no scheduler answers),
+//! heartbeats every interval (registering again when the cluster has forgotten this node),
+//! and the goodbye that shows the node gone at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use apiary_proto::message::{
+    Heartbeat, HeartbeatReply, NodeInfo, NodeState, RegisterReply, RegisterRequest,
+};
+use apiary_proto::rpc::{self, RequestError};
+use apiary_proto::subject::{self, NodeVerb};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Agent, AgentConfig};
+
+/// Registers, retrying with backoff while no scheduler answers. Returns `None` if shutdown
+/// came first, and an error if the cluster refused the node (a bad token, say), which no
+/// amount of retrying fixes.
+pub(crate) async fn register_until_accepted(
+    client: &async_nats::Client,
+    info: &NodeInfo,
+    config: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<RegisterReply>> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match register(client, info, config).await {
+            Ok(reply) => return Ok(Some(reply)),
+            Err(RequestError::Refused(refusal)) => {
+                return Err(anyhow::anyhow!("the cluster refused this node: {refusal}"));
+            }
+            // No scheduler yet is normal while a cluster starts up.
+            Err(err @ RequestError::NoResponders { .. }) => {
+                tracing::info!(error = %err, retry_in = ?backoff, "waiting for a scheduler");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?backoff, "registration failed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(config.max_register_backoff);
+    }
+}
+
+async fn register(
+    client: &async_nats::Client,
+    info: &NodeInfo,
+    config: &AgentConfig,
+) -> Result<RegisterReply, RequestError> {
+    rpc::request(
+        client,
+        subject::node(&info.node_id, NodeVerb::Register),
+        &RegisterRequest {
+            node: info.clone(),
+            token: config.token.clone(),
+        },
+        config.request_timeout,
+    )
+    .await
+}
+
+/// Heartbeats every `interval` until `stop`; returns the last sequence number sent.
+pub(crate) async fn heartbeat_loop(
+    client: async_nats::Client,
+    agent: Arc<Agent>,
+    info: NodeInfo,
+    config: AgentConfig,
+    interval: Duration,
+    stop: CancellationToken,
+) -> u64 {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sequence = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return sequence,
+            _ = ticker.tick() => {}
+        }
+        sequence += 1;
+        let heartbeat = Heartbeat {
+            node_id: agent.node_id.clone(),
+            seq: sequence,
+            state: NodeState::Active,
+            metrics: agent.metrics(),
+            incarnation: agent.incarnation.clone(),
+        };
+        match send_heartbeat(&client, &heartbeat, config.request_timeout).await {
+            Ok(HeartbeatReply { registered: true }) => {}
+            Ok(HeartbeatReply { registered: false }) => {
+                tracing::warn!("the cluster has no record of this node; registering again");
+                if let Err(err) = register(&client, &info, &config).await {
+                    tracing::warn!(error = %err, "re-registration failed");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, seq = sequence, "heartbeat failed"),
+        }
+    }
+}
+
+async fn send_heartbeat(
+    client: &async_nats::Client,
+    heartbeat: &Heartbeat,
+    timeout: Duration,
+) -> Result<HeartbeatReply, RequestError> {
+    rpc::request(
+        client,
+        subject::node(&heartbeat.node_id, NodeVerb::Heartbeat),
+        heartbeat,
+        timeout,
+    )
+    .await
+}
+
+/// Tells the cluster that this node is leaving, so it is shown gone at once. Best effort: a
+/// node that cannot say goodbye is found offline by its missed heartbeats instead.
+pub(crate) async fn send_leaving(
+    client: &async_nats::Client,
+    agent: &Agent,
+    seq: u64,
+    timeout: Duration,
+) {
+    let heartbeat = Heartbeat {
+        node_id: agent.node_id.clone(),
+        seq,
+        state: NodeState::Leaving,
+        metrics: agent.metrics(),
+        incarnation: agent.incarnation.clone(),
+    };
+    if let Err(err) = send_heartbeat(client, &heartbeat, timeout).await {
+        tracing::warn!(error = %err, "could not announce leaving");
+    }
+}

@@ -1,0 +1,226 @@
+//! One task: decode the dispatch, run the module in the sandbox with progress acks keeping
+//! the message, fit the result to what the server carries, store it, then acknowledge.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use apiary_proto::codec;
+use apiary_proto::message::{Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult};
+use apiary_proto::{now_ms, stored, topology};
+use async_nats::jetstream::{self, AckKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument as _;
+
+use crate::Agent;
+
+impl Agent {
+    /// Runs one dispatched task and publishes its result. Never panics on bad input: a
+    /// message that cannot be decoded is terminated (it can never succeed), and every other
+    /// failure becomes a typed result.
+    pub(crate) async fn handle(self: Arc<Self>, message: jetstream::Message) {
+        let Some(dispatch) =
+            apiary_proto::inbound::decode_or_terminate::<Dispatch>(&message, "dispatch").await
+        else {
+            return;
+        };
+        let span = tracing::info_span!(
+            "task",
+            task_id = %dispatch.task.id,
+            attempt = dispatch.attempt,
+        );
+        self.run_task(message, dispatch).instrument(span).await;
+    }
+
+    async fn run_task(&self, message: jetstream::Message, dispatch: Dispatch) {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let started_at_ms = now_ms();
+
+        // Keep the message ours while the task runs: without progress acks JetStream would
+        // hand it to someone else after the ack wait.
+        let keep_alive = CancellationToken::new();
+        let progress = AbortOnDropHandle::new(tokio::spawn(send_progress(
+            message.clone(),
+            keep_alive.clone(),
+        )));
+        let outcome = self.execute(&dispatch).await;
+        keep_alive.cancel();
+        progress.await.ok();
+
+        let result = TaskResult {
+            task_id: dispatch.task.id.clone(),
+            node_id: self.node_id.clone(),
+            attempt: dispatch.attempt,
+            outcome,
+            started_at_ms,
+            finished_at_ms: now_ms(),
+            reply_to: dispatch.task.reply_to.clone(),
+        };
+        let result = fit_within(result, self.max_result_bytes());
+        match &result.outcome {
+            Outcome::Completed { exit_code, .. } => {
+                tracing::info!(
+                    exit_code,
+                    elapsed_ms = result.finished_at_ms.saturating_sub(started_at_ms),
+                    "task completed"
+                );
+            }
+            Outcome::Failed { error, .. } => {
+                tracing::info!(kind = %error.kind, error = %error.message, "task failed");
+            }
+        }
+
+        match self.publish_result(&result).await {
+            Ok(()) => {
+                self.completed.fetch_add(1, Ordering::Relaxed);
+                if let Err(err) = message.double_ack().await {
+                    // The result is stored; a redelivery would run the task again and the
+                    // duplicate result would be dropped by its message id.
+                    tracing::warn!(error = %format!("{err:#}"), "failed to acknowledge a finished task");
+                }
+            }
+            Err(err) => {
+                // Leave the message unacknowledged: it comes back and the task runs again,
+                // rather than its result being lost. (A result too large for the server was
+                // already turned into an output-limit failure, so this is a transient error.)
+                tracing::error!(error = %format!("{err:#}"), "failed to publish a task result");
+                message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await
+                    .ok();
+            }
+        }
+        self.running.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The largest encoded result the server accepts, less room for headers.
+    fn max_result_bytes(&self) -> usize {
+        const HEADER_ROOM: usize = 1024;
+        self.client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM)
+    }
+
+    async fn execute(&self, dispatch: &Dispatch) -> Outcome {
+        if let Err(error) = self.limits.admit(&dispatch.task.limits) {
+            return Outcome::Failed {
+                error,
+                stderr: Default::default(),
+            };
+        }
+        let module = match self.modules.get(&dispatch.task.module).await {
+            Ok(module) => module,
+            Err(error) => {
+                return Outcome::Failed {
+                    error,
+                    stderr: Default::default(),
+                };
+            }
+        };
+        let sandbox = self.sandbox.clone();
+        let input = dispatch.task.input.0.clone();
+        let limits = dispatch.task.limits.clone();
+        tokio::task::spawn_blocking(move || sandbox.run(&module, input, &limits))
+            .await
+            .unwrap_or_else(|err| Outcome::Failed {
+                error: TaskError::new(
+                    TaskErrorKind::Internal,
+                    format!("the task's thread failed: {err}"),
+                ),
+                stderr: Default::default(),
+            })
+    }
+
+    async fn publish_result(&self, result: &TaskResult) -> anyhow::Result<()> {
+        stored::result(&self.js, result).await?;
+        Ok(())
+    }
+}
+
+/// A result the server can carry. A task may stay within its own output limit and still
+/// produce a result larger than the server's `max_payload` (stdout and stderr are limited
+/// separately); publishing that would fail on every retry, so it becomes an output-limit
+/// failure instead, keeping as much of stderr as fits.
+fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult {
+    let size = codec::encode(&result).map_or(usize::MAX, |bytes| bytes.len());
+    if size <= max_bytes {
+        return result;
+    }
+    let stderr = match &result.outcome {
+        Outcome::Completed { stderr, .. } | Outcome::Failed { stderr, .. } => stderr.0.clone(),
+    };
+    let kept = stderr.slice(..stderr.len().min(max_bytes / 2));
+    result.outcome = Outcome::Failed {
+        error: TaskError::new(
+            TaskErrorKind::OutputLimit,
+            format!(
+                "the task's output makes a {size} byte result; the server carries at most {max_bytes}"
+            ),
+        ),
+        stderr: kept.into(),
+    };
+    result
+}
+
+/// Sends a progress ack every [`topology::PROGRESS_INTERVAL`] until `done`.
+async fn send_progress(message: jetstream::Message, done: CancellationToken) {
+    // The first tick one period from now: an interval's immediate first tick still waits for
+    // the timer wheel (about a millisecond), which would sit on every task's path.
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + topology::PROGRESS_INTERVAL,
+        topology::PROGRESS_INTERVAL,
+    );
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = ticker.tick() => {
+                if let Err(err) = message.ack_with(AckKind::Progress).await {
+                    tracing::warn!(error = %err, "failed to extend a running task's ack wait");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apiary_proto::{NodeId, Payload, TaskId};
+
+    fn result_with_output(stdout: usize, stderr: usize) -> TaskResult {
+        TaskResult {
+            task_id: TaskId::new("t").unwrap(),
+            node_id: NodeId::new("n").unwrap(),
+            attempt: 1,
+            outcome: Outcome::Completed {
+                exit_code: 0,
+                stdout: Payload::from(vec![b'o'; stdout]),
+                stderr: Payload::from(vec![b'e'; stderr]),
+            },
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn results_that_fit_are_left_alone() {
+        let result = result_with_output(100, 10);
+        assert_eq!(fit_within(result.clone(), 10_000), result);
+    }
+
+    #[test]
+    fn results_too_large_for_the_server_become_output_limit_failures() {
+        let fitted = fit_within(result_with_output(5_000, 3_000), 4_000);
+        match &fitted.outcome {
+            Outcome::Failed { error, stderr } => {
+                assert_eq!(error.kind, TaskErrorKind::OutputLimit);
+                assert_eq!(stderr.len(), 2_000);
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert!(codec::encode(&fitted).unwrap().len() <= 4_000);
+    }
+}

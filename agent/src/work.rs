@@ -1,0 +1,130 @@
+//! Work: pulling this node's dispatched tasks from its own consumer, starting each, handing
+//! back what was received but not started when the agent stops, and waiting for what runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use apiary_proto::topology;
+use async_nats::jetstream::{self, AckKind};
+use futures::{FutureExt as _, StreamExt as _};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+
+/// Pulls the node's dispatched tasks and starts each (at most `slots` run at once: the
+/// consumer hands out no more) until `stop`. Returns the tasks still running.
+pub(crate) async fn work_loop(
+    agent: Arc<Agent>,
+    stop: &CancellationToken,
+) -> (anyhow::Result<()>, JoinSet<()>) {
+    let mut running = JoinSet::new();
+    let Some(mut messages) = dispatched_tasks(&agent, stop).await else {
+        return (Ok(()), running);
+    };
+    let outcome = loop {
+        // Reap finished tasks so the set does not grow with every task ever run.
+        while running.try_join_next().is_some() {}
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            next = messages.next() => match next {
+                Some(Ok(message)) => {
+                    let agent = agent.clone();
+                    running.spawn(async move { agent.handle(message).await });
+                }
+                Some(Err(err)) => {
+                    // Pull errors are transient (a server restart, a missed heartbeat of the
+                    // pull request); the stream keeps going.
+                    tracing::warn!(error = %err, "error while pulling dispatched tasks");
+                }
+                None => {
+                    // The consumer was deleted: a scheduler took this node's registration for
+                    // a new process and handed out again what the consumer held (or an
+                    // operator removed it). Pull from a new one; whatever this process still
+                    // runs finishes, and its result is stored once per attempt.
+                    tracing::warn!("this node's dispatch consumer went away; opening it again");
+                    match dispatched_tasks(&agent, stop).await {
+                        Some(reopened) => messages = reopened,
+                        None => break Ok(()),
+                    }
+                }
+            },
+        }
+    };
+    // Tasks already delivered to this client but not started go back at once, instead of
+    // waiting out their ack wait and costing an attempt when they are moved.
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        message.ack_with(AckKind::Nak(None)).await.ok();
+    }
+    (outcome, running)
+}
+
+/// Opens this node's dispatch consumer and starts pulling, retrying until it works or
+/// `stop` (then `None`). Creating the consumer can fail for a moment while a scheduler
+/// deletes it to hand out a previous process's work, or while the server restarts; neither
+/// is a reason for the agent to exit.
+async fn dispatched_tasks(
+    agent: &Agent,
+    stop: &CancellationToken,
+) -> Option<jetstream::consumer::pull::Stream> {
+    let mut backoff = Duration::from_millis(50);
+    let mut warned = false;
+    loop {
+        match open_dispatched_tasks(agent).await {
+            Ok(messages) => return Some(messages),
+            Err(err) if !warned => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot pull dispatched tasks yet; retrying");
+                warned = true;
+            }
+            Err(err) => {
+                tracing::debug!(error = %format!("{err:#}"), "still cannot pull dispatched tasks")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn open_dispatched_tasks(agent: &Agent) -> anyhow::Result<jetstream::consumer::pull::Stream> {
+    let consumer: jetstream::consumer::PullConsumer = agent
+        .js
+        .get_stream(topology::DISPATCH_STREAM)
+        .await
+        .context("failed to open the dispatch stream")?
+        .create_consumer(topology::node_dispatch_consumer(
+            &agent.node_id,
+            agent.slots,
+        ))
+        .await
+        .context("failed to create this node's dispatch consumer")?;
+    consumer
+        .messages()
+        .await
+        .context("failed to start pulling dispatched tasks")
+}
+
+/// Waits up to `grace` for running tasks. Tasks still running after it are abandoned with
+/// their messages unacknowledged, so JetStream hands them out again.
+pub(crate) async fn drain(mut running: JoinSet<()>, grace: Duration) {
+    if running.is_empty() {
+        return;
+    }
+    tracing::info!(
+        running = running.len(),
+        "waiting for running tasks to finish"
+    );
+    let drained = tokio::time::timeout(grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            abandoned = running.len(),
+            "tasks still running after the grace period; they will be redelivered"
+        );
+    }
+}
