@@ -14,9 +14,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Agent, AgentConfig};
 
-/// Registers, retrying with backoff while no scheduler answers. Returns `None` if shutdown
-/// came first, and an error if the cluster refused the node (a bad token, say), which no
-/// amount of retrying fixes.
+/// Registers, retrying with capped exponential backoff and jitter while no scheduler
+/// answers (or the server is away). Returns `None` if shutdown came first, and an error if
+/// the cluster refused the node (a bad token, say), which no amount of retrying fixes.
+///
+/// Each kind of failure is logged once, when it starts, not at every attempt: an agent
+/// waiting an hour for its cluster writes one line, not thousands.
 pub(crate) async fn register_until_accepted(
     client: &async_nats::Client,
     info: &NodeInfo,
@@ -24,26 +27,55 @@ pub(crate) async fn register_until_accepted(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<RegisterReply>> {
     let mut backoff = Duration::from_millis(100);
+    let mut waiting_for: Option<Waiting> = None;
     loop {
-        match register(client, info, config).await {
-            Ok(reply) => return Ok(Some(reply)),
+        let failure = match register(client, info, config).await {
+            Ok(reply) => {
+                if waiting_for.is_some() {
+                    tracing::info!("the cluster answers again");
+                }
+                return Ok(Some(reply));
+            }
             Err(RequestError::Refused(refusal)) => {
                 return Err(anyhow::anyhow!("the cluster refused this node: {refusal}"));
             }
             // No scheduler yet is normal while a cluster starts up.
-            Err(err @ RequestError::NoResponders { .. }) => {
-                tracing::info!(error = %err, retry_in = ?backoff, "waiting for a scheduler");
+            Err(err @ RequestError::NoResponders { .. }) => (Waiting::Scheduler, err),
+            Err(err) => (Waiting::Answer, err),
+        };
+        match failure {
+            (kind, err) if waiting_for != Some(kind) => {
+                match kind {
+                    Waiting::Scheduler => tracing::info!(error = %err, "waiting for a scheduler"),
+                    Waiting::Answer => {
+                        tracing::warn!(error = %err, "registration failed; retrying");
+                    }
+                }
+                waiting_for = Some(kind);
             }
-            Err(err) => {
-                tracing::warn!(error = %err, retry_in = ?backoff, "registration failed; retrying");
-            }
+            (_, err) => tracing::debug!(error = %err, retry_in = ?backoff, "still not registered"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(with_jitter(backoff)) => {}
         }
         backoff = (backoff * 2).min(config.max_register_backoff);
     }
+}
+
+/// Why an agent is still not registered, for logging each state once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    /// No scheduler answers on the subject.
+    Scheduler,
+    /// A request failed otherwise (timed out, the server is away).
+    Answer,
+}
+
+/// `backoff` give or take a fifth, so that a fleet restarted together (a power cut, a new
+/// server) does not register in lockstep.
+fn with_jitter(backoff: Duration) -> Duration {
+    backoff.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
 
 async fn register(
@@ -132,5 +164,23 @@ pub(crate) async fn send_leaving(
     };
     if let Err(err) = send_heartbeat(client, &heartbeat, timeout).await {
         tracing::warn!(error = %err, "could not announce leaving");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_a_fifth_of_the_backoff() {
+        let backoff = Duration::from_secs(5);
+        let samples: Vec<Duration> = (0..1_000).map(|_| with_jitter(backoff)).collect();
+        assert!(
+            samples.iter().all(|sample| {
+                *sample >= backoff.mul_f64(0.8) && *sample <= backoff.mul_f64(1.2)
+            })
+        );
+        // Not a constant: a fleet restarted together spreads out.
+        assert!(samples.iter().any(|sample| *sample != samples[0]));
     }
 }
