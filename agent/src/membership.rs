@@ -107,6 +107,9 @@ pub(crate) async fn heartbeat_loop(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence = 0;
+    // Heartbeats failing in a row: the first is a warning, the rest are expected until the
+    // cluster answers again (a server restart, a network outage), and are logged at debug.
+    let mut failing = 0u64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return sequence,
@@ -120,7 +123,12 @@ pub(crate) async fn heartbeat_loop(
             metrics: agent.metrics(),
             incarnation: agent.incarnation.clone(),
         };
-        match send_heartbeat(&client, &heartbeat, config.request_timeout).await {
+        let answer = send_heartbeat(&client, &heartbeat, config.request_timeout).await;
+        if answer.is_ok() && failing > 0 {
+            tracing::info!(failed = failing, "heartbeats are answered again");
+            failing = 0;
+        }
+        match answer {
             Ok(HeartbeatReply { registered: true }) => {}
             Ok(HeartbeatReply { registered: false }) => {
                 tracing::warn!("the cluster has no record of this node; registering again");
@@ -128,7 +136,14 @@ pub(crate) async fn heartbeat_loop(
                     tracing::warn!(error = %err, "re-registration failed");
                 }
             }
-            Err(err) => tracing::warn!(error = %err, seq = sequence, "heartbeat failed"),
+            Err(err) if failing == 0 => {
+                failing = 1;
+                tracing::warn!(error = %err, seq = sequence, "heartbeat failed; retrying every interval");
+            }
+            Err(err) => {
+                failing += 1;
+                tracing::debug!(error = %err, seq = sequence, "heartbeat failed again");
+            }
         }
     }
 }

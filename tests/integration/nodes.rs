@@ -1,11 +1,15 @@
 //! Registration, heartbeats and the node table.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use apiary_harness::{PATIENCE, Stack, eventually, within};
-use apiary_proto::message::{NodeStatus, NodesListReply, NodesListRequest};
-use apiary_proto::{rpc, subject};
+use apiary_harness::{PATIENCE, Stack, eventually, wasm, within};
+use apiary_proto::message::{Dispatch, NodeStatus, NodesListReply, NodesListRequest};
+use apiary_proto::subject::NodeVerb;
+use apiary_proto::{NodeId, codec, rpc, subject};
+use bytes::Bytes;
 use futures::StreamExt as _;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn a_registered_node_appears_in_the_node_list() {
@@ -146,4 +150,205 @@ async fn a_forgotten_node_registers_again() {
         (nodes.first()?.status == NodeStatus::Online).then_some(())
     })
     .await;
+}
+
+/// Sends `body` as JSON to `subject`, as a client in another language would, and returns
+/// the `ok` part of the reply, failing the test on an error reply.
+async fn json_request(nats: &async_nats::Client, subject: String, body: Value) -> Value {
+    let what = format!("a reply on {subject}");
+    let reply = within(
+        PATIENCE,
+        &what,
+        nats.request(subject.clone(), Bytes::from(body.to_string())),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("request on {subject} failed: {err}"));
+    let value: Value = serde_json::from_slice(&reply.payload).unwrap_or_else(|err| {
+        panic!(
+            "the reply on {subject} is not JSON ({err}): {:?}",
+            String::from_utf8_lossy(&reply.payload)
+        )
+    });
+    match value.get("ok") {
+        Some(ok) => ok.clone(),
+        None => panic!("an error reply on {subject}: {value}"),
+    }
+}
+
+/// Registers node `id` by hand with one slot, as `nats req apiary.v1.node.<id>.register`
+/// would.
+async fn register_by_hand(nats: &async_nats::Client, id: &str) {
+    let node = NodeId::new(id).expect("valid node id");
+    let registration = json!({
+        "node": {
+            "node_id": id,
+            "hostname": "by-hand",
+            "arch": std::env::consts::ARCH,
+            "os": "linux",
+            "cpu_cores": 1,
+            "memory_bytes": 1_073_741_824u64,
+            "slots": 1,
+            "agent_version": "by hand"
+        }
+    });
+    let reply = json_request(
+        nats,
+        subject::node(&node, NodeVerb::Register).to_string(),
+        registration,
+    )
+    .await;
+    assert_eq!(reply["node_id"], id, "{reply}");
+}
+
+/// Sends node `id`'s heartbeat number `seq` in `state` (`active` or `leaving`) and returns
+/// once the scheduler has answered that it holds the node's registration.
+async fn heartbeat_by_hand(nats: &async_nats::Client, id: &str, seq: u64, state: &str) {
+    let node = NodeId::new(id).expect("valid node id");
+    let heartbeat = json!({
+        "node_id": id,
+        "seq": seq,
+        "state": state,
+        "metrics": {
+            "cpu_percent": 1.0,
+            "memory_used_bytes": 1_000_000,
+            "memory_total_bytes": 1_073_741_824u64,
+            "running_tasks": 0,
+            "slots": 1
+        }
+    });
+    let reply = json_request(
+        nats,
+        subject::node(&node, NodeVerb::Heartbeat).to_string(),
+        heartbeat,
+    )
+    .await;
+    assert_eq!(
+        reply["registered"], true,
+        "{id}'s {state} heartbeat: {reply}"
+    );
+}
+
+/// The node table as `nats req apiary.v1.nodes.list '{}'` shows it: status by node id.
+async fn statuses_by_hand(nats: &async_nats::Client) -> BTreeMap<String, String> {
+    let reply = json_request(nats, subject::nodes_list().to_string(), json!({})).await;
+    reply["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no node array in {reply}"))
+        .iter()
+        .map(|node| {
+            let id = node["info"]["node_id"].as_str().expect("a node id");
+            let status = node["status"].as_str().expect("a status");
+            (id.to_owned(), status.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_node_list_shows_a_node_left_as_soon_as_its_leaving_heartbeat_is_answered() {
+    // A long interval: the hand-made nodes send one heartbeat each, and must not go offline
+    // in the meantime, so that `online` below can only mean "not yet seen leaving".
+    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let ids: Vec<String> = (0..21).map(|n| format!("hand-{n:02}")).collect();
+    for id in &ids {
+        register_by_hand(&nats, id).await;
+        heartbeat_by_hand(&nats, id, 1, "active").await;
+    }
+    let statuses = statuses_by_hand(&nats).await;
+    assert_eq!(statuses.len(), ids.len(), "{statuses:?}");
+    assert!(
+        statuses.values().all(|status| status == "online"),
+        "{statuses:?}"
+    );
+
+    // Each list is asked for only after the leaving heartbeat is answered, and must already
+    // show it. A replica that only stored the heartbeat and let its own view catch up
+    // through the bucket watch answered `online` here until the watch delivered the record
+    // (up to about 2 s), and would go on placing tasks on the node meanwhile.
+    for (gone, id) in ids.iter().enumerate() {
+        heartbeat_by_hand(&nats, id, 2, "leaving").await;
+        let statuses = statuses_by_hand(&nats).await;
+        assert_eq!(
+            statuses.get(id).map(String::as_str),
+            Some("left"),
+            "{id} in the first list after its leaving heartbeat was answered: {statuses:?}"
+        );
+        // The others are untouched: those that left before stay left, the rest online.
+        for (n, other) in ids.iter().enumerate() {
+            let expected = if n <= gone { "left" } else { "online" };
+            assert_eq!(
+                statuses.get(other).map(String::as_str),
+                Some(expected),
+                "{other} after {id} left: {statuses:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_that_stays() {
+    // A long interval, so that the node that stays is online throughout without heartbeats.
+    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let client = stack.client().await;
+    let module = wasm("uppercase");
+    // Uploaded once up front, so each round's submit is only the publish, and the task
+    // reaches the scheduler as soon after the leaving heartbeat as it can.
+    client.upload_module(&module).await.expect("upload");
+    // Every placement, as `nats sub 'apiary.v1.node.*.dispatch'` shows it. The server has
+    // the subscription once the flush's round trip is done, so it sees even the first.
+    let mut dispatches = nats
+        .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
+        .await
+        .expect("subscribe to the dispatch subjects");
+    nats.flush().await.expect("flush");
+
+    for round in 0..10 {
+        // Fresh nodes each round, equal in every way, and every earlier node has left. The
+        // one that leaves sorts first, so a replica that still took it for online would
+        // choose it: among equally loaded nodes the next one in id order after the last one
+        // chosen goes first, and both come after every earlier round's nodes.
+        let goes = format!("round-{round:02}-goes");
+        let stays = format!("round-{round:02}-stays");
+        for id in [&goes, &stays] {
+            register_by_hand(&nats, id).await;
+            heartbeat_by_hand(&nats, id, 1, "active").await;
+        }
+        heartbeat_by_hand(&nats, &goes, 2, "leaving").await;
+        // The nodes never pull, so the task is never run: where it was placed is the point.
+        let task = client
+            .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
+            .await
+            .expect("submit");
+        let node = within(PATIENCE, "the task's dispatch", async {
+            loop {
+                let message = dispatches.next().await.expect("the subscription is open");
+                let (dispatch, _) =
+                    codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
+                        .unwrap_or_else(|err| {
+                            panic!("not a dispatch on {}: {err}", message.subject)
+                        });
+                // Only this round's task, first placement; anything else is an earlier
+                // round's task moved off a node that left.
+                if &dispatch.task.id == task.id() && dispatch.attempt == 1 {
+                    let (node, _) = subject::parse_node_subject(&message.subject)
+                        .unwrap_or_else(|| panic!("not a node subject: {}", message.subject));
+                    return node;
+                }
+            }
+        })
+        .await;
+        // A replica that learned of the goodbye only through its bucket watch still took
+        // `goes` for online when the task arrived, and placed it there.
+        assert_eq!(
+            node.as_str(),
+            stays,
+            "round {round}: the task went to {node}, though {goes} had said it was leaving"
+        );
+        // The node that stayed leaves too, so that the next round's pair is alone with the
+        // nodes that left.
+        heartbeat_by_hand(&nats, &stays, 2, "leaving").await;
+    }
 }
