@@ -7,6 +7,7 @@ use apiary_harness::{PATIENCE, Stack, eventually, wasm, within};
 use apiary_proto::message::{Dispatch, NodeStatus, NodesListReply, NodesListRequest};
 use apiary_proto::subject::NodeVerb;
 use apiary_proto::{NodeId, codec, rpc, subject};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -243,6 +244,30 @@ async fn statuses_by_hand(nats: &async_nats::Client) -> BTreeMap<String, String>
         .collect()
 }
 
+/// How many entries [`hold_up_the_bucket_watch`] puts ahead of a record.
+const WATCH_BACKLOG: usize = 5000;
+
+/// Holds up the scheduler's bucket watch, as a busy replica's watch can lag: puts
+/// [`WATCH_BACKLOG`] empty entries into the node bucket under keys that name no node (the
+/// replica's watch reads every key and skips them; `batch` keeps each call's keys apart). A
+/// record the replica stores right after them reaches its view through the watch only once
+/// the watch has read through them all. They are sent without waiting for them to be
+/// stored, since the watch keeps pace with a writer that waits.
+///
+/// This is the one thing these tests do that a client of the protocol would not. Without it
+/// the watch delivers a record on a quiet machine before the request that stored it is even
+/// answered, and a replica that waits for its watch cannot be told from one that does not.
+/// With it, such a replica gives itself away in most rounds (about two in three here). (The
+/// subject is the bucket's own, as the KV client builds it for a put.)
+async fn hold_up_the_bucket_watch(nats: &async_nats::Client, bucket: &kv::Store, batch: &str) {
+    for n in 0..WATCH_BACKLOG {
+        let subject = format!("{}backlog.{batch}-{n}", bucket.prefix);
+        nats.publish(subject, Bytes::new())
+            .await
+            .expect("publish to the node bucket");
+    }
+}
+
 #[tokio::test]
 async fn the_node_list_shows_a_node_left_as_soon_as_its_leaving_heartbeat_is_answered() {
     // A long interval: the hand-made nodes send one heartbeat each, and must not go offline
@@ -265,8 +290,11 @@ async fn the_node_list_shows_a_node_left_as_soon_as_its_leaving_heartbeat_is_ans
     // Each list is asked for only after the leaving heartbeat is answered, and must already
     // show it. A replica that only stored the heartbeat and let its own view catch up
     // through the bucket watch answered `online` here until the watch delivered the record
-    // (up to about 2 s), and would go on placing tasks on the node meanwhile.
+    // (up to about 2 s), and would go on placing tasks on the node meanwhile. Its watch is
+    // held up before each goodbye, so that such a replica is caught within a few nodes.
+    let bucket = stack.nodes_bucket().await;
     for (gone, id) in ids.iter().enumerate() {
+        hold_up_the_bucket_watch(&nats, &bucket, id).await;
         heartbeat_by_hand(&nats, id, 2, "leaving").await;
         let statuses = statuses_by_hand(&nats).await;
         assert_eq!(
@@ -304,6 +332,7 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
         .await
         .expect("subscribe to the dispatch subjects");
     nats.flush().await.expect("flush");
+    let bucket = stack.nodes_bucket().await;
 
     for round in 0..10 {
         // Fresh nodes each round, equal in every way, and every earlier node has left. The
@@ -316,6 +345,9 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
             register_by_hand(&nats, id).await;
             heartbeat_by_hand(&nats, id, 1, "active").await;
         }
+        // With the replica's bucket watch held up, only what the replica learned from the
+        // heartbeat itself, before it answered, keeps the task off `goes`.
+        hold_up_the_bucket_watch(&nats, &bucket, &goes).await;
         heartbeat_by_hand(&nats, &goes, 2, "leaving").await;
         // The nodes never pull, so the task is never run: where it was placed is the point.
         let task = client
@@ -341,7 +373,8 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
         })
         .await;
         // A replica that learned of the goodbye only through its bucket watch still took
-        // `goes` for online when the task arrived, and placed it there.
+        // `goes` for online when the task arrived, and placed it there (in most rounds: ten
+        // rounds catch it all but certainly).
         assert_eq!(
             node.as_str(),
             stays,
