@@ -162,8 +162,9 @@ impl Shared {
         outcome
     }
 
-    fn apply(&self, change: NodeChange) {
-        self.update(|view| view.apply(change));
+    /// Applies a change of the node bucket at `revision` (see [`NodeView::apply_at`]).
+    fn apply_at(&self, revision: u64, change: NodeChange) {
+        self.update(|view| view.apply_at(revision, change));
     }
 
     /// Chooses a node for attempt `attempt_id` of a task now, and counts it against that

@@ -52,7 +52,7 @@ pub(crate) async fn watch_nodes(
             None => anyhow::bail!("the node bucket watch ended"),
         };
         if let Some(change) = node_change(&entry) {
-            shared.apply(change);
+            shared.apply_at(entry.revision, change);
         }
         if entry.seen_current || entry.delta == 0 {
             shared.synced.send_replace(true);
@@ -91,14 +91,15 @@ pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, value: &[u8]) -> Opti
     }
 }
 
+/// Stores a node record; returns its revision.
 pub(crate) async fn put_record<T: Serialize>(
     shared: &Shared,
     key: String,
     value: &T,
-) -> Result<(), ErrorBody> {
+) -> Result<u64, ErrorBody> {
     let bytes =
         codec::encode(value).map_err(|err| ErrorBody::new(ErrorCode::Internal, err.to_string()))?;
-    shared.nodes.put(key, bytes).await.map(drop).map_err(|err| {
+    shared.nodes.put(key, bytes).await.map_err(|err| {
         ErrorBody::new(
             ErrorCode::Internal,
             format!("failed to store the node record: {err}"),

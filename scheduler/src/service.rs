@@ -103,14 +103,17 @@ fn check_subject(subject_node: Option<NodeId>, body_node: &NodeId) -> Result<(),
 
 /// The registration record the bucket holds for `node`, read from the server rather than
 /// the view, which may lag a registration another replica just stored.
+/// Returns it with its revision.
 async fn stored_registration(
     shared: &Shared,
     node: &NodeId,
-) -> Result<Option<NodeRecord>, ErrorBody> {
+) -> Result<Option<(NodeRecord, u64)>, ErrorBody> {
     let key = topology::node_info_key(node);
-    match shared.nodes.get(&key).await {
-        Ok(Some(value)) => Ok(decode_value(&key, &value)),
-        Ok(None) => Ok(None),
+    match shared.nodes.entry(&key).await {
+        Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+            Ok(decode_value(&key, &entry.value).map(|record| (record, entry.revision)))
+        }
+        Ok(_) => Ok(None),
         Err(err) => Err(ErrorBody::new(
             ErrorCode::Internal,
             format!("failed to read the node record: {err}"),
@@ -123,11 +126,11 @@ async fn stored_registration(
 /// replaced, when this replica's write was the one that replaced it: of two replicas handling
 /// the same registration at once (an agent that retried after a slow reply), only one sees
 /// the previous process, so only one reclaims its work and none deletes the new process's
-/// consumer under it.
+/// consumer under it. Also returns the stored record's revision.
 async fn store_registration(
     shared: &Shared,
     record: &NodeRecord,
-) -> Result<Option<NodeRecord>, ErrorBody> {
+) -> Result<(Option<NodeRecord>, u64), ErrorBody> {
     let key = topology::node_info_key(&record.info.node_id);
     let internal = |what: &str, err: &dyn std::fmt::Display| {
         ErrorBody::new(
@@ -144,15 +147,19 @@ async fn store_registration(
         .filter(|entry| entry.operation == kv::Operation::Put);
     let Some(current) = current else {
         return match shared.nodes.create(&key, value.clone()).await {
-            Ok(_) => Ok(None),
+            Ok(revision) => Ok((None, revision)),
             // Someone registered it meanwhile: theirs is the previous record no more.
-            Err(_) => put_record(shared, key, record).await.map(|()| None),
+            Err(_) => put_record(shared, key, record)
+                .await
+                .map(|revision| (None, revision)),
         };
     };
     match shared.nodes.update(&key, value, current.revision).await {
-        Ok(_) => Ok(decode_value(&key, &current.value)),
+        Ok(revision) => Ok((decode_value(&key, &current.value), revision)),
         Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-            put_record(shared, key, record).await.map(|()| None)
+            put_record(shared, key, record)
+                .await
+                .map(|revision| (None, revision))
         }
         Err(err) => Err(internal("store", &err)),
     }
@@ -190,8 +197,8 @@ async fn register(
                 ..NodeMetrics::default()
             },
         };
-        let replaced = match store_registration(&shared, &record).await {
-            Ok(replaced) => replaced,
+        let (replaced, info_revision) = match store_registration(&shared, &record).await {
+            Ok(stored) => stored,
             Err(err) => return Reply::Error(err),
         };
         if let Some(previous) = replaced
@@ -210,12 +217,14 @@ async fn register(
                 tracing::warn!(error = %format!("{err:#}"), "failed to reclaim a restarted node's work; it returns after the ack wait");
             }
         }
-        if let Err(err) = put_record(&shared, topology::node_live_key(&node), &live).await {
-            return Reply::Error(err);
-        }
+        let live_revision =
+            match put_record(&shared, topology::node_live_key(&node), &live).await {
+                Ok(revision) => revision,
+                Err(err) => return Reply::Error(err),
+            };
         // Known to this replica at once; the bucket watch brings the same records back.
-        shared.apply(NodeChange::Registered(record.clone()));
-        shared.apply(NodeChange::Heartbeat(node.clone(), live));
+        shared.apply_at(info_revision, NodeChange::Registered(record.clone()));
+        shared.apply_at(live_revision, NodeChange::Heartbeat(node.clone(), live));
         Counters::count(&shared.counters.nodes_registered);
         tracing::info!(
             hostname = %record.info.hostname,
@@ -248,7 +257,7 @@ async fn knows_sender(shared: &Shared, heartbeat: &Heartbeat) -> Result<bool, Er
     }
     // A replica that is still reading the bucket answers from the bucket.
     shared.wait_synced(SYNC_WAIT).await;
-    let Some(record) = stored_registration(shared, node).await? else {
+    let Some((record, revision)) = stored_registration(shared, node).await? else {
         return Ok(false);
     };
     let known = matches(&record);
@@ -260,7 +269,7 @@ async fn knows_sender(shared: &Shared, heartbeat: &Heartbeat) -> Result<bool, Er
             "a heartbeat from another process than the registered one; is the node id used twice?"
         );
     }
-    shared.apply(NodeChange::Registered(record));
+    shared.apply_at(revision, NodeChange::Registered(record));
     Ok(known)
 }
 
@@ -292,10 +301,13 @@ async fn heartbeat(
     if heartbeat.state == NodeState::Leaving {
         tracing::info!(node_id = %node, "node leaving");
     }
-    if let Err(err) = put_record(&shared, topology::node_live_key(&node), &live).await {
-        return Reply::Error(err);
-    }
-    shared.apply(NodeChange::Heartbeat(node, live));
+    let revision = match put_record(&shared, topology::node_live_key(&node), &live).await {
+        Ok(revision) => revision,
+        Err(err) => return Reply::Error(err),
+    };
+    // This replica's view has it before the agent hears back: a `leaving` heartbeat stops
+    // placements here at once, not when the bucket watch catches up.
+    shared.apply_at(revision, NodeChange::Heartbeat(node, live));
     Reply::Ok(HeartbeatReply { registered: true })
 }
 

@@ -17,6 +17,11 @@ use apiary_proto::message::{NodeLiveness, NodeRecord, NodeStatus, NodeSummary, R
 struct NodeEntry {
     record: Option<NodeRecord>,
     live: Option<NodeLiveness>,
+    /// The bucket revisions of the records held: a change older than what the view holds
+    /// (the watch echoing a write this replica already applied, behind a newer one) is
+    /// ignored.
+    record_revision: u64,
+    live_revision: u64,
     /// This replica's dispatches to the node that have not finished.
     outstanding: u32,
 }
@@ -76,6 +81,39 @@ impl NodeView {
         }
     }
 
+    /// Applies a change of the bucket key at `revision`, unless the view already holds a
+    /// newer revision of that key. A replica applies its own writes at once (so its answers
+    /// and its placements agree) and sees them again, later, through the bucket watch.
+    pub fn apply_at(&mut self, revision: u64, change: NodeChange) {
+        let node = match &change {
+            NodeChange::Registered(record) => &record.info.node_id,
+            NodeChange::Forgotten(node)
+            | NodeChange::Heartbeat(node, _)
+            | NodeChange::LivenessCleared(node) => node,
+        };
+        let info_key = matches!(change, NodeChange::Registered(_) | NodeChange::Forgotten(_));
+        if let Some(entry) = self.nodes.get_mut(node) {
+            let held = if info_key {
+                &mut entry.record_revision
+            } else {
+                &mut entry.live_revision
+            };
+            if revision < *held {
+                return;
+            }
+            *held = revision;
+        } else if let NodeChange::Registered(_) | NodeChange::Heartbeat(..) = &change {
+            let entry = self.nodes.entry(node.clone()).or_default();
+            if info_key {
+                entry.record_revision = revision;
+            } else {
+                entry.live_revision = revision;
+            }
+        }
+        self.apply(change);
+    }
+
+    /// Applies a change whatever its revision (plain data, as the unit tests use).
     pub fn apply(&mut self, change: NodeChange) {
         match change {
             NodeChange::Registered(record) => {
@@ -539,6 +577,30 @@ mod tests {
         assert_eq!(view.outstanding(&id("b")), 1);
         assert_eq!(view.forget_outstanding(None), 1);
         assert_eq!(view.room(NOW), 8);
+    }
+
+    #[test]
+    fn a_stale_record_from_the_watch_does_not_undo_a_newer_one() {
+        // The replica applied the `leaving` heartbeat it stored at revision 7; the watch then
+        // brings the older `active` record of revision 5, and after it revision 7 itself.
+        let mut view = NodeView::default();
+        view.apply_at(1, NodeChange::Registered(record("a", 2, 2)));
+        let mut leaving = live(0, NOW);
+        leaving.state = NodeState::Leaving;
+        view.apply_at(7, NodeChange::Heartbeat(id("a"), leaving.clone()));
+        view.apply_at(5, NodeChange::Heartbeat(id("a"), live(0, NOW)));
+        assert_eq!(
+            view.place(&Requirements::default(), NOW),
+            Placement::NoLiveNode
+        );
+        view.apply_at(7, NodeChange::Heartbeat(id("a"), leaving));
+        assert_eq!(view.lost_nodes(NOW), vec![id("a")]);
+        // A newer record applies as usual.
+        view.apply_at(9, NodeChange::Heartbeat(id("a"), live(0, NOW)));
+        assert_eq!(
+            view.place(&Requirements::default(), NOW),
+            Placement::Node(id("a"))
+        );
     }
 
     #[test]
