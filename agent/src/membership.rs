@@ -57,7 +57,7 @@ pub(crate) async fn register_until_accepted(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(with_jitter(backoff)) => {}
+            _ = tokio::time::sleep(with_jitter(backoff).min(config.max_register_backoff)) => {}
         }
         backoff = (backoff * 2).min(config.max_register_backoff);
     }
@@ -73,7 +73,7 @@ enum Waiting {
 }
 
 /// `backoff` give or take a fifth, so that a fleet restarted together (a power cut, a new
-/// server) does not register in lockstep.
+/// server) does not register in lockstep. The caller caps the result.
 fn with_jitter(backoff: Duration) -> Duration {
     backoff.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
@@ -110,6 +110,8 @@ pub(crate) async fn heartbeat_loop(
     // Heartbeats failing in a row: the first is a warning, the rest are expected until the
     // cluster answers again (a server restart, a network outage), and are logged at debug.
     let mut failing = 0u64;
+    // Re-registrations failing in a row, logged the same way.
+    let mut rejoin_failing = 0u64;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return sequence,
@@ -131,9 +133,19 @@ pub(crate) async fn heartbeat_loop(
         match answer {
             Ok(HeartbeatReply { registered: true }) => {}
             Ok(HeartbeatReply { registered: false }) => {
-                tracing::warn!("the cluster has no record of this node; registering again");
-                if let Err(err) = register(&client, &info, &config).await {
-                    tracing::warn!(error = %err, "re-registration failed");
+                match register(&client, &info, &config).await {
+                    Ok(_) => {
+                        tracing::info!("the cluster had no record of this node; registered again");
+                        rejoin_failing = 0;
+                    }
+                    Err(err) if rejoin_failing == 0 => {
+                        rejoin_failing = 1;
+                        tracing::warn!(error = %err, "the cluster has no record of this node, and registering again failed; retrying every interval");
+                    }
+                    Err(err) => {
+                        rejoin_failing += 1;
+                        tracing::debug!(error = %err, "registering again failed again");
+                    }
                 }
             }
             Err(err) if failing == 0 => {

@@ -162,9 +162,10 @@ impl Shared {
         outcome
     }
 
-    /// Applies a change of the node bucket at `revision` (see [`NodeView::apply_at`]).
-    fn apply_at(&self, revision: u64, change: NodeChange) {
-        self.update(|view| view.apply_at(revision, change));
+    /// Applies a change this replica wrote or read at `revision`, ahead of the bucket watch
+    /// (see [`NodeView::apply_written`]).
+    fn apply_written(&self, revision: u64, change: NodeChange) {
+        self.update(|view| view.apply_written(revision, change));
     }
 
     /// Chooses a node for attempt `attempt_id` of a task now, and counts it against that

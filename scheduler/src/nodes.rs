@@ -52,7 +52,11 @@ pub(crate) async fn watch_nodes(
             None => anyhow::bail!("the node bucket watch ended"),
         };
         if let Some(change) = node_change(&entry) {
-            shared.apply_at(entry.revision, change);
+            // A bucket made anew starts its revisions again; the replica stops (its
+            // supervisor starts it again) rather than keep a view it can no longer trust.
+            shared
+                .update(|view| view.apply_watched(entry.revision, change))
+                .context("the node view cannot follow the bucket")?;
         }
         if entry.seen_current || entry.delta == 0 {
             shared.synced.send_replace(true);

@@ -223,8 +223,8 @@ async fn register(
                 Err(err) => return Reply::Error(err),
             };
         // Known to this replica at once; the bucket watch brings the same records back.
-        shared.apply_at(info_revision, NodeChange::Registered(record.clone()));
-        shared.apply_at(live_revision, NodeChange::Heartbeat(node.clone(), live));
+        shared.apply_written(info_revision, NodeChange::Registered(record.clone()));
+        shared.apply_written(live_revision, NodeChange::Heartbeat(node.clone(), live));
         Counters::count(&shared.counters.nodes_registered);
         tracing::info!(
             hostname = %record.info.hostname,
@@ -269,7 +269,7 @@ async fn knows_sender(shared: &Shared, heartbeat: &Heartbeat) -> Result<bool, Er
             "a heartbeat from another process than the registered one; is the node id used twice?"
         );
     }
-    shared.apply_at(revision, NodeChange::Registered(record));
+    shared.apply_written(revision, NodeChange::Registered(record));
     Ok(known)
 }
 
@@ -307,7 +307,7 @@ async fn heartbeat(
     };
     // This replica's view has it before the agent hears back: a `leaving` heartbeat stops
     // placements here at once, not when the bucket watch catches up.
-    shared.apply_at(revision, NodeChange::Heartbeat(node, live));
+    shared.apply_written(revision, NodeChange::Heartbeat(node, live));
     Reply::Ok(HeartbeatReply { registered: true })
 }
 

@@ -69,6 +69,10 @@ pub struct NodeView {
     last_chosen: Option<NodeId>,
     /// Tasks queued at a node beyond its slots; `None` means as many as it has slots.
     backlog: Option<u32>,
+    /// The newest bucket revision the watch has delivered. A change this replica applies
+    /// itself at a revision the watch has already passed is old news, whatever the view holds
+    /// for that key now (the key may even have been deleted since).
+    watched: u64,
 }
 
 impl NodeView {
@@ -81,10 +85,34 @@ impl NodeView {
         }
     }
 
+    /// Applies a change the bucket watch delivered at `revision`. Revisions only grow, so a
+    /// lower one than the watch delivered before means the bucket was deleted and made anew:
+    /// `Err`, and the view must be built again from the start.
+    pub fn apply_watched(&mut self, revision: u64, change: NodeChange) -> Result<(), BucketReset> {
+        if revision < self.watched {
+            return Err(BucketReset {
+                watched: self.watched,
+                delivered: revision,
+            });
+        }
+        self.watched = revision;
+        self.apply_at(revision, change);
+        Ok(())
+    }
+
+    /// Applies a change this replica wrote (or read) itself at `revision`, ahead of the
+    /// watch, so that its answers and its placements agree at once. Skipped when the watch
+    /// has already delivered that revision or a newer one.
+    pub fn apply_written(&mut self, revision: u64, change: NodeChange) {
+        if revision > self.watched {
+            self.apply_at(revision, change);
+        }
+    }
+
     /// Applies a change of the bucket key at `revision`, unless the view already holds a
-    /// newer revision of that key. A replica applies its own writes at once (so its answers
-    /// and its placements agree) and sees them again, later, through the bucket watch.
-    pub fn apply_at(&mut self, revision: u64, change: NodeChange) {
+    /// newer revision of that key (the watch echoing a write this replica applied, behind a
+    /// newer one).
+    fn apply_at(&mut self, revision: u64, change: NodeChange) {
         let node = match &change {
             NodeChange::Registered(record) => &record.info.node_id,
             NodeChange::Forgotten(node)
@@ -337,6 +365,14 @@ impl NodeView {
     }
 }
 
+/// The node bucket's revisions went backwards: it was deleted and created again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the node bucket was made anew (revision {delivered} after {watched})")]
+pub struct BucketReset {
+    pub watched: u64,
+    pub delivered: u64,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Load {
     busy: u32,
@@ -584,22 +620,52 @@ mod tests {
         // The replica applied the `leaving` heartbeat it stored at revision 7; the watch then
         // brings the older `active` record of revision 5, and after it revision 7 itself.
         let mut view = NodeView::default();
-        view.apply_at(1, NodeChange::Registered(record("a", 2, 2)));
+        view.apply_watched(1, NodeChange::Registered(record("a", 2, 2)))
+            .unwrap();
         let mut leaving = live(0, NOW);
         leaving.state = NodeState::Leaving;
-        view.apply_at(7, NodeChange::Heartbeat(id("a"), leaving.clone()));
-        view.apply_at(5, NodeChange::Heartbeat(id("a"), live(0, NOW)));
+        view.apply_written(7, NodeChange::Heartbeat(id("a"), leaving.clone()));
+        view.apply_watched(5, NodeChange::Heartbeat(id("a"), live(0, NOW)))
+            .unwrap();
         assert_eq!(
             view.place(&Requirements::default(), NOW),
             Placement::NoLiveNode
         );
-        view.apply_at(7, NodeChange::Heartbeat(id("a"), leaving));
+        view.apply_watched(7, NodeChange::Heartbeat(id("a"), leaving))
+            .unwrap();
         assert_eq!(view.lost_nodes(NOW), vec![id("a")]);
         // A newer record applies as usual.
-        view.apply_at(9, NodeChange::Heartbeat(id("a"), live(0, NOW)));
+        view.apply_watched(9, NodeChange::Heartbeat(id("a"), live(0, NOW)))
+            .unwrap();
         assert_eq!(
             view.place(&Requirements::default(), NOW),
             Placement::Node(id("a"))
+        );
+    }
+
+    #[test]
+    fn a_write_the_watch_has_passed_does_not_bring_back_a_deleted_node() {
+        let mut view = NodeView::default();
+        view.apply_watched(3, NodeChange::Registered(record("a", 2, 2)))
+            .unwrap();
+        // Read at revision 3 by a request, applied after the watch delivered the delete.
+        view.apply_watched(4, NodeChange::Forgotten(id("a")))
+            .unwrap();
+        view.apply_written(3, NodeChange::Registered(record("a", 2, 2)));
+        assert!(view.registration(&id("a")).is_none());
+    }
+
+    #[test]
+    fn revisions_going_backwards_mean_the_bucket_was_made_anew() {
+        let mut view = NodeView::default();
+        view.apply_watched(40, NodeChange::Registered(record("a", 2, 2)))
+            .unwrap();
+        assert_eq!(
+            view.apply_watched(1, NodeChange::Registered(record("a", 2, 2))),
+            Err(BucketReset {
+                watched: 40,
+                delivered: 1
+            })
         );
     }
 
