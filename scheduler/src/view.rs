@@ -26,6 +26,13 @@ struct NodeEntry {
     outstanding: u32,
 }
 
+impl NodeEntry {
+    /// Nothing left to know about the node: no records, none of our work.
+    fn is_empty(&self) -> bool {
+        self.record.is_none() && self.live.is_none() && self.outstanding == 0
+    }
+}
+
 /// One of this replica's dispatches that has not finished yet.
 #[derive(Clone, Debug)]
 struct Outstanding {
@@ -167,9 +174,7 @@ impl NodeView {
     }
 
     fn drop_if_empty(&mut self, node: &NodeId) {
-        if self.nodes.get(node).is_some_and(|entry| {
-            entry.record.is_none() && entry.live.is_none() && entry.outstanding == 0
-        }) {
+        if self.nodes.get(node).is_some_and(NodeEntry::is_empty) {
             self.nodes.remove(node);
         }
     }
@@ -327,17 +332,7 @@ impl NodeView {
                 entry.outstanding = entry.outstanding.saturating_add(1);
             }
         }
-        let empty: Vec<NodeId> = self
-            .nodes
-            .iter()
-            .filter(|(_, entry)| {
-                entry.record.is_none() && entry.live.is_none() && entry.outstanding == 0
-            })
-            .map(|(node, _)| node.clone())
-            .collect();
-        for node in empty {
-            self.nodes.remove(&node);
-        }
+        self.nodes.retain(|_, entry| !entry.is_empty());
     }
 
     /// This replica's unfinished dispatches on `node`.
