@@ -3,6 +3,7 @@
 //! unit's `Environment=` lines), each overriding the last.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use apiary_proto::DEFAULT_NATS_URL;
@@ -16,6 +17,9 @@ pub struct AgentConfig {
     pub nats_url: String,
     /// `APIARY_NODE_ID`: this node's id; derived from the host name when absent.
     pub node_id: Option<String>,
+    /// `APIARY_STATE_DIR`: where the node key and the offline outbox are kept (see
+    /// [`crate::state`]); `/var/lib/apiary` under systemd, a per-user directory otherwise.
+    pub state_dir: Option<PathBuf>,
     /// `APIARY_TOKEN`: the cluster join token.
     pub token: Option<String>,
     /// `APIARY_SLOTS`: tasks run at once; the number of CPU cores when absent.
@@ -46,6 +50,7 @@ impl Default for AgentConfig {
         Self {
             nats_url: DEFAULT_NATS_URL.into(),
             node_id: None,
+            state_dir: None,
             token: None,
             slots: None,
             labels: BTreeMap::new(),

@@ -22,6 +22,7 @@ pub mod hardware;
 mod membership;
 pub mod modules;
 pub mod sandbox;
+pub mod state;
 mod task;
 mod work;
 
@@ -47,6 +48,7 @@ use crate::hardware::MetricsSampler;
 use crate::membership::{heartbeat_loop, register_until_accepted, send_leaving};
 use crate::modules::ModuleCache;
 use crate::sandbox::Sandbox;
+use crate::state::StateDir;
 use crate::work::{drain, work_loop};
 
 /// The NATS micro service name every agent registers under (`nats micro ls` lists them all).
@@ -62,6 +64,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .context("failed to derive a node id from the host name; set APIARY_NODE_ID")?,
     };
     let slots = config.slots.unwrap_or(facts.cpu_cores).max(1);
+    let state = StateDir::open(config.state_dir.as_deref())
+        .context("failed to open the state directory")?;
     let info = hardware::node_info(node_id.clone(), &facts, slots, config.labels.clone());
 
     let span = tracing::info_span!("agent", node_id = %node_id);
@@ -82,6 +86,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
         let agent = Arc::new(Agent {
             node_id: node_id.clone(),
+            state,
             incarnation: info.incarnation.clone(),
             slots,
             client: client.clone(),
@@ -196,6 +201,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 /// What the task-running side of the agent shares.
 struct Agent {
     node_id: NodeId,
+    /// The node key and the offline outbox live here.
+    #[allow(dead_code)]
+    state: StateDir,
     /// This process's incarnation, sent with every heartbeat.
     incarnation: String,
     slots: u32,

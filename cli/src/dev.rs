@@ -23,6 +23,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct DevStack {
     server: NatsServer,
+    /// The agent's node key and outbox, which live as long as the stack's server.
+    _agent_state: tempfile::TempDir,
     stop_scheduler: CancellationToken,
     stop_agent: CancellationToken,
     scheduler: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -64,15 +66,19 @@ impl DevStack {
             },
             stop_scheduler.clone(),
         ));
+        let agent_state =
+            tempfile::tempdir().context("failed to create the agent's state directory")?;
         let agent = tokio::spawn(apiary_agent::run(
             AgentConfig {
                 nats_url: url.clone(),
+                state_dir: Some(agent_state.path().to_owned()),
                 ..AgentConfig::default()
             },
             stop_agent.clone(),
         ));
         let stack = Self {
             server,
+            _agent_state: agent_state,
             stop_scheduler,
             stop_agent,
             scheduler,

@@ -147,6 +147,15 @@ impl Cluster {
                     env: vec![
                         ("APIARY_NATS_URL".to_owned(), url.clone()),
                         ("APIARY_NODE_ID".to_owned(), node_id(index)),
+                        (
+                            "APIARY_STATE_DIR".to_owned(),
+                            config
+                                .dir
+                                .join("state")
+                                .join(node_id(index))
+                                .to_string_lossy()
+                                .into_owned(),
+                        ),
                         ("APIARY_SLOTS".to_owned(), config.slots.to_string()),
                         ("APIARY_LOG".to_owned(), config.log.clone()),
                     ],

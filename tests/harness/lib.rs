@@ -61,6 +61,9 @@ pub fn init_logging() {
 pub struct Stack {
     pub server: NatsServer,
     pub heartbeat_interval: Duration,
+    /// Each agent's state directory (node key, outbox) is `<state_root>/<node>`, so an agent
+    /// restarted under the same node id finds its key again, as on a real host.
+    pub state_root: tempfile::TempDir,
     /// The micro service ids of the scheduler replicas started so far: a replica is ready
     /// when an id not among these lists all its endpoints.
     schedulers: Mutex<HashSet<String>>,
@@ -83,6 +86,7 @@ impl Stack {
         Self {
             server,
             heartbeat_interval,
+            state_root: tempfile::tempdir().expect("a temporary state directory"),
             schedulers: Mutex::default(),
         }
     }
@@ -125,6 +129,7 @@ impl Stack {
         AgentConfig {
             nats_url: self.url().to_owned(),
             node_id: Some(node.to_owned()),
+            state_dir: Some(self.state_root.path().join(node)),
             slots: Some(2),
             request_timeout: Duration::from_secs(2),
             max_register_backoff: Duration::from_millis(200),
