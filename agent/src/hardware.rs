@@ -62,6 +62,7 @@ pub fn node_info(
         agent_version: env!("CARGO_PKG_VERSION").into(),
         labels,
         incarnation: nuid::next().to_string(),
+        public_key: String::new(),
     }
 }
 

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod hardware;
+pub mod identity;
 mod membership;
 pub mod modules;
 pub mod sandbox;
@@ -32,12 +33,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::message::{AgentStatus, AgentStatusRequest, NodeMetrics, Reply};
+use apiary_proto::admin::Schedule;
+use apiary_proto::identity::KeyPair;
+use apiary_proto::message::{AgentStatus, AgentStatusRequest, ErrorBody, NodeMetrics, Reply};
 use apiary_proto::rpc;
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{NodeId, now_ms, topology};
 use async_nats::jetstream;
 use async_nats::service::ServiceExt as _;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
@@ -66,7 +70,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let slots = config.slots.unwrap_or(facts.cpu_cores).max(1);
     let state = StateDir::open(config.state_dir.as_deref())
         .context("failed to open the state directory")?;
-    let info = hardware::node_info(node_id.clone(), &facts, slots, config.labels.clone());
+    let key = identity::load_or_create(&state).context("failed to load the node key")?;
+    let mut info = hardware::node_info(node_id.clone(), &facts, slots, config.labels.clone());
+    info.public_key = key.public_key();
 
     let span = tracing::info_span!("agent", node_id = %node_id);
     async move {
@@ -87,6 +93,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let agent = Arc::new(Agent {
             node_id: node_id.clone(),
             state,
+            key,
+            schedule: watch::Sender::new(Schedule::Open),
+            leave: CancellationToken::new(),
+            refusal: std::sync::Mutex::new(None),
             incarnation: info.incarnation.clone(),
             slots,
             client: client.clone(),
@@ -133,16 +143,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             .in_current_span(),
         ));
 
-        let registration = match register_until_accepted(&client, &info, &config, &shutdown).await {
-            Ok(Some(registration)) => registration,
-            // Refused, or told to stop first: the service goes with the agent, so nothing
-            // keeps answering for a node that is not there.
-            outcome => {
-                status.abort();
-                service.stop().await.ok();
-                return outcome.map(drop);
-            }
-        };
+        let registration =
+            match register_until_accepted(&client, &agent, &info, &config, &shutdown).await {
+                Ok(Some(registration)) => registration,
+                // Refused, or told to stop first: the service goes with the agent, so nothing
+                // keeps answering for a node that is not there.
+                outcome => {
+                    status.abort();
+                    service.stop().await.ok();
+                    return outcome.map(drop);
+                }
+            };
         agent
             .heartbeat_interval_ms
             .store(registration.heartbeat_interval_ms, Ordering::Relaxed);
@@ -173,6 +184,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         let ended_early = tokio::select! {
             ended = &mut work => Some(ended),
             _ = shutdown.cancelled() => None,
+            // Told by the cluster: removed by an operator, or the node id is now bound to
+            // another key.
+            _ = agent.leave.cancelled() => None,
         };
 
         // Say goodbye while still pulling, so that schedulers stop placing work here before
@@ -192,10 +206,33 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         service.stop().await.ok();
         client.flush().await.ok();
         tracing::info!("agent stopped");
+        if let Some(refusal) = agent.take_refusal() {
+            return Err(Refused(refusal).into());
+        }
         work
     }
     .instrument(span)
     .await
+}
+
+/// The cluster refused this node: a bad, expired, revoked or used-up join token, or a node
+/// id bound to another key. Retrying cannot help until an operator acts, so the agent exits
+/// with [`EXIT_REFUSED`] and systemd does not restart it.
+#[derive(Debug, thiserror::Error)]
+#[error("the cluster refused this node: {0}")]
+pub struct Refused(pub ErrorBody);
+
+/// The exit status of an agent the cluster refused: `EX_CONFIG` from sysexits.h, named in
+/// the unit's `RestartPreventExitStatus=`.
+pub const EXIT_REFUSED: u8 = 78;
+
+/// The exit status for the error `run` returned.
+pub fn exit_status(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<Refused>().is_some() {
+        EXIT_REFUSED
+    } else {
+        1
+    }
 }
 
 /// What the task-running side of the agent shares.
@@ -204,6 +241,15 @@ struct Agent {
     /// The node key and the offline outbox live here.
     #[allow(dead_code)]
     state: StateDir,
+    /// Signs every register and heartbeat body.
+    key: KeyPair,
+    /// Whether the operator lets this node take new work, from the latest heartbeat reply.
+    schedule: watch::Sender<Schedule>,
+    /// Cancelled when the cluster tells this node to go: an operator removed it, or its id
+    /// is bound to another key.
+    leave: CancellationToken,
+    /// Why the cluster told the node to go, when that is an error.
+    refusal: std::sync::Mutex<Option<ErrorBody>>,
     /// This process's incarnation, sent with every heartbeat.
     incarnation: String,
     slots: u32,
@@ -221,6 +267,22 @@ struct Agent {
 }
 
 impl Agent {
+    /// Stops the agent because the cluster refused it.
+    fn refused(&self, refusal: ErrorBody) {
+        *self
+            .refusal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(refusal);
+        self.leave.cancel();
+    }
+
+    fn take_refusal(&self) -> Option<ErrorBody> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
     fn metrics(&self) -> NodeMetrics {
         self.sampler
             .lock()

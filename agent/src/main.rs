@@ -13,6 +13,13 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    apiary_bin_support::run_component(Args::parse().common, apiary_agent::run).await
+async fn main() -> std::process::ExitCode {
+    match apiary_bin_support::run_component(Args::parse().common, apiary_agent::run).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // A refusal exits with its own status, which the systemd unit does not restart.
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::from(apiary_agent::exit_status(&err))
+        }
+    }
 }

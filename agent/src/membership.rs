@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use apiary_proto::identity::KeyPair;
 use apiary_proto::message::{
     Heartbeat, HeartbeatReply, NodeInfo, NodeState, RegisterReply, RegisterRequest,
 };
@@ -12,7 +13,7 @@ use apiary_proto::rpc::{self, RequestError};
 use apiary_proto::subject::{self, NodeVerb};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Agent, AgentConfig};
+use crate::{Agent, AgentConfig, Refused};
 
 /// Registers, retrying with capped exponential backoff and jitter while no scheduler
 /// answers (or the server is away). Returns `None` if shutdown came first, and an error if
@@ -22,6 +23,7 @@ use crate::{Agent, AgentConfig};
 /// waiting an hour for its cluster writes one line, not thousands.
 pub(crate) async fn register_until_accepted(
     client: &async_nats::Client,
+    agent: &Agent,
     info: &NodeInfo,
     config: &AgentConfig,
     shutdown: &CancellationToken,
@@ -29,16 +31,14 @@ pub(crate) async fn register_until_accepted(
     let mut backoff = Duration::from_millis(100);
     let mut waiting_for: Option<Waiting> = None;
     loop {
-        let failure = match register(client, info, config).await {
+        let failure = match register(client, &agent.key, info, config).await {
             Ok(reply) => {
                 if waiting_for.is_some() {
                     tracing::info!("the cluster answers again");
                 }
                 return Ok(Some(reply));
             }
-            Err(RequestError::Refused(refusal)) => {
-                return Err(anyhow::anyhow!("the cluster refused this node: {refusal}"));
-            }
+            Err(RequestError::Refused(refusal)) => return Err(Refused(refusal).into()),
             // No scheduler yet is normal while a cluster starts up.
             Err(err @ RequestError::NoResponders { .. }) => (Waiting::Scheduler, err),
             Err(err) => (Waiting::Answer, err),
@@ -80,16 +80,18 @@ fn with_jitter(backoff: Duration) -> Duration {
 
 async fn register(
     client: &async_nats::Client,
+    key: &KeyPair,
     info: &NodeInfo,
     config: &AgentConfig,
 ) -> Result<RegisterReply, RequestError> {
-    rpc::request(
+    rpc::request_signed(
         client,
         subject::node(&info.node_id, NodeVerb::Register),
         &RegisterRequest {
             node: info.clone(),
             token: config.token.clone(),
         },
+        key,
         config.request_timeout,
     )
     .await
@@ -125,18 +127,44 @@ pub(crate) async fn heartbeat_loop(
             metrics: agent.metrics(),
             incarnation: agent.incarnation.clone(),
         };
-        let answer = send_heartbeat(&client, &heartbeat, config.request_timeout).await;
+        let answer = send_heartbeat(&client, &agent.key, &heartbeat, config.request_timeout).await;
         if answer.is_ok() && failing > 0 {
             tracing::info!(failed = failing, "heartbeats are answered again");
             failing = 0;
         }
         match answer {
-            Ok(HeartbeatReply { registered: true }) => {}
-            Ok(HeartbeatReply { registered: false }) => {
-                match register(&client, &info, &config).await {
+            Ok(HeartbeatReply { leave: true, .. }) => {
+                tracing::warn!("an operator removed this node from the cluster; leaving");
+                agent.leave.cancel();
+                return sequence;
+            }
+            Ok(HeartbeatReply {
+                registered: true,
+                schedule,
+                ..
+            }) => {
+                agent.schedule.send_if_modified(|current| {
+                    let changed = *current != schedule;
+                    if changed {
+                        tracing::info!(
+                            ?schedule,
+                            "the operator changed whether this node takes work"
+                        );
+                    }
+                    *current = schedule;
+                    changed
+                });
+            }
+            Ok(HeartbeatReply { .. }) => {
+                match register(&client, &agent.key, &info, &config).await {
                     Ok(_) => {
                         tracing::info!("the cluster had no record of this node; registered again");
                         rejoin_failing = 0;
+                    }
+                    Err(RequestError::Refused(refusal)) => {
+                        tracing::error!(error = %refusal, "the cluster refused this node");
+                        agent.refused(refusal);
+                        return sequence;
                     }
                     Err(err) if rejoin_failing == 0 => {
                         rejoin_failing = 1;
@@ -147,6 +175,11 @@ pub(crate) async fn heartbeat_loop(
                         tracing::debug!(error = %err, "registering again failed again");
                     }
                 }
+            }
+            Err(RequestError::Refused(refusal)) if refusal.reason.is_some() => {
+                tracing::error!(error = %refusal, "the cluster refused this node's heartbeat");
+                agent.refused(refusal);
+                return sequence;
             }
             Err(err) if failing == 0 => {
                 failing = 1;
@@ -162,13 +195,15 @@ pub(crate) async fn heartbeat_loop(
 
 async fn send_heartbeat(
     client: &async_nats::Client,
+    key: &KeyPair,
     heartbeat: &Heartbeat,
     timeout: Duration,
 ) -> Result<HeartbeatReply, RequestError> {
-    rpc::request(
+    rpc::request_signed(
         client,
         subject::node(&heartbeat.node_id, NodeVerb::Heartbeat),
         heartbeat,
+        key,
         timeout,
     )
     .await
@@ -189,7 +224,7 @@ pub(crate) async fn send_leaving(
         metrics: agent.metrics(),
         incarnation: agent.incarnation.clone(),
     };
-    if let Err(err) = send_heartbeat(client, &heartbeat, timeout).await {
+    if let Err(err) = send_heartbeat(client, &agent.key, &heartbeat, timeout).await {
         tracing::warn!(error = %err, "could not announce leaving");
     }
 }

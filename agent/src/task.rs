@@ -14,6 +14,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 use crate::Agent;
+use crate::work::drain_deadline;
 
 impl Agent {
     /// Runs one dispatched task and publishes its result. Never panics on bad input: a
@@ -44,7 +45,20 @@ impl Agent {
             message.clone(),
             keep_alive.clone(),
         )));
-        let outcome = self.execute(&dispatch).await;
+        let outcome = tokio::select! {
+            outcome = self.execute(&dispatch) => outcome,
+            () = drain_deadline(self.schedule.subscribe()) => {
+                // The operator's deadline for this drain passed: the task goes back to be
+                // placed elsewhere under a new attempt, and whatever this run still produces
+                // is dropped.
+                keep_alive.cancel();
+                progress.await.ok();
+                tracing::warn!("handing the task back: the node's drain deadline passed");
+                message.ack_with(AckKind::Nak(None)).await.ok();
+                self.running.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        };
         keep_alive.cancel();
         progress.await.ok();
 

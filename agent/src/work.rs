@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::topology;
+use apiary_proto::admin::Schedule;
+use apiary_proto::{now_ms, topology};
 use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt as _, StreamExt as _};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -15,49 +17,102 @@ use crate::Agent;
 
 /// Pulls the node's dispatched tasks and starts each (at most `slots` run at once: the
 /// consumer hands out no more) until `stop`. Returns the tasks still running.
+///
+/// While an operator drains the node, it pulls nothing: what was delivered but not started
+/// goes back at once, and schedulers move what is still queued for the node elsewhere. It
+/// pulls again if the node is opened again (`apiary nodes uncordon`).
 pub(crate) async fn work_loop(
     agent: Arc<Agent>,
     stop: &CancellationToken,
 ) -> (anyhow::Result<()>, JoinSet<()>) {
     let mut running = JoinSet::new();
-    let Some(mut messages) = dispatched_tasks(&agent, stop).await else {
-        return (Ok(()), running);
-    };
-    let outcome = loop {
-        // Reap finished tasks so the set does not grow with every task ever run.
-        while running.try_join_next().is_some() {}
-        tokio::select! {
-            _ = stop.cancelled() => break Ok(()),
-            next = messages.next() => match next {
-                Some(Ok(message)) => {
-                    let agent = agent.clone();
-                    running.spawn(async move { agent.handle(message).await });
-                }
-                Some(Err(err)) => {
-                    // Pull errors are transient (a server restart, a missed heartbeat of the
-                    // pull request); the stream keeps going.
-                    tracing::warn!(error = %err, "error while pulling dispatched tasks");
-                }
-                None => {
-                    // The consumer was deleted: a scheduler took this node's registration for
-                    // a new process and handed out again what the consumer held (or an
-                    // operator removed it). Pull from a new one; whatever this process still
-                    // runs finishes, and its result is stored once per attempt.
-                    tracing::warn!("this node's dispatch consumer went away; opening it again");
-                    match dispatched_tasks(&agent, stop).await {
-                        Some(reopened) => messages = reopened,
-                        None => break Ok(()),
+    let mut schedule = agent.schedule.subscribe();
+    'pulling: loop {
+        wait_while_draining(&mut schedule, stop).await;
+        let Some(mut messages) = dispatched_tasks(&agent, stop).await else {
+            return (Ok(()), running);
+        };
+        let stopped = loop {
+            // Reap finished tasks so the set does not grow with every task ever run.
+            while running.try_join_next().is_some() {}
+            tokio::select! {
+                _ = stop.cancelled() => break true,
+                _ = schedule.changed() => {
+                    if is_draining(*schedule.borrow_and_update()) {
+                        tracing::info!("draining: this node takes no new tasks");
+                        break false;
                     }
                 }
-            },
+                next = messages.next() => match next {
+                    Some(Ok(message)) => {
+                        let agent = agent.clone();
+                        running.spawn(async move { agent.handle(message).await });
+                    }
+                    Some(Err(err)) => {
+                        // Pull errors are transient (a server restart, a missed heartbeat of
+                        // the pull request); the stream keeps going.
+                        tracing::warn!(error = %err, "error while pulling dispatched tasks");
+                    }
+                    None => {
+                        // The consumer was deleted: a scheduler took this node's registration
+                        // for a new process and handed out again what the consumer held (or
+                        // an operator removed it). Pull from a new one; whatever this process
+                        // still runs finishes, and its result is stored once per attempt.
+                        tracing::warn!("this node's dispatch consumer went away; opening it again");
+                        continue 'pulling;
+                    }
+                },
+            }
+        };
+        hand_back(&mut messages).await;
+        if stopped {
+            return (Ok(()), running);
         }
-    };
-    // Tasks already delivered to this client but not started go back at once, instead of
-    // waiting out their ack wait and costing an attempt when they are moved.
+    }
+}
+
+fn is_draining(schedule: Schedule) -> bool {
+    matches!(schedule, Schedule::Draining { .. })
+}
+
+/// Returns once the node is not draining (at once if it is not), or on `stop`.
+async fn wait_while_draining(schedule: &mut watch::Receiver<Schedule>, stop: &CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = schedule.wait_for(|schedule| !is_draining(*schedule)) => {}
+    }
+}
+
+/// Tasks already delivered to this client but not started go back at once, instead of
+/// waiting out their ack wait and costing an attempt when they are moved.
+async fn hand_back(messages: &mut jetstream::consumer::pull::Stream) {
     while let Some(Some(Ok(message))) = messages.next().now_or_never() {
         message.ack_with(AckKind::Nak(None)).await.ok();
     }
-    (outcome, running)
+}
+
+/// Resolves when the node is draining and its drain deadline has passed; never otherwise.
+/// A running task races its run against this.
+pub(crate) async fn drain_deadline(mut schedule: watch::Receiver<Schedule>) {
+    loop {
+        let current = *schedule.borrow_and_update();
+        match current {
+            Schedule::Draining { deadline_ms } => {
+                let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+                tokio::select! {
+                    _ = tokio::time::sleep(left) => return,
+                    changed = schedule.changed() => if changed.is_err() {
+                        std::future::pending::<()>().await;
+                    },
+                }
+            }
+            _ => {
+                if schedule.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
 }
 
 /// Opens this node's dispatch consumer and starts pulling, retrying until it works or

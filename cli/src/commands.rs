@@ -1,4 +1,4 @@
-//! What `apiary task submit` and `apiary nodes ls` do, with their output written to the
+//! What `apiary task submit`, `apiary nodes …` and `apiary tokens …` do, with their output written to the
 //! writers they are given, so that the integration tests run the very same code against a
 //! real cluster.
 
@@ -6,8 +6,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::message::NodeStatus;
-use apiary_sdk::{Client, Error, Task};
+use apiary_proto::NodeId;
+use apiary_proto::message::{NodeStatus, NodeSummary};
+use apiary_sdk::{Client, Error, NewToken, Task};
 
 /// The exit code of `apiary task submit` when the task could not run (invalid module, trap,
 /// limit, lost nodes): distinct from any code a module is likely to choose itself.
@@ -99,6 +100,88 @@ pub async fn nodes_ls<W: Write>(
             out,
             "{}",
             crate::output::node_table(&nodes, apiary_proto::now_ms())
+        )?;
+    }
+    Ok(())
+}
+
+/// `apiary nodes show`: one node in full, or JSON.
+pub async fn nodes_show<W: Write>(
+    client: &Client,
+    node: &NodeId,
+    json: bool,
+    out: &mut W,
+) -> anyhow::Result<()> {
+    let summary = client
+        .node(node)
+        .await
+        .with_context(|| format!("failed to show node {node}"))?;
+    print_node(&summary, json, out)
+}
+
+/// A node command's answer: the node as it is now.
+pub fn print_node<W: Write>(node: &NodeSummary, json: bool, out: &mut W) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(node)?)?;
+    } else {
+        writeln!(
+            out,
+            "{}",
+            crate::output::node_detail(node, apiary_proto::now_ms())
+        )?;
+    }
+    Ok(())
+}
+
+/// `apiary tokens create`: the token is the last word of the output, so that scripts can
+/// take it with `| tail -n1 | awk '{print $NF}'` or `$(apiary tokens create | tail -c 110)`.
+pub async fn tokens_create<W: Write>(
+    client: &Client,
+    token: NewToken,
+    json: bool,
+    out: &mut W,
+) -> anyhow::Result<()> {
+    let created = client
+        .create_token(token)
+        .await
+        .context("failed to create a join token")?;
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&created)?)?;
+        return Ok(());
+    }
+    let info = &created.info;
+    let expires = info.expires_ms.map_or_else(
+        || "never expires".to_owned(),
+        |at| {
+            let left = Duration::from_millis(at.saturating_sub(info.created_ms));
+            format!("expires in {}", humantime::format_duration(left))
+        },
+    );
+    let uses = info
+        .uses_left
+        .map_or_else(|| "unlimited uses".to_owned(), |n| format!("{n} uses"));
+    writeln!(
+        out,
+        "created join token {} ({expires}, {uses}); it is shown only now:",
+        info.id
+    )?;
+    writeln!(out, "{}", created.token)?;
+    Ok(())
+}
+
+/// `apiary tokens ls`.
+pub async fn tokens_ls<W: Write>(client: &Client, json: bool, out: &mut W) -> anyhow::Result<()> {
+    let tokens = client
+        .tokens()
+        .await
+        .context("failed to list join tokens")?;
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&tokens)?)?;
+    } else {
+        writeln!(
+            out,
+            "{}",
+            crate::output::token_table(&tokens, apiary_proto::now_ms())
         )?;
     }
     Ok(())

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use apiary_agent::AgentConfig;
+use apiary_proto::admin::TokenCreateRequest;
 use apiary_proto::message::{NodeLiveness, NodeState};
 use apiary_proto::topology;
 use apiary_scheduler::SchedulerConfig;
@@ -48,10 +49,23 @@ impl DevStack {
         let client = async_nats::connect(url.as_str())
             .await
             .context("failed to connect to the local server")?;
-        let nodes = topology::ensure(&async_nats::jetstream::new(client))
+        let topology = topology::ensure(&async_nats::jetstream::new(client))
             .await
-            .context("failed to set up JetStream")?
-            .nodes;
+            .context("failed to set up JetStream")?;
+        let nodes = topology.nodes;
+        // The local agent joins like any other: with a token, made here for it alone.
+        let token = apiary_scheduler::tokens::create(
+            &topology.cluster,
+            &TokenCreateRequest {
+                description: "apiary dev: the local agent".into(),
+                ttl_ms: None,
+                uses: Some(1),
+            },
+            apiary_proto::now_ms(),
+        )
+        .await
+        .map_err(|err| anyhow::anyhow!("failed to create a join token for the local agent: {err}"))?
+        .token;
         let mut live = nodes
             .watch("live.*")
             .await
@@ -72,6 +86,7 @@ impl DevStack {
             AgentConfig {
                 nats_url: url.clone(),
                 state_dir: Some(agent_state.path().to_owned()),
+                token: Some(token),
                 ..AgentConfig::default()
             },
             stop_agent.clone(),

@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use apiary_bin_support::LogFormat;
 use apiary_cli::commands::{self, Output, SubmitOptions};
+use apiary_proto::NodeId;
+use apiary_proto::admin::Approval;
 use apiary_proto::message::NodeStatus;
+use apiary_sdk::NewToken;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -39,9 +42,15 @@ enum Command {
     /// Submit and inspect tasks.
     #[command(subcommand)]
     Task(TaskCommand),
-    /// Inspect the cluster's nodes.
+    /// Inspect and manage the cluster's nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// Manage join tokens, which admit new nodes.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Read or change the cluster's settings.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Measure the task path next to raw NATS on the same server.
     Bench {
         /// Start a private local stack (nats-server, scheduler, agent) and measure that,
@@ -99,6 +108,94 @@ enum NodesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show one node in full: inventory, live metrics, what the operator set.
+    Show {
+        node: NodeId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Place no new tasks on the node; what it holds stays.
+    Cordon { node: NodeId },
+    /// Let the node take new tasks again.
+    Uncordon { node: NodeId },
+    /// Place no new tasks on the node, move its queued tasks elsewhere, and give running
+    /// tasks until the deadline to finish (then they are handed back).
+    Drain {
+        node: NodeId,
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+    },
+    /// Set labels (`key=value`) or remove them (`key-`); the operator's win over the agent's.
+    Label {
+        node: NodeId,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Replace the node's roles.
+    Role { node: NodeId, roles: Vec<String> },
+    /// Let a node that waits for approval take tasks.
+    Approve { node: NodeId },
+    /// Forget the node and its key binding; a running agent is told to leave.
+    Rm { node: NodeId },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create a join token; it is printed once, as the last word of the output.
+    Create {
+        /// How long it admits new nodes (e.g. 24h); forever when absent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// How many new nodes it admits; unlimited when absent.
+        #[arg(long)]
+        uses: Option<u32>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List join tokens (never their secrets).
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: it admits no new node; nodes it admitted keep working.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Show the settings, or change them.
+    Settings {
+        /// `manual`: new nodes wait for `apiary nodes approve`; `auto`: they take tasks at once.
+        #[arg(long, value_parser = parse_approval)]
+        approval: Option<Approval>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_approval(text: &str) -> Result<Approval, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("{text:?} is not one of auto, manual"))
+}
+
+/// Splits `key=value` (set) and `key-` (remove) label arguments.
+fn parse_label_changes(
+    changes: &[String],
+) -> anyhow::Result<(std::collections::BTreeMap<String, String>, Vec<String>)> {
+    let mut set = std::collections::BTreeMap::new();
+    let mut remove = Vec::new();
+    for change in changes {
+        if let Some((key, value)) = change.split_once('=') {
+            set.insert(key.to_owned(), value.to_owned());
+        } else if let Some(key) = change.strip_suffix('-') {
+            remove.push(key.to_owned());
+        } else {
+            anyhow::bail!("{change:?} is neither key=value nor key-");
+        }
+    }
+    Ok((set, remove))
 }
 
 fn parse_status(text: &str) -> Result<NodeStatus, String> {
@@ -189,12 +286,91 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Nodes(NodesCommand::Ls { status, json }) => {
+        Command::Nodes(command) => {
             let client = commands::connect(&cli.server).await?;
-            commands::nodes_ls(&client, status, json, &mut std::io::stdout()).await?;
+            nodes(&client, command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tokens(command) => {
+            let client = commands::connect(&cli.server).await?;
+            let out = &mut std::io::stdout();
+            match command {
+                TokensCommand::Create {
+                    ttl,
+                    uses,
+                    description,
+                    json,
+                } => {
+                    let token = NewToken {
+                        description,
+                        ttl,
+                        uses,
+                    };
+                    commands::tokens_create(&client, token, json, out).await?;
+                }
+                TokensCommand::Ls { json } => commands::tokens_ls(&client, json, out).await?,
+                TokensCommand::Revoke { id } => {
+                    let info = client
+                        .revoke_token(&id)
+                        .await
+                        .with_context(|| format!("failed to revoke join token {id}"))?;
+                    println!("revoked join token {}", info.id);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster(ClusterCommand::Settings { approval, json }) => {
+            let client = commands::connect(&cli.server).await?;
+            let settings = match approval {
+                Some(approval) => client.set_approval(approval).await,
+                None => client.cluster_settings().await,
+            }
+            .context("failed to reach the cluster settings")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&settings)?);
+            } else {
+                let approval = serde_json::to_value(settings.approval)?;
+                println!("approval  {}", approval.as_str().unwrap_or("?"));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn nodes(client: &apiary_sdk::Client, command: NodesCommand) -> anyhow::Result<()> {
+    let out = &mut std::io::stdout();
+    let (node, changed) = match command {
+        NodesCommand::Ls { status, json } => {
+            return commands::nodes_ls(client, status, json, out).await;
+        }
+        NodesCommand::Show { node, json } => {
+            return commands::nodes_show(client, &node, json, out).await;
+        }
+        NodesCommand::Rm { node } => {
+            client
+                .remove_node(&node)
+                .await
+                .with_context(|| format!("failed to remove node {node}"))?;
+            println!("removed node {node}");
+            return Ok(());
+        }
+        NodesCommand::Cordon { node } => (node.clone(), client.cordon(&node).await),
+        NodesCommand::Uncordon { node } => (node.clone(), client.uncordon(&node).await),
+        NodesCommand::Drain { node, deadline } => {
+            (node.clone(), client.drain(&node, Some(deadline)).await)
+        }
+        NodesCommand::Label { node, changes } => {
+            let (set, remove) = parse_label_changes(&changes)?;
+            (node.clone(), client.label(&node, set, remove).await)
+        }
+        NodesCommand::Role { node, roles } => (
+            node.clone(),
+            client.set_roles(&node, roles.into_iter().collect()).await,
+        ),
+        NodesCommand::Approve { node } => (node.clone(), client.approve(&node).await),
+    };
+    let summary = changed.with_context(|| format!("failed to change node {node}"))?;
+    commands::print_node(&summary, false, out)
 }
 
 fn read_input(input: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {

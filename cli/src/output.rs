@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use apiary_proto::admin::TokenInfo;
 use apiary_proto::message::NodeSummary;
 use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, CellAlignment, Table};
@@ -12,6 +13,7 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
     table.load_preset(NOTHING).set_header(vec![
         "NODE",
         "STATUS",
+        "SCHEDULING",
         "HOST",
         "ARCH",
         "CORES",
@@ -20,6 +22,7 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
         "RUNNING",
         "CPU",
         "LAST SEEN",
+        "KEY",
     ]);
     for node in nodes {
         let info = &node.info;
@@ -27,16 +30,11 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
         table.add_row(vec![
             Cell::new(&info.node_id),
             Cell::new(node.status),
+            Cell::new(node.scheduling),
             Cell::new(&info.hostname),
             Cell::new(&info.arch),
             Cell::new(info.cpu_cores).set_alignment(CellAlignment::Right),
-            Cell::new(
-                bytesize::ByteSize::b(info.memory_bytes)
-                    .display()
-                    .iec()
-                    .to_string(),
-            )
-            .set_alignment(CellAlignment::Right),
+            Cell::new(iec(info.memory_bytes)).set_alignment(CellAlignment::Right),
             Cell::new(info.slots).set_alignment(CellAlignment::Right),
             Cell::new(metrics.map_or(0, |m| m.running_tasks)).set_alignment(CellAlignment::Right),
             Cell::new(metrics.map_or_else(|| "-".into(), |m| format!("{:.0}%", m.cpu_percent)))
@@ -45,9 +43,152 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
                 node.last_seen_ms
                     .map_or_else(|| "never".into(), |seen| ago(seen, now_ms)),
             ),
+            Cell::new(short_key(&info.public_key)),
         ]);
     }
     table.to_string()
+}
+
+/// A node key shortened for a table, like a short commit hash: enough to tell nodes apart
+/// at a glance; `nodes show` and `--json` give it whole.
+fn short_key(key: &str) -> String {
+    match key.get(..12) {
+        Some(start) if key.len() > 12 => format!("{start}…"),
+        _ if key.is_empty() => "-".into(),
+        _ => key.to_owned(),
+    }
+}
+
+/// `apiary nodes show`: one node, field by field.
+pub fn node_detail(node: &NodeSummary, now_ms: u64) -> String {
+    let info = &node.info;
+    let admin = &node.admin;
+    let mut lines = vec![
+        ("node", info.node_id.to_string()),
+        ("status", node.status.to_string()),
+        ("scheduling", node.scheduling.to_string()),
+        ("public key", or_dash(&info.public_key)),
+        ("host", info.hostname.clone()),
+        ("os", info.os.clone()),
+        ("arch", info.arch.clone()),
+        (
+            "cpu",
+            format!("{} cores, {}", info.cpu_cores, or_dash(&info.cpu_model)),
+        ),
+        ("memory", iec(info.memory_bytes)),
+        ("slots", info.slots.to_string()),
+        ("agent", info.agent_version.clone()),
+        ("labels", pairs(&admin.effective_labels(&info.labels))),
+        ("registered", ago(node.registered_at_ms, now_ms)),
+        (
+            "last seen",
+            node.last_seen_ms
+                .map_or_else(|| "never".into(), |seen| ago(seen, now_ms)),
+        ),
+    ];
+    if let Some(roles) = &admin.roles {
+        lines.push((
+            "roles (operator)",
+            roles.iter().cloned().collect::<Vec<_>>().join(", "),
+        ));
+    }
+    if let apiary_proto::admin::Schedule::Draining { deadline_ms } = admin.schedule {
+        lines.push(("drain deadline", until(deadline_ms, now_ms)));
+    }
+    if let Some(metrics) = &node.metrics {
+        lines.push((
+            "load",
+            format!(
+                "{} of {} slots busy, {} tasks done, CPU {:.0}%, memory {} of {}",
+                metrics.running_tasks,
+                metrics.slots,
+                metrics.tasks_completed,
+                metrics.cpu_percent,
+                iec(metrics.memory_used_bytes),
+                iec(metrics.memory_total_bytes)
+            ),
+        ));
+    }
+    let width = lines.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    lines
+        .iter()
+        .map(|(name, value)| format!("{name:width$}  {value}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The token table of `apiary tokens ls`.
+pub fn token_table(tokens: &[TokenInfo], now_ms: u64) -> String {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(vec![
+        "ID",
+        "DESCRIPTION",
+        "CREATED",
+        "EXPIRES",
+        "USES LEFT",
+        "USED",
+        "REVOKED",
+    ]);
+    for token in tokens {
+        table.add_row(vec![
+            Cell::new(&token.id),
+            Cell::new(or_dash(&token.description)),
+            Cell::new(ago(token.created_ms, now_ms)),
+            Cell::new(
+                token
+                    .expires_ms
+                    .map_or_else(|| "never".into(), |at| until(at, now_ms)),
+            ),
+            Cell::new(
+                token
+                    .uses_left
+                    .map_or_else(|| "unlimited".into(), |left| left.to_string()),
+            )
+            .set_alignment(CellAlignment::Right),
+            Cell::new(token.uses).set_alignment(CellAlignment::Right),
+            Cell::new(
+                token
+                    .revoked_ms
+                    .map_or_else(|| "no".into(), |at| ago(at, now_ms)),
+            ),
+        ]);
+    }
+    table.to_string()
+}
+
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.to_owned()
+    }
+}
+
+fn iec(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
+}
+
+fn pairs(map: &std::collections::BTreeMap<String, String>) -> String {
+    if map.is_empty() {
+        return "-".into();
+    }
+    map.iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `in 5m` for a time ahead, `expired 3s ago` for one past.
+fn until(at_ms: u64, now_ms: u64) -> String {
+    if at_ms > now_ms {
+        let seconds = (at_ms - now_ms).div_ceil(1000);
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(seconds))
+        )
+    } else {
+        format!("passed {}", ago(at_ms, now_ms))
+    }
 }
 
 /// `3s ago`, rounded to whole seconds.
@@ -80,6 +221,7 @@ mod tests {
                 agent_version: "0.1.0".into(),
                 labels: Default::default(),
                 incarnation: String::new(),
+                public_key: "NABCDEFGHIJKLMNOPQRSTUVWXYZ".into(),
             },
             status: NodeStatus::Offline,
             registered_at_ms: 0,
@@ -89,6 +231,8 @@ mod tests {
                 cpu_percent: 12.4,
                 ..NodeMetrics::default()
             }),
+            admin: Default::default(),
+            scheduling: Default::default(),
         };
         let table = node_table(&[node], 13_500);
         let mut lines = table.lines();
@@ -98,7 +242,16 @@ mod tests {
             "{table}"
         );
         let row = lines.next().unwrap();
-        for expected in ["pi-1", "offline", "aarch64", "4.0 GiB", "12%", "12s ago"] {
+        for expected in [
+            "pi-1",
+            "offline",
+            "open",
+            "aarch64",
+            "4.0 GiB",
+            "12%",
+            "12s ago",
+            "NABCDEFGHIJK…",
+        ] {
             assert!(row.contains(expected), "{expected:?} missing from {row:?}");
         }
     }

@@ -16,3 +16,9 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 /// `nats micro` show them.
 pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+
+/// The public key (an nkey, `N…`) of the node that signed a register or heartbeat body.
+pub const NODE_KEY: &str = "Apiary-Node-Key";
+
+/// The node key's ed25519 signature over the exact body bytes, base64url without padding.
+pub const SIGNATURE: &str = "Apiary-Signature";

@@ -11,12 +11,16 @@
 //! - [`message`]: every message type that crosses the bus.
 //! - [`codec`]: MessagePack by default, JSON for operators, and the rule that a reply is
 //!   written in the encoding its request came in.
+//! - [`admin`]: join tokens, cluster settings, and what operators set on nodes.
+//! - [`identity`]: node keys and the signatures on register and heartbeat bodies.
 //! - [`liveness`]: the pure function that decides whether a node is online.
 //! - [`rpc`] and [`stored`]: request/reply and stored publishes, done the same way everywhere.
 
+pub mod admin;
 pub mod codec;
 pub mod headers;
 pub mod id;
+pub mod identity;
 pub mod inbound;
 pub mod liveness;
 pub mod message;

@@ -1,6 +1,7 @@
 //! Whether a node is alive: one pure function that every reader (scheduler, SDK, CLI) uses,
 //! so they all agree.
 
+use crate::admin::{NodeAdmin, Scheduling};
 use crate::message::{NodeLiveness, NodeRecord, NodeState, NodeStatus, NodeSummary};
 
 /// How long after its last heartbeat a node counts as offline: two and a half intervals. One
@@ -28,13 +29,21 @@ pub fn node_status(record: &NodeRecord, live: Option<&NodeLiveness>, now_ms: u64
 }
 
 /// One row of the node table, as of `now_ms`.
-pub fn summarize(record: &NodeRecord, live: Option<&NodeLiveness>, now_ms: u64) -> NodeSummary {
+pub fn summarize(
+    record: &NodeRecord,
+    live: Option<&NodeLiveness>,
+    admin: Option<&NodeAdmin>,
+    now_ms: u64,
+) -> NodeSummary {
+    let admin = admin.cloned().unwrap_or_default();
     NodeSummary {
         info: record.info.clone(),
         status: node_status(record, live, now_ms),
         registered_at_ms: record.registered_at_ms,
         last_seen_ms: live.map(|l| l.last_seen_ms),
         metrics: live.map(|l| l.metrics.clone()),
+        scheduling: Scheduling::of(&admin, live.map(|l| &l.metrics)),
+        admin,
     }
 }
 
@@ -58,6 +67,7 @@ mod tests {
                 agent_version: "0".into(),
                 labels: Default::default(),
                 incarnation: String::new(),
+                public_key: String::new(),
             },
             registered_at_ms: 1_000,
         }

@@ -24,6 +24,15 @@ pub enum Reply<T> {
     Error(ErrorBody),
 }
 
+impl<T> From<Result<T, ErrorBody>> for Reply<T> {
+    fn from(outcome: Result<T, ErrorBody>) -> Self {
+        match outcome {
+            Ok(value) => Reply::Ok(value),
+            Err(error) => Reply::Error(error),
+        }
+    }
+}
+
 impl<T> Reply<T> {
     pub fn into_result(self) -> Result<T, ErrorBody> {
         match self {
@@ -39,6 +48,10 @@ impl<T> Reply<T> {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// The precise reason, where a caller acts on it (an agent whose join token was refused
+    /// stops instead of retrying).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Refusal>,
 }
 
 impl ErrorBody {
@@ -46,7 +59,56 @@ impl ErrorBody {
         Self {
             code,
             message: message.into(),
+            reason: None,
         }
+    }
+
+    /// A refusal with its precise reason; the code follows from the reason.
+    pub fn refused(reason: Refusal, message: impl Into<String>) -> Self {
+        Self {
+            code: reason.code(),
+            message: message.into(),
+            reason: Some(reason),
+        }
+    }
+}
+
+/// Why the cluster refuses a node, precisely. None of these goes away by retrying: an
+/// operator has to act (issue a token, remove the node), so an agent that gets one stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// A node id registered for the first time without a join token.
+    TokenMissing,
+    /// The token is malformed, or no such token exists, or its secret is wrong.
+    TokenUnknown,
+    TokenExpired,
+    TokenRevoked,
+    /// The token's uses are all spent.
+    TokenUsedUp,
+    /// The node id is bound to another node key.
+    KeyMismatch,
+}
+
+impl Refusal {
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Refusal::KeyMismatch => ErrorCode::Forbidden,
+            _ => ErrorCode::Unauthorized,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::TokenMissing => "no join token",
+            Refusal::TokenUnknown => "unknown join token",
+            Refusal::TokenExpired => "join token expired",
+            Refusal::TokenRevoked => "join token revoked",
+            Refusal::TokenUsedUp => "join token used up",
+            Refusal::KeyMismatch => "node id bound to another key",
+        })
     }
 }
 
@@ -56,7 +118,10 @@ impl ErrorBody {
 pub enum ErrorCode {
     /// The request could not be decoded or is invalid.
     BadRequest,
-    /// The subject and the body disagree, or credentials are missing or wrong.
+    /// A join token is missing or not valid (see [`Refusal`]).
+    Unauthorized,
+    /// The subject and the body disagree, or the sender's key is not the one bound to the
+    /// node.
     Forbidden,
     /// The thing asked about does not exist.
     NotFound,
@@ -69,6 +134,7 @@ impl ErrorCode {
     pub fn status(self) -> u16 {
         match self {
             ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Internal => 500,
@@ -80,6 +146,7 @@ impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ErrorCode::BadRequest => "bad request",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not found",
             ErrorCode::Internal => "internal error",
@@ -114,13 +181,19 @@ pub struct NodeInfo {
     /// out again at once instead of after the ack wait. Empty from agents that predate it.
     #[serde(default)]
     pub incarnation: String,
+    /// The node's public key (an nkey, `N…`). Registrations and heartbeats are signed with
+    /// its private half, which never leaves the node; the node id is bound to this key at
+    /// first registration. Empty from agents that predate node keys.
+    #[serde(default)]
+    pub public_key: String,
 }
 
 /// `apiary.v1.node.<node>.register`: an agent asks to join.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     pub node: NodeInfo,
-    /// The join token; checked once tokens exist. Absent on an open cluster.
+    /// The join token (`apiary tokens create`). Needed the first time a node id registers;
+    /// a node already bound to its key registers again without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
@@ -182,6 +255,24 @@ pub struct HeartbeatReply {
     /// record of the node (it was removed, or the bucket was lost) or the record is another
     /// incarnation's. The agent must register again.
     pub registered: bool,
+    /// Whether the node takes new work, as the operator set it: a draining node stops
+    /// pulling, finishes what runs until the deadline and hands back the rest.
+    #[serde(default)]
+    pub schedule: crate::admin::Schedule,
+    /// An operator removed the node: the agent must leave and exit, not register again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leave: bool,
+}
+
+impl HeartbeatReply {
+    /// The answer to a heartbeat from a node this replica cannot place work on.
+    pub fn unknown() -> Self {
+        Self {
+            registered: false,
+            schedule: crate::admin::Schedule::Open,
+            leave: false,
+        }
+    }
 }
 
 /// What the cluster stores about a registered node (KV `APIARY_NODES`, key `info.<node>`).
@@ -235,6 +326,12 @@ pub struct NodeSummary {
     pub last_seen_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<NodeMetrics>,
+    /// What the operator set: approval, cordon or drain, labels, roles.
+    #[serde(default)]
+    pub admin: crate::admin::NodeAdmin,
+    /// Whether the node takes new work now, from `admin` and its running tasks.
+    #[serde(default)]
+    pub scheduling: crate::admin::Scheduling,
 }
 
 /// `apiary.v1.nodes.list`: ask for the node table. An empty body is a valid request.

@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{self, CodecError, Encoding};
 use crate::headers;
 use crate::id::NodeId;
+use crate::identity::{self, KeyPair};
 use crate::message::{ErrorBody, ErrorCode, Reply};
 use crate::subject::{self, Subject};
 
@@ -33,6 +34,9 @@ pub enum RequestError {
     Transport { subject: String, reason: String },
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The body could not be signed.
+    #[error("failed to sign the request: {reason}")]
+    Signing { reason: String },
     /// The responder answered with a refusal.
     #[error("request refused: {0}")]
     Refused(ErrorBody),
@@ -50,12 +54,42 @@ where
     Resp: DeserializeOwned,
 {
     let payload = Encoding::MsgPack.encode(request)?;
+    request_bytes(client, subject, payload, HeaderMap::new(), timeout).await
+}
+
+/// [`request`], with the body signed by a node key ([`crate::identity`]).
+pub async fn request_signed<Req, Resp>(
+    client: &Client,
+    subject: Subject,
+    request: &Req,
+    key: &KeyPair,
+    timeout: Duration,
+) -> Result<Resp, RequestError>
+where
+    Req: Serialize,
+    Resp: DeserializeOwned,
+{
+    let payload = Encoding::MsgPack.encode(request)?;
+    let headers = identity::sign(key, &payload).map_err(|err| RequestError::Signing {
+        reason: err.to_string(),
+    })?;
+    request_bytes(client, subject, payload, headers, timeout).await
+}
+
+async fn request_bytes<Resp: DeserializeOwned>(
+    client: &Client,
+    subject: Subject,
+    payload: Bytes,
+    headers: HeaderMap,
+    timeout: Duration,
+) -> Result<Resp, RequestError> {
     let name = subject.as_str().to_owned();
     let message = client
         .send_request(
             async_nats::Subject::from(subject),
             async_nats::Request::new()
                 .payload(payload)
+                .headers(headers)
                 .timeout(Some(timeout)),
         )
         .await
@@ -96,30 +130,64 @@ pub fn encode_reply<T: Serialize>(
     Ok((headers, body))
 }
 
+/// A request as it arrived, for handlers that look past the decoded body: the node named in
+/// the subject (for `apiary.v1.node.<node>.…` subjects), the headers, and the exact body
+/// bytes (what a signature covers).
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub node: Option<NodeId>,
+    pub headers: Option<HeaderMap>,
+    pub payload: Bytes,
+}
+
 /// Answers the requests of one micro service endpoint until the endpoint closes: decodes
-/// each (MessagePack or JSON), calls `handler` with the node named in the subject (for
-/// `apiary.v1.node.<node>.…` subjects), and replies in the request's encoding. A request that
-/// cannot be decoded gets a `bad_request` reply, never silence.
-pub async fn serve<Req, Resp, H, Fut>(mut endpoint: Endpoint, handler: H)
+/// each (MessagePack or JSON), calls `handler` with the node named in the subject, and
+/// replies in the request's encoding. A request that cannot be decoded gets a `bad_request`
+/// reply, never silence.
+pub async fn serve<Req, Resp, H, Fut>(endpoint: Endpoint, handler: H)
 where
     Req: DeserializeOwned,
     Resp: Serialize,
     H: Fn(Option<NodeId>, Req) -> Fut,
     Fut: Future<Output = Reply<Resp>>,
 {
+    serve_inbound(endpoint, |inbound: Inbound, request| {
+        let reply = handler(inbound.node, request);
+        async move { Some(reply.await) }
+    })
+    .await
+}
+
+/// [`serve`] for handlers that see the whole [`Inbound`] request and may choose not to
+/// answer (`None`): a message that fails its signature check is dropped, not answered.
+pub async fn serve_inbound<Req, Resp, H, Fut>(mut endpoint: Endpoint, handler: H)
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Fn(Inbound, Req) -> Fut,
+    Fut: Future<Output = Option<Reply<Resp>>>,
+{
     while let Some(request) = endpoint.next().await {
         let message = &request.message;
         let node = subject::parse_node_subject(message.subject.as_str()).map(|(node, _)| node);
         let (reply, encoding) =
             match codec::decode_message::<Req>(message.headers.as_ref(), &message.payload) {
-                Ok((decoded, encoding)) => (handler(node, decoded).await, encoding),
+                Ok((decoded, encoding)) => {
+                    let inbound = Inbound {
+                        node,
+                        headers: message.headers.clone(),
+                        payload: message.payload.clone(),
+                    };
+                    (handler(inbound, decoded).await, encoding)
+                }
                 Err(err) => {
                     tracing::warn!(subject = %message.subject, error = %err, "malformed request");
                     let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
                     let refusal = ErrorBody::new(ErrorCode::BadRequest, err.to_string());
-                    (Reply::Error(refusal), encoding)
+                    (Some(Reply::Error(refusal)), encoding)
                 }
             };
+        let Some(reply) = reply else { continue };
         let sent = match encode_reply(encoding, &reply) {
             Ok((headers, body)) => request.respond_with_headers(Ok(body), headers).await,
             Err(err) => {

@@ -11,6 +11,9 @@
 //! | `apiary.v1.node.<node>.status`        | request           | anyone → agent       |
 //! | `apiary.v1.tasks.submit`              | stream `APIARY_TASKS`    | SDK → scheduler   |
 //! | `apiary.v1.nodes.list`                | request           | anyone → scheduler   |
+//! | `apiary.v1.nodes.<command>`           | request           | operator → scheduler |
+//! | `apiary.v1.tokens.<command>`          | request           | operator → scheduler |
+//! | `apiary.v1.cluster.settings`          | request           | operator → scheduler |
 //!
 //! Everything a node sends or receives sits under `apiary.v1.node.<node>.`, so a server
 //! permission of `apiary.v1.node.<node>.>` fences one node to its own subjects. Task ids never
@@ -125,6 +128,87 @@ pub fn task_submit() -> Subject {
 /// `apiary.v1.nodes.list`: request the node table from any scheduler.
 pub fn nodes_list() -> Subject {
     Subject(format!("{ROOT}.nodes.list"))
+}
+
+/// What an operator does to a node: the last token of `apiary.v1.nodes.<command>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodesCommand {
+    /// The full record, inventory and live metrics of one node.
+    Show,
+    Cordon,
+    Uncordon,
+    Drain,
+    Label,
+    Role,
+    Approve,
+    /// Forget the node and its key binding.
+    Remove,
+}
+
+impl NodesCommand {
+    pub const ALL: [NodesCommand; 8] = [
+        NodesCommand::Show,
+        NodesCommand::Cordon,
+        NodesCommand::Uncordon,
+        NodesCommand::Drain,
+        NodesCommand::Label,
+        NodesCommand::Role,
+        NodesCommand::Approve,
+        NodesCommand::Remove,
+    ];
+
+    /// The subject token, also the micro service endpoint's name suffix.
+    pub fn token(self) -> &'static str {
+        match self {
+            NodesCommand::Show => "show",
+            NodesCommand::Cordon => "cordon",
+            NodesCommand::Uncordon => "uncordon",
+            NodesCommand::Drain => "drain",
+            NodesCommand::Label => "label",
+            NodesCommand::Role => "role",
+            NodesCommand::Approve => "approve",
+            NodesCommand::Remove => "rm",
+        }
+    }
+}
+
+/// `apiary.v1.nodes.<command>`: an operator's command about one node.
+pub fn nodes_command(command: NodesCommand) -> Subject {
+    Subject(format!("{ROOT}.nodes.{}", command.token()))
+}
+
+/// What an operator does with join tokens: the last token of `apiary.v1.tokens.<command>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TokensCommand {
+    Create,
+    List,
+    Revoke,
+}
+
+impl TokensCommand {
+    pub const ALL: [TokensCommand; 3] = [
+        TokensCommand::Create,
+        TokensCommand::List,
+        TokensCommand::Revoke,
+    ];
+
+    pub fn token(self) -> &'static str {
+        match self {
+            TokensCommand::Create => "create",
+            TokensCommand::List => "list",
+            TokensCommand::Revoke => "revoke",
+        }
+    }
+}
+
+/// `apiary.v1.tokens.<command>`: join token administration.
+pub fn tokens_command(command: TokensCommand) -> Subject {
+    Subject(format!("{ROOT}.tokens.{}", command.token()))
+}
+
+/// `apiary.v1.cluster.settings`: read or change the cluster's settings.
+pub fn cluster_settings() -> Subject {
+    Subject(format!("{ROOT}.cluster.settings"))
 }
 
 /// `apiary.v1.bench.echo`: the raw request/reply baseline of `apiary bench`.

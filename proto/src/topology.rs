@@ -6,7 +6,8 @@
 //! | `APIARY_TASKS`    | stream       | `apiary.v1.tasks.submit`        | work queue                |
 //! | `APIARY_DISPATCH` | stream       | `apiary.v1.node.*.dispatch`     | work queue                |
 //! | `APIARY_RESULTS`  | stream       | `apiary.v1.node.*.result`       | limits (age, bytes)       |
-//! | `APIARY_NODES`    | KV bucket    | `info.<node>`, `live.<node>`    | latest value per key      |
+//! | `APIARY_NODES`    | KV bucket    | `info.<node>`, `live.<node>`, `admin.<node>` | latest value per key |
+//! | `APIARY_CLUSTER`  | KV bucket    | `tokens.<id>`, `settings`       | latest value per key      |
 //! | `APIARY_MODULES`  | object store | one object per module digest    | until deleted             |
 //!
 //! Every component calls [`ensure`] at start, so whichever starts first creates the topology
@@ -24,6 +25,7 @@ pub const DISPATCH_STREAM: &str = "APIARY_DISPATCH";
 pub const RESULTS_STREAM: &str = "APIARY_RESULTS";
 pub const NODES_BUCKET: &str = "APIARY_NODES";
 pub const MODULES_BUCKET: &str = "APIARY_MODULES";
+pub const CLUSTER_BUCKET: &str = "APIARY_CLUSTER";
 /// The throw-away stream of `apiary bench`'s raw JetStream baseline, created and deleted by
 /// each run.
 pub const BENCH_STREAM: &str = "APIARY_BENCH_RAW";
@@ -127,6 +129,28 @@ pub fn nodes_bucket() -> kv::Config {
     }
 }
 
+pub fn cluster_bucket() -> kv::Config {
+    kv::Config {
+        bucket: CLUSTER_BUCKET.into(),
+        description: "apiary: join tokens (hashes only) and cluster settings".into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The key of a join token's record in `APIARY_CLUSTER`. Token ids are lowercase hex, so
+/// they are always valid key tokens.
+pub fn token_key(id: &str) -> String {
+    format!("tokens.{id}")
+}
+
+/// The key filter of every token in `APIARY_CLUSTER`.
+pub const TOKEN_KEYS: &str = "tokens.*";
+
+/// The key of the cluster settings in `APIARY_CLUSTER`.
+pub const SETTINGS_KEY: &str = "settings";
+
 pub fn modules_bucket() -> object_store::Config {
     object_store::Config {
         bucket: MODULES_BUCKET.into(),
@@ -205,11 +229,17 @@ pub fn node_live_key(node: &NodeId) -> String {
     format!("live.{node}")
 }
 
+/// The KV key of what the operator set on a node ([`crate::admin::NodeAdmin`]).
+pub fn node_admin_key(node: &NodeId) -> String {
+    format!("admin.{node}")
+}
+
 /// Which record a key of `APIARY_NODES` holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKey {
     Info(NodeId),
     Live(NodeId),
+    Admin(NodeId),
 }
 
 /// Parses a key of `APIARY_NODES`; keys apiary did not write are `None`.
@@ -219,6 +249,7 @@ pub fn parse_node_key(key: &str) -> Option<NodeKey> {
     match kind {
         "info" => Some(NodeKey::Info(node)),
         "live" => Some(NodeKey::Live(node)),
+        "admin" => Some(NodeKey::Admin(node)),
         _ => None,
     }
 }
@@ -269,6 +300,7 @@ pub async fn join(url: &str, client_name: String) -> Result<Connection, JoinErro
 #[derive(Clone)]
 pub struct Topology {
     pub nodes: kv::Store,
+    pub cluster: kv::Store,
     pub modules: object_store::ObjectStore,
 }
 
@@ -276,6 +308,7 @@ impl std::fmt::Debug for Topology {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Topology")
             .field("nodes", &NODES_BUCKET)
+            .field("cluster", &CLUSTER_BUCKET)
             .field("modules", &MODULES_BUCKET)
             .finish()
     }
@@ -294,13 +327,8 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
             .await
             .map_err(|err| TopologyError::new("stream", name, err))?;
     }
-    let nodes = match js.get_key_value(NODES_BUCKET).await {
-        Ok(store) => store,
-        Err(_) => js
-            .create_key_value(nodes_bucket())
-            .await
-            .map_err(|err| TopologyError::new("KV bucket", NODES_BUCKET, err))?,
-    };
+    let nodes = ensure_bucket(js, NODES_BUCKET, nodes_bucket()).await?;
+    let cluster = ensure_bucket(js, CLUSTER_BUCKET, cluster_bucket()).await?;
     let modules = match js.get_object_store(MODULES_BUCKET).await {
         Ok(store) => store,
         Err(_) => js
@@ -308,7 +336,25 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
             .await
             .map_err(|err| TopologyError::new("object store", MODULES_BUCKET, err))?,
     };
-    Ok(Topology { nodes, modules })
+    Ok(Topology {
+        nodes,
+        cluster,
+        modules,
+    })
+}
+
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    name: &'static str,
+    config: kv::Config,
+) -> Result<kv::Store, TopologyError> {
+    match js.get_key_value(name).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(config)
+            .await
+            .map_err(|err| TopologyError::new("KV bucket", name, err)),
+    }
 }
 
 #[cfg(test)]
@@ -324,7 +370,11 @@ mod tests {
         );
         assert_eq!(
             parse_node_key(&node_live_key(&node)),
-            Some(NodeKey::Live(node))
+            Some(NodeKey::Live(node.clone()))
+        );
+        assert_eq!(
+            parse_node_key(&node_admin_key(&node)),
+            Some(NodeKey::Admin(node))
         );
         assert_eq!(parse_node_key("other.pi-3"), None);
         assert_eq!(parse_node_key("info"), None);

@@ -11,8 +11,12 @@
 //! keeps the start and shutdown order; each job has its own module:
 //!
 //! - [`nodes`](crate::nodes): mirrors the node bucket into the view.
-//! - [`service`](crate::service): the micro service endpoints (register, heartbeat,
-//!   nodes-list).
+//! - [`service`](crate::service): the micro service endpoints, wired to their handlers.
+//! - [`registration`](crate::registration): agents joining (signed, bound to their key,
+//!   admitted by a join token) and heartbeating.
+//! - [`admin`](crate::admin): operators' node commands (cordon, drain, label, rm, …) and the
+//!   cluster settings.
+//! - [`tokens`](crate::tokens): join tokens, stored as hashes.
 //! - [`intake`](crate::intake): pulls submitted tasks while nodes have room, places and
 //!   dispatches them.
 //! - [`completions`](crate::completions): sees results as they are stored, so the nodes that
@@ -22,6 +26,7 @@
 //! - [`delivery`](crate::delivery): hands stored results to their submitters.
 //! - [`pull`](crate::pull): what the pulling jobs share.
 
+mod admin;
 mod completions;
 pub mod config;
 mod delivery;
@@ -29,7 +34,9 @@ mod intake;
 mod nodes;
 mod pull;
 mod recovery;
+mod registration;
 mod service;
+pub mod tokens;
 pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +86,7 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
             client: client.clone(),
             js,
             nodes: topology.nodes,
+            cluster: topology.cluster,
             view: Mutex::new(NodeView::new(config.node_backlog)),
             changed,
             synced,
@@ -137,6 +145,8 @@ struct Shared {
     client: async_nats::Client,
     js: jetstream::Context,
     nodes: kv::Store,
+    /// `APIARY_CLUSTER`: join tokens and settings.
+    cluster: kv::Store,
     view: Mutex<NodeView>,
     /// Bumped on every change to the view (a node came, went, reported, or finished one of
     /// our tasks), so that whoever waits for room looks again.
@@ -219,6 +229,12 @@ struct Counters {
     node_restarts: AtomicU64,
     /// Heartbeats answered `registered: false`.
     heartbeats_refused: AtomicU64,
+    /// Register and heartbeat messages dropped because their signature did not verify.
+    signatures_invalid: AtomicU64,
+    /// Registrations and heartbeats refused because the node id is bound to another key.
+    identity_refused: AtomicU64,
+    /// Registrations refused for their join token.
+    tokens_refused: AtomicU64,
 }
 
 /// [`Counters`] as they appear in `$SRV.STATS`.
@@ -231,6 +247,9 @@ struct CountersSnapshot {
     nodes_registered: u64,
     node_restarts: u64,
     heartbeats_refused: u64,
+    signatures_invalid: u64,
+    identity_refused: u64,
+    tokens_refused: u64,
 }
 
 impl Counters {
@@ -248,6 +267,9 @@ impl Counters {
             nodes_registered: read(&self.nodes_registered),
             node_restarts: read(&self.node_restarts),
             heartbeats_refused: read(&self.heartbeats_refused),
+            signatures_invalid: read(&self.signatures_invalid),
+            identity_refused: read(&self.identity_refused),
+            tokens_refused: read(&self.tokens_refused),
         })
         .unwrap_or_default()
     }

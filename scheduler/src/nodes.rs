@@ -74,6 +74,8 @@ fn node_change(entry: &kv::Entry) -> Option<NodeChange> {
     let change = match (key, removed) {
         (NodeKey::Info(node), true) => NodeChange::Forgotten(node),
         (NodeKey::Live(node), true) => NodeChange::LivenessCleared(node),
+        (NodeKey::Admin(node), true) => NodeChange::AdminCleared(node),
+        (NodeKey::Admin(node), false) => NodeChange::Admin(node, decode_entry(entry)?),
         (NodeKey::Info(_), false) => NodeChange::Registered(decode_entry(entry)?),
         (NodeKey::Live(node), false) => NodeChange::Heartbeat(node, decode_entry(entry)?),
     };

@@ -10,18 +10,25 @@
 use std::collections::{BTreeMap, HashMap};
 
 use apiary_proto::NodeId;
+use apiary_proto::admin::{NodeAdmin, Schedule};
 use apiary_proto::liveness;
 use apiary_proto::message::{NodeLiveness, NodeRecord, NodeStatus, NodeSummary, Requirements};
+
+/// How long after an operator removed a node its queued work is still looked for and moved.
+pub const REMOVED_RECOVERY_MS: u64 = 10 * 60 * 1000;
 
 #[derive(Clone, Debug, Default)]
 struct NodeEntry {
     record: Option<NodeRecord>,
     live: Option<NodeLiveness>,
+    /// What the operator set; `None` is the default (approved, open).
+    admin: Option<NodeAdmin>,
     /// The bucket revisions of the records held: a change older than what the view holds
     /// (the watch echoing a write this replica already applied, behind a newer one) is
     /// ignored.
     record_revision: u64,
     live_revision: u64,
+    admin_revision: u64,
     /// This replica's dispatches to the node that have not finished.
     outstanding: u32,
 }
@@ -29,7 +36,23 @@ struct NodeEntry {
 impl NodeEntry {
     /// Nothing left to know about the node: no records, none of our work.
     fn is_empty(&self) -> bool {
-        self.record.is_none() && self.live.is_none() && self.outstanding == 0
+        self.record.is_none()
+            && self.live.is_none()
+            && self.admin.is_none()
+            && self.outstanding == 0
+    }
+
+    fn revision_mut(&mut self, kind: KeyKind) -> &mut u64 {
+        match kind {
+            KeyKind::Info => &mut self.record_revision,
+            KeyKind::Live => &mut self.live_revision,
+            KeyKind::Admin => &mut self.admin_revision,
+        }
+    }
+
+    /// Whether the operator lets placement put new work here.
+    fn takes_work(&self) -> bool {
+        self.admin.as_ref().is_none_or(NodeAdmin::takes_work)
     }
 }
 
@@ -50,6 +73,45 @@ pub enum NodeChange {
     Forgotten(NodeId),
     Heartbeat(NodeId, NodeLiveness),
     LivenessCleared(NodeId),
+    Admin(NodeId, NodeAdmin),
+    AdminCleared(NodeId),
+}
+
+/// Which key of a node a change is about; each has its own revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyKind {
+    Info,
+    Live,
+    Admin,
+}
+
+impl NodeChange {
+    fn node(&self) -> &NodeId {
+        match self {
+            NodeChange::Registered(record) => &record.info.node_id,
+            NodeChange::Forgotten(node)
+            | NodeChange::Heartbeat(node, _)
+            | NodeChange::LivenessCleared(node)
+            | NodeChange::Admin(node, _)
+            | NodeChange::AdminCleared(node) => node,
+        }
+    }
+
+    fn key_kind(&self) -> KeyKind {
+        match self {
+            NodeChange::Registered(_) | NodeChange::Forgotten(_) => KeyKind::Info,
+            NodeChange::Heartbeat(..) | NodeChange::LivenessCleared(_) => KeyKind::Live,
+            NodeChange::Admin(..) | NodeChange::AdminCleared(_) => KeyKind::Admin,
+        }
+    }
+
+    /// Whether the change puts a value (rather than removing one).
+    fn is_put(&self) -> bool {
+        matches!(
+            self,
+            NodeChange::Registered(_) | NodeChange::Heartbeat(..) | NodeChange::Admin(..)
+        )
+    }
 }
 
 /// Where a task should go.
@@ -120,30 +182,17 @@ impl NodeView {
     /// newer revision of that key (the watch echoing a write this replica applied, behind a
     /// newer one).
     fn apply_at(&mut self, revision: u64, change: NodeChange) {
-        let node = match &change {
-            NodeChange::Registered(record) => &record.info.node_id,
-            NodeChange::Forgotten(node)
-            | NodeChange::Heartbeat(node, _)
-            | NodeChange::LivenessCleared(node) => node,
-        };
-        let info_key = matches!(change, NodeChange::Registered(_) | NodeChange::Forgotten(_));
+        let node = change.node();
+        let kind = change.key_kind();
         if let Some(entry) = self.nodes.get_mut(node) {
-            let held = if info_key {
-                &mut entry.record_revision
-            } else {
-                &mut entry.live_revision
-            };
+            let held = entry.revision_mut(kind);
             if revision < *held {
                 return;
             }
             *held = revision;
-        } else if let NodeChange::Registered(_) | NodeChange::Heartbeat(..) = &change {
+        } else if change.is_put() {
             let entry = self.nodes.entry(node.clone()).or_default();
-            if info_key {
-                entry.record_revision = revision;
-            } else {
-                entry.live_revision = revision;
-            }
+            *entry.revision_mut(kind) = revision;
         }
         self.apply(change);
     }
@@ -170,6 +219,15 @@ impl NodeView {
                 }
                 self.drop_if_empty(&node);
             }
+            NodeChange::Admin(node, admin) => {
+                self.nodes.entry(node).or_default().admin = Some(admin);
+            }
+            NodeChange::AdminCleared(node) => {
+                if let Some(entry) = self.nodes.get_mut(&node) {
+                    entry.admin = None;
+                }
+                self.drop_if_empty(&node);
+            }
         }
     }
 
@@ -184,13 +242,35 @@ impl NodeView {
         self.nodes.get(node)?.record.as_ref()
     }
 
+    /// What the operator set on the node, if anything.
+    pub fn admin(&self, node: &NodeId) -> Option<&NodeAdmin> {
+        self.nodes.get(node)?.admin.as_ref()
+    }
+
+    /// One row of the node table at `now_ms`.
+    pub fn summary(&self, node: &NodeId, now_ms: u64) -> Option<NodeSummary> {
+        let entry = self.nodes.get(node)?;
+        let record = entry.record.as_ref()?;
+        Some(liveness::summarize(
+            record,
+            entry.live.as_ref(),
+            entry.admin.as_ref(),
+            now_ms,
+        ))
+    }
+
     /// The node table at `now_ms`, sorted by node id.
     pub fn summaries(&self, now_ms: u64) -> Vec<NodeSummary> {
         self.nodes
             .values()
             .filter_map(|entry| {
                 let record = entry.record.as_ref()?;
-                Some(liveness::summarize(record, entry.live.as_ref(), now_ms))
+                Some(liveness::summarize(
+                    record,
+                    entry.live.as_ref(),
+                    entry.admin.as_ref(),
+                    now_ms,
+                ))
             })
             .collect()
     }
@@ -211,6 +291,13 @@ impl NodeView {
         })
     }
 
+    /// Online nodes that the operator lets take new work: approved, neither cordoned nor
+    /// draining.
+    fn schedulable(&self, now_ms: u64) -> impl Iterator<Item = (&NodeId, &NodeEntry, &NodeRecord)> {
+        self.online(now_ms)
+            .filter(|(_, entry, _)| entry.takes_work())
+    }
+
     /// Picks the online node that meets `requirements`, has room for more of this replica's
     /// work, and is least loaded. Ties go to the node with more free slots, then to the next
     /// node after the last one chosen, so equal nodes share the work.
@@ -218,9 +305,9 @@ impl NodeView {
         let mut any_online = false;
         let mut any_matching = false;
         let mut best: Option<(&NodeId, Load)> = None;
-        for (node, entry, record) in self.online(now_ms) {
+        for (node, entry, record) in self.schedulable(now_ms) {
             any_online = true;
-            if !meets(record, requirements) {
+            if !meets(record, entry.admin.as_ref(), requirements) {
                 continue;
             }
             any_matching = true;
@@ -255,7 +342,7 @@ impl NodeView {
     /// How many more tasks this replica could queue on online nodes right now, whatever
     /// their requirements.
     pub fn room(&self, now_ms: u64) -> u32 {
-        self.online(now_ms)
+        self.schedulable(now_ms)
             .map(|(_, entry, record)| self.capacity(record).saturating_sub(entry.outstanding))
             .fold(0, u32::saturating_add)
     }
@@ -345,15 +432,22 @@ impl NodeView {
         self.online(now_ms).any(|(online, _, _)| online == node)
     }
 
-    /// Registered nodes that are offline or have left: whatever is still queued for them
-    /// must go elsewhere.
+    /// Nodes whose queued work must go elsewhere: registered nodes that are offline or
+    /// have left, nodes being drained, and nodes an operator removed lately.
     pub fn lost_nodes(&self, now_ms: u64) -> Vec<NodeId> {
         self.nodes
             .iter()
             .filter(|(_, entry)| {
-                entry.record.as_ref().is_some_and(|record| {
+                let admin = entry.admin.as_ref();
+                let draining =
+                    admin.is_some_and(|admin| matches!(admin.schedule, Schedule::Draining { .. }));
+                let removed_lately = admin
+                    .and_then(|admin| admin.removed_ms)
+                    .is_some_and(|removed| now_ms.saturating_sub(removed) < REMOVED_RECOVERY_MS);
+                let gone = entry.record.as_ref().is_some_and(|record| {
                     liveness::node_status(record, entry.live.as_ref(), now_ms) != NodeStatus::Online
-                })
+                });
+                gone || (entry.record.is_some() && draining) || removed_lately
             })
             .map(|(node, _)| node.clone())
             .collect()
@@ -398,8 +492,12 @@ impl Load {
     }
 }
 
-fn meets(record: &NodeRecord, requirements: &Requirements) -> bool {
+fn meets(record: &NodeRecord, admin: Option<&NodeAdmin>, requirements: &Requirements) -> bool {
     let info = &record.info;
+    let labels = match admin {
+        Some(admin) => std::borrow::Cow::Owned(admin.effective_labels(&info.labels)),
+        None => std::borrow::Cow::Borrowed(&info.labels),
+    };
     requirements
         .min_cores
         .is_none_or(|cores| info.cpu_cores >= cores)
@@ -413,7 +511,7 @@ fn meets(record: &NodeRecord, requirements: &Requirements) -> bool {
         && requirements
             .labels
             .iter()
-            .all(|(key, value)| info.labels.get(key) == Some(value))
+            .all(|(key, value)| labels.get(key) == Some(value))
 }
 
 #[cfg(test)]
@@ -441,6 +539,7 @@ mod tests {
                 agent_version: "0".into(),
                 labels: Default::default(),
                 incarnation: String::new(),
+                public_key: String::new(),
             },
             registered_at_ms: 0,
         }
@@ -496,6 +595,82 @@ mod tests {
             view.place(&Requirements::default(), NOW),
             Placement::NoLiveNode
         );
+    }
+
+    fn admin(edit: impl FnOnce(&mut NodeAdmin)) -> NodeAdmin {
+        let mut admin = NodeAdmin::default();
+        edit(&mut admin);
+        admin
+    }
+
+    #[test]
+    fn pending_cordoned_and_draining_nodes_get_no_new_work() {
+        for set in [
+            admin(|a| a.pending = true),
+            admin(|a| a.schedule = Schedule::Cordoned),
+            admin(|a| a.schedule = Schedule::Draining { deadline_ms: NOW }),
+        ] {
+            let mut view = view(&[("a", 2, 2, 0), ("b", 2, 2, 1)]);
+            view.apply(NodeChange::Admin(id("a"), set.clone()));
+            assert_eq!(
+                view.place(&Requirements::default(), NOW),
+                Placement::Node(id("b")),
+                "{set:?}"
+            );
+            // Each node may hold slots + backlog = 4 of this replica's dispatches; only b's
+            // room counts.
+            assert_eq!(view.room(NOW), 4, "{set:?}");
+            // Approved, uncordoned: the idle node wins again.
+            view.apply(NodeChange::Admin(id("a"), NodeAdmin::default()));
+            assert_eq!(
+                view.place(&Requirements::default(), NOW),
+                Placement::Node(id("a"))
+            );
+        }
+    }
+
+    #[test]
+    fn draining_and_lately_removed_nodes_have_their_queues_moved() {
+        let mut view = view(&[("a", 2, 2, 0), ("b", 2, 2, 0), ("c", 2, 2, 0)]);
+        assert!(view.lost_nodes(NOW).is_empty());
+        view.apply(NodeChange::Admin(
+            id("a"),
+            admin(|a| a.schedule = Schedule::Draining { deadline_ms: NOW }),
+        ));
+        view.apply(NodeChange::Admin(id("b"), NodeAdmin::removed(NOW)));
+        view.apply(NodeChange::Forgotten(id("b")));
+        view.apply(NodeChange::LivenessCleared(id("b")));
+        view.apply(NodeChange::Admin(
+            id("c"),
+            admin(|a| a.schedule = Schedule::Cordoned),
+        ));
+        assert_eq!(view.lost_nodes(NOW), vec![id("a"), id("b")]);
+        // A removal long past no longer costs a look at the node's queue.
+        assert!(
+            !view
+                .lost_nodes(NOW + REMOVED_RECOVERY_MS)
+                .contains(&id("b"))
+        );
+        assert!(
+            view.summaries(NOW)
+                .iter()
+                .all(|row| row.info.node_id != id("b"))
+        );
+    }
+
+    #[test]
+    fn operator_labels_decide_placement() {
+        let mut view = view(&[("a", 2, 2, 0)]);
+        let wants_gpu = Requirements {
+            labels: [("gpu".to_owned(), "yes".to_owned())].into(),
+            ..Requirements::default()
+        };
+        assert_eq!(view.place(&wants_gpu, NOW), Placement::NoMatchingNode);
+        view.apply(NodeChange::Admin(
+            id("a"),
+            admin(|a| a.change_labels(&[("gpu".to_owned(), "yes".to_owned())].into(), &[])),
+        ));
+        assert_eq!(view.place(&wants_gpu, NOW), Placement::Node(id("a")));
     }
 
     #[test]

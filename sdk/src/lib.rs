@@ -17,6 +17,7 @@
 //! the client, the scheduler and any node. Modules are uploaded once to the cluster's module
 //! store, named by their SHA-256, and later submits of the same module send only the name.
 
+mod admin;
 mod catch_up;
 mod error;
 
@@ -24,21 +25,25 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apiary_proto::codec::{self, Encoding};
-use apiary_proto::liveness;
+use apiary_proto::codec;
 use apiary_proto::message::{
-    Limits, ModuleRef, NodeLiveness, NodeRecord, NodeSummary, Outcome, Priority, Requirements,
-    TaskResult, TaskSubmission,
+    Limits, ModuleRef, NodeSummary, NodesListReply, NodesListRequest, Outcome, Priority,
+    Requirements, TaskResult, TaskSubmission,
 };
-use apiary_proto::topology::{self, NodeKey, Topology};
+use apiary_proto::topology::{self, Topology};
 use apiary_proto::{NodeId, TaskId, now_ms, stored};
+use apiary_proto::{rpc, subject};
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::InfoErrorKind;
 use bytes::Bytes;
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::StreamExt as _;
 use tokio::sync::{OnceCell, oneshot};
 use tracing::Instrument as _;
 
+pub use admin::NewToken;
+pub use apiary_proto::admin::{
+    Approval, ClusterSettings, NodeAdmin, Schedule, Scheduling, TokenCreated, TokenInfo,
+};
 pub use apiary_proto::message::{TaskError, TaskErrorKind};
 pub use error::{Error, TaskFailure};
 
@@ -293,48 +298,23 @@ impl Client {
         .await
     }
 
-    /// The node table, read from the cluster's node bucket; works without a scheduler.
+    /// The node table, as any scheduler replica answers `apiary.v1.nodes.list`: liveness is
+    /// judged there, by the one rule and clock every reader shares, never by this client's
+    /// clock.
     pub async fn nodes(&self) -> Result<Vec<NodeSummary>, Error> {
-        let bucket = &self.topology().await?.nodes;
-        let keys: Vec<String> = bucket
-            .keys()
-            .await
-            .map_err(|err| Error::Transport(format!("failed to list nodes: {err}")))?
-            .try_collect()
-            .await
-            .map_err(|err| Error::Transport(format!("failed to list nodes: {err}")))?;
-        let mut records: HashMap<NodeId, NodeRecord> = HashMap::new();
-        let mut lives: HashMap<NodeId, NodeLiveness> = HashMap::new();
-        let entries = futures::stream::iter(keys)
-            .map(|key| async move { (bucket.get(key.clone()).await, key) })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await;
-        for (value, key) in entries {
-            let value =
-                value.map_err(|err| Error::Transport(format!("failed to read {key}: {err}")))?;
-            let (Some(value), Some(parsed)) = (value, topology::parse_node_key(&key)) else {
-                continue;
-            };
-            let encoding = Encoding::detect(None, &value);
-            match parsed {
-                NodeKey::Info(node) => {
-                    records.insert(node, encoding.decode(&value)?);
-                }
-                NodeKey::Live(node) => {
-                    lives.insert(node, encoding.decode(&value)?);
-                }
-            }
-        }
-        let now = now_ms();
-        let mut nodes: Vec<NodeSummary> = records
-            .iter()
-            .map(|(node, record)| liveness::summarize(record, lives.get(node), now))
-            .collect();
-        nodes.sort_by(|a, b| a.info.node_id.cmp(&b.info.node_id));
-        Ok(nodes)
+        let reply: NodesListReply = rpc::request(
+            self.nats(),
+            subject::nodes_list(),
+            &NodesListRequest::default(),
+            REQUEST_TIMEOUT,
+        )
+        .await?;
+        Ok(reply.nodes)
     }
 }
+
+/// How long a request to the scheduler waits for its answer.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section is a single map operation, so a poisoned lock still guards

@@ -183,6 +183,15 @@ impl Cluster {
             cluster.spawn(Role::Scheduler(index))?;
         }
         cluster.wait_for_schedulers().await?;
+        // Agents join with a token, as on a real fleet; one for all of them, with unlimited
+        // uses, since restarts under the same key need none and every agent is new once.
+        let token = apiary_harness::mint_token(&cluster.url, "chaos agents", None, None).await;
+        for agent in &mut cluster.agents {
+            agent
+                .spec
+                .env
+                .push(("APIARY_TOKEN".to_owned(), token.clone()));
+        }
         for index in 0..cluster.agents.len() {
             cluster.spawn(Role::Agent(index))?;
         }

@@ -30,6 +30,113 @@ use tokio_util::sync::CancellationToken;
 
 use crate::relay::Relay;
 
+/// Creates a join token as `apiary tokens create` would, straight in the bucket (no scheduler
+/// needed), and returns it.
+pub async fn mint_token(
+    url: &str,
+    description: &str,
+    ttl_ms: Option<u64>,
+    uses: Option<u32>,
+) -> String {
+    let client = async_nats::connect(url)
+        .await
+        .expect("connect to nats-server");
+    let topology = topology::ensure(&async_nats::jetstream::new(client))
+        .await
+        .expect("topology");
+    let request = apiary_proto::admin::TokenCreateRequest {
+        description: description.to_owned(),
+        ttl_ms,
+        uses,
+    };
+    apiary_scheduler::tokens::create(&topology.cluster, &request, apiary_proto::now_ms())
+        .await
+        .expect("create a join token")
+        .token
+}
+
+/// A node spoken for by hand, as a client in another language would: its own node key, and
+/// JSON bodies signed with it.
+pub struct HandNode {
+    pub id: NodeId,
+    pub key: apiary_proto::identity::KeyPair,
+}
+
+impl std::fmt::Debug for HandNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandNode").field("id", &self.id).finish()
+    }
+}
+
+impl HandNode {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: NodeId::new(id).expect("valid node id"),
+            key: apiary_proto::identity::generate(),
+        }
+    }
+
+    pub fn public_key(&self) -> String {
+        self.key.public_key()
+    }
+
+    /// Sends `body` as signed JSON on the node's `verb` subject and returns the reply's
+    /// headers and JSON (`{"ok": …}` or `{"error": …}`).
+    pub async fn request(
+        &self,
+        nats: &async_nats::Client,
+        verb: apiary_proto::subject::NodeVerb,
+        body: &serde_json::Value,
+    ) -> (async_nats::HeaderMap, serde_json::Value) {
+        let payload = Bytes::from(body.to_string());
+        let headers = apiary_proto::identity::sign(&self.key, &payload).expect("sign");
+        self.request_raw(nats, verb, payload, headers).await
+    }
+
+    /// Sends `payload` with `headers` as they are (a forged or broken signature, say).
+    pub async fn request_raw(
+        &self,
+        nats: &async_nats::Client,
+        verb: apiary_proto::subject::NodeVerb,
+        payload: Bytes,
+        headers: async_nats::HeaderMap,
+    ) -> (async_nats::HeaderMap, serde_json::Value) {
+        let subject = apiary_proto::subject::node(&self.id, verb).to_string();
+        let reply = within(
+            PATIENCE,
+            &format!("a reply on {subject}"),
+            nats.request_with_headers(subject.clone(), headers, payload),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("request on {subject} failed: {err}"));
+        let value = serde_json::from_slice(&reply.payload).unwrap_or_else(|err| {
+            panic!(
+                "the reply on {subject} is not JSON ({err}): {:?}",
+                String::from_utf8_lossy(&reply.payload)
+            )
+        });
+        (reply.headers.unwrap_or_default(), value)
+    }
+
+    /// A registration body for this node with `slots` slots and `token`.
+    pub fn registration(&self, slots: u32, token: Option<&str>) -> serde_json::Value {
+        serde_json::json!({
+            "node": {
+                "node_id": self.id.as_str(),
+                "hostname": "by-hand",
+                "arch": std::env::consts::ARCH,
+                "os": "linux",
+                "cpu_cores": 1,
+                "memory_bytes": 1_073_741_824u64,
+                "slots": slots,
+                "agent_version": "by hand",
+                "public_key": self.public_key(),
+            },
+            "token": token,
+        })
+    }
+}
+
 /// Generous bound for anything that should happen "soon": slow CI machines must not fail
 /// tests, and a hang still ends.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -64,6 +171,8 @@ pub struct Stack {
     /// Each agent's state directory (node key, outbox) is `<state_root>/<node>`, so an agent
     /// restarted under the same node id finds its key again, as on a real host.
     pub state_root: tempfile::TempDir,
+    /// A join token with unlimited uses, given to every agent the harness starts.
+    pub token: String,
     /// The micro service ids of the scheduler replicas started so far: a replica is ready
     /// when an id not among these lists all its endpoints.
     schedulers: Mutex<HashSet<String>>,
@@ -83,8 +192,10 @@ impl Stack {
         })
         .await
         .unwrap_or_else(|err| panic!("failed to start nats-server: {err}"));
+        let token = mint_token(server.url(), "test stack", None, None).await;
         Self {
             server,
+            token,
             heartbeat_interval,
             state_root: tempfile::tempdir().expect("a temporary state directory"),
             schedulers: Mutex::default(),
@@ -130,6 +241,7 @@ impl Stack {
             nats_url: self.url().to_owned(),
             node_id: Some(node.to_owned()),
             state_dir: Some(self.state_root.path().join(node)),
+            token: Some(self.token.clone()),
             slots: Some(2),
             request_timeout: Duration::from_secs(2),
             max_register_backoff: Duration::from_millis(200),

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use apiary_harness::{PATIENCE, Stack, eventually, wasm, within};
+use apiary_harness::{HandNode, PATIENCE, Stack, eventually, wasm, within};
 use apiary_proto::message::{Dispatch, NodeStatus, NodesListReply, NodesListRequest};
 use apiary_proto::subject::NodeVerb;
-use apiary_proto::{NodeId, codec, rpc, subject};
+use apiary_proto::{codec, rpc, subject};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -176,37 +176,20 @@ async fn json_request(nats: &async_nats::Client, subject: String, body: Value) -
     }
 }
 
-/// Registers node `id` by hand with one slot, as `nats req apiary.v1.node.<id>.register`
-/// would.
-async fn register_by_hand(nats: &async_nats::Client, id: &str) {
-    let node = NodeId::new(id).expect("valid node id");
-    let registration = json!({
-        "node": {
-            "node_id": id,
-            "hostname": "by-hand",
-            "arch": std::env::consts::ARCH,
-            "os": "linux",
-            "cpu_cores": 1,
-            "memory_bytes": 1_073_741_824u64,
-            "slots": 1,
-            "agent_version": "by hand"
-        }
-    });
-    let reply = json_request(
-        nats,
-        subject::node(&node, NodeVerb::Register).to_string(),
-        registration,
-    )
-    .await;
-    assert_eq!(reply["node_id"], id, "{reply}");
+/// Registers `node` by hand with one slot, as a client in another language would: a JSON
+/// body on `apiary.v1.node.<id>.register`, signed with the node's key, with a join token.
+async fn register_by_hand(nats: &async_nats::Client, node: &HandNode, token: &str) {
+    let (_, reply) = node
+        .request(nats, NodeVerb::Register, &node.registration(1, Some(token)))
+        .await;
+    assert_eq!(reply["ok"]["node_id"], node.id.as_str(), "{reply}");
 }
 
-/// Sends node `id`'s heartbeat number `seq` in `state` (`active` or `leaving`) and returns
+/// Sends `node`'s heartbeat number `seq` in `state` (`active` or `leaving`) and returns
 /// once the scheduler has answered that it holds the node's registration.
-async fn heartbeat_by_hand(nats: &async_nats::Client, id: &str, seq: u64, state: &str) {
-    let node = NodeId::new(id).expect("valid node id");
+async fn heartbeat_by_hand(nats: &async_nats::Client, node: &HandNode, seq: u64, state: &str) {
     let heartbeat = json!({
-        "node_id": id,
+        "node_id": node.id.as_str(),
         "seq": seq,
         "state": state,
         "metrics": {
@@ -217,15 +200,11 @@ async fn heartbeat_by_hand(nats: &async_nats::Client, id: &str, seq: u64, state:
             "slots": 1
         }
     });
-    let reply = json_request(
-        nats,
-        subject::node(&node, NodeVerb::Heartbeat).to_string(),
-        heartbeat,
-    )
-    .await;
+    let (_, reply) = node.request(nats, NodeVerb::Heartbeat, &heartbeat).await;
     assert_eq!(
-        reply["registered"], true,
-        "{id}'s {state} heartbeat: {reply}"
+        reply["ok"]["registered"], true,
+        "{}'s {state} heartbeat: {reply}",
+        node.id
     );
 }
 
@@ -276,9 +255,13 @@ async fn the_node_list_shows_a_node_left_as_soon_as_its_leaving_heartbeat_is_ans
     let _scheduler = stack.spawn_scheduler().await;
     let nats = stack.nats().await;
     let ids: Vec<String> = (0..21).map(|n| format!("hand-{n:02}")).collect();
-    for id in &ids {
-        register_by_hand(&nats, id).await;
-        heartbeat_by_hand(&nats, id, 1, "active").await;
+    let hands: BTreeMap<&str, HandNode> = ids
+        .iter()
+        .map(|id| (id.as_str(), HandNode::new(id)))
+        .collect();
+    for hand in hands.values() {
+        register_by_hand(&nats, hand, &stack.token).await;
+        heartbeat_by_hand(&nats, hand, 1, "active").await;
     }
     let statuses = statuses_by_hand(&nats).await;
     assert_eq!(statuses.len(), ids.len(), "{statuses:?}");
@@ -295,7 +278,7 @@ async fn the_node_list_shows_a_node_left_as_soon_as_its_leaving_heartbeat_is_ans
     let bucket = stack.nodes_bucket().await;
     for (gone, id) in ids.iter().enumerate() {
         hold_up_the_bucket_watch(&nats, &bucket, id).await;
-        heartbeat_by_hand(&nats, id, 2, "leaving").await;
+        heartbeat_by_hand(&nats, &hands[id.as_str()], 2, "leaving").await;
         let statuses = statuses_by_hand(&nats).await;
         assert_eq!(
             statuses.get(id).map(String::as_str),
@@ -341,14 +324,15 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
         // chosen goes first, and both come after every earlier round's nodes.
         let goes = format!("round-{round:02}-goes");
         let stays = format!("round-{round:02}-stays");
-        for id in [&goes, &stays] {
-            register_by_hand(&nats, id).await;
-            heartbeat_by_hand(&nats, id, 1, "active").await;
+        let (going, staying) = (HandNode::new(&goes), HandNode::new(&stays));
+        for hand in [&going, &staying] {
+            register_by_hand(&nats, hand, &stack.token).await;
+            heartbeat_by_hand(&nats, hand, 1, "active").await;
         }
         // With the replica's bucket watch held up, only what the replica learned from the
         // heartbeat itself, before it answered, keeps the task off `goes`.
         hold_up_the_bucket_watch(&nats, &bucket, &goes).await;
-        heartbeat_by_hand(&nats, &goes, 2, "leaving").await;
+        heartbeat_by_hand(&nats, &going, 2, "leaving").await;
         // The nodes never pull, so the task is never run: where it was placed is the point.
         let task = client
             .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
@@ -382,6 +366,6 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
         );
         // The node that stayed leaves too, so that the next round's pair is alone with the
         // nodes that left.
-        heartbeat_by_hand(&nats, &stays, 2, "leaving").await;
+        heartbeat_by_hand(&nats, &staying, 2, "leaving").await;
     }
 }

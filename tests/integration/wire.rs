@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use apiary_harness::{PATIENCE, Stack, eventually, wasm, within};
+use apiary_harness::{HandNode, PATIENCE, Stack, eventually, wasm, within};
 use apiary_proto::message::ModuleRef;
 use apiary_proto::{headers, subject, topology};
 use async_nats::HeaderMap;
@@ -46,26 +46,15 @@ async fn json_requests_get_json_replies() {
     let _scheduler = stack.spawn_scheduler().await;
     let nats = stack.nats().await;
 
-    // Register a node by hand, as `nats req apiary.v1.node.hand-made.register '{…}'` would.
-    let registration = json!({
-        "node": {
-            "node_id": "hand-made",
-            "hostname": "bench",
-            "arch": "riscv64",
-            "os": "linux",
-            "cpu_cores": 4,
-            "memory_bytes": 1_073_741_824u64,
-            "slots": 1,
-            "agent_version": "by hand"
-        }
-    });
-    let node = apiary_proto::NodeId::new("hand-made").expect("id");
-    let (_, reply) = json_request(
-        &nats,
-        subject::node(&node, subject::NodeVerb::Register).to_string(),
-        registration,
-    )
-    .await;
+    // Register a node by hand, as a client in another language would: a JSON body signed
+    // with the node's own key, with a join token.
+    let hand = HandNode::new("hand-made");
+    let mut registration = hand.registration(1, Some(&stack.token));
+    registration["node"]["arch"] = json!("riscv64");
+    registration["node"]["cpu_cores"] = json!(4);
+    let (_, reply) = hand
+        .request(&nats, subject::NodeVerb::Register, &registration)
+        .await;
     assert_eq!(reply["ok"]["node_id"], "hand-made");
     assert_eq!(reply["ok"]["heartbeat_interval_ms"], 60_000);
 

@@ -1,0 +1,277 @@
+//! What operators do to nodes (`apiary.v1.nodes.<command>`) and to the cluster's settings
+//! (`apiary.v1.cluster.settings`).
+//!
+//! The state lives in KV: each node's [`NodeAdmin`] under `admin.<node>` in `APIARY_NODES`,
+//! changed with compare-and-set so that two operators (or two replicas) never lose each
+//! other's change, and the settings in `APIARY_CLUSTER`. The replica that answers applies the
+//! change to its own view before it replies, so a cordon or a drain stops placements there at
+//! once; every other replica learns it from the bucket watch.
+
+use std::sync::Arc;
+
+use apiary_proto::admin::{
+    ClusterSettings, DEFAULT_DRAIN_DEADLINE_MS, DrainRequest, LabelRequest, NodeAdmin, NodeRef,
+    Removed, RoleRequest, Schedule, SettingsRequest,
+};
+use apiary_proto::message::{ErrorBody, ErrorCode, NodeSummary, Reply};
+use apiary_proto::{NodeId, codec, now_ms, topology};
+use async_nats::jetstream::kv;
+
+use crate::nodes::{decode_value, put_record};
+use crate::view::NodeChange;
+use crate::{SYNC_WAIT, Shared};
+
+/// How often a change retries when another write to the node's record came first.
+const UPDATE_ATTEMPTS: usize = 16;
+
+fn internal(what: &str, err: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Internal, format!("failed to {what}: {err}"))
+}
+
+fn not_found(node: &NodeId) -> ErrorBody {
+    ErrorBody::new(ErrorCode::NotFound, format!("no node {node}"))
+}
+
+/// `show`: the node's full record, inventory, live metrics and what the operator set.
+pub(crate) async fn show(shared: Arc<Shared>, request: NodeRef) -> Reply<NodeSummary> {
+    shared.wait_synced(SYNC_WAIT).await;
+    match shared.view().summary(&request.node_id, now_ms()) {
+        Some(summary) => Reply::Ok(summary),
+        None => Reply::Error(not_found(&request.node_id)),
+    }
+}
+
+pub(crate) async fn cordon(shared: Arc<Shared>, request: NodeRef) -> Reply<NodeSummary> {
+    change(&shared, &request.node_id, |admin| {
+        admin.schedule = Schedule::Cordoned;
+    })
+    .await
+    .into()
+}
+
+pub(crate) async fn uncordon(shared: Arc<Shared>, request: NodeRef) -> Reply<NodeSummary> {
+    change(&shared, &request.node_id, |admin| {
+        admin.schedule = Schedule::Open;
+    })
+    .await
+    .into()
+}
+
+pub(crate) async fn drain(shared: Arc<Shared>, request: DrainRequest) -> Reply<NodeSummary> {
+    let deadline_ms =
+        now_ms().saturating_add(request.deadline_ms.unwrap_or(DEFAULT_DRAIN_DEADLINE_MS));
+    change(&shared, &request.node_id, |admin| {
+        // Draining again keeps the earlier deadline if it comes first: a second command
+        // never gives running tasks more time than the operator first allowed by accident.
+        let deadline_ms = match admin.schedule {
+            Schedule::Draining {
+                deadline_ms: earlier,
+            } => earlier.min(deadline_ms),
+            _ => deadline_ms,
+        };
+        admin.schedule = Schedule::Draining { deadline_ms };
+    })
+    .await
+    .into()
+}
+
+pub(crate) async fn label(shared: Arc<Shared>, request: LabelRequest) -> Reply<NodeSummary> {
+    if let Err(err) = check_labels(&request) {
+        return Reply::Error(err);
+    }
+    change(&shared, &request.node_id, |admin| {
+        admin.change_labels(&request.set, &request.remove);
+    })
+    .await
+    .into()
+}
+
+fn check_labels(request: &LabelRequest) -> Result<(), ErrorBody> {
+    let bad = request
+        .set
+        .keys()
+        .chain(&request.remove)
+        .find(|key| key.is_empty() || key.contains(char::is_whitespace));
+    match bad {
+        Some(key) => Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("invalid label name {key:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub(crate) async fn role(shared: Arc<Shared>, request: RoleRequest) -> Reply<NodeSummary> {
+    if let Some(bad) = request
+        .roles
+        .iter()
+        .find(|role| role.is_empty() || role.contains(char::is_whitespace))
+    {
+        return Reply::Error(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("invalid role {bad:?}"),
+        ));
+    }
+    change(&shared, &request.node_id, |admin| {
+        admin.roles = Some(request.roles.clone());
+    })
+    .await
+    .into()
+}
+
+pub(crate) async fn approve(shared: Arc<Shared>, request: NodeRef) -> Reply<NodeSummary> {
+    change(&shared, &request.node_id, |admin| {
+        admin.pending = false;
+    })
+    .await
+    .into()
+}
+
+/// `rm`: forgets the node and its key binding. Its records go, and a marker stays in their
+/// place so that its agent, should it still run, is told to leave at its next heartbeat, and
+/// so that recovery moves whatever was still queued for it.
+pub(crate) async fn remove(shared: Arc<Shared>, request: NodeRef) -> Reply<Removed> {
+    let node = request.node_id;
+    let outcome = async {
+        shared.wait_synced(SYNC_WAIT).await;
+        let known = shared.view().registration(&node).is_some()
+            || shared
+                .nodes
+                .entry(topology::node_info_key(&node))
+                .await
+                .map_err(|err| internal("read the node record", err))?
+                .is_some_and(|entry| entry.operation == kv::Operation::Put);
+        if !known {
+            return Err(not_found(&node));
+        }
+        // The marker first: from the moment the registration is gone, a heartbeat finds it.
+        let marker = NodeAdmin::removed(now_ms());
+        let revision = put_record(&shared, topology::node_admin_key(&node), &marker).await?;
+        shared.apply_written(revision, NodeChange::Admin(node.clone(), marker));
+        for (key, change) in [
+            (
+                topology::node_info_key(&node),
+                NodeChange::Forgotten(node.clone()),
+            ),
+            (
+                topology::node_live_key(&node),
+                NodeChange::LivenessCleared(node.clone()),
+            ),
+        ] {
+            shared
+                .nodes
+                .delete(&key)
+                .await
+                .map_err(|err| internal("delete the node record", err))?;
+            // The delete's revision is not returned; the view forgets the record now, and
+            // the watch delivers the same deletion in its turn.
+            shared.update(|view| view.apply(change));
+        }
+        tracing::info!(node_id = %node, "node removed");
+        Ok(Removed {
+            node_id: node.clone(),
+        })
+    }
+    .await;
+    outcome.into()
+}
+
+/// Applies `edit` to the node's operator record with compare-and-set, and answers with the
+/// node's row as this replica now sees it.
+async fn change(
+    shared: &Shared,
+    node: &NodeId,
+    edit: impl Fn(&mut NodeAdmin),
+) -> Result<NodeSummary, ErrorBody> {
+    shared.wait_synced(SYNC_WAIT).await;
+    let key = topology::node_admin_key(node);
+    for _ in 0..UPDATE_ATTEMPTS {
+        let entry = shared
+            .nodes
+            .entry(&key)
+            .await
+            .map_err(|err| internal("read the node's operator record", err))?
+            .filter(|entry| entry.operation == kv::Operation::Put);
+        let (mut admin, revision) = match &entry {
+            Some(entry) => (
+                decode_value::<NodeAdmin>(&key, &entry.value).unwrap_or_default(),
+                Some(entry.revision),
+            ),
+            None => (NodeAdmin::default(), None),
+        };
+        if admin.removed_ms.is_some() || shared.view().registration(node).is_none() {
+            return Err(not_found(node));
+        }
+        edit(&mut admin);
+        let value =
+            codec::encode(&admin).map_err(|err| internal("encode the operator record", err))?;
+        let written = match revision {
+            Some(revision) => shared
+                .nodes
+                .update(&key, value, revision)
+                .await
+                .map_err(|err| {
+                    (
+                        err.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        err.to_string(),
+                    )
+                }),
+            None => shared.nodes.create(&key, value).await.map_err(|err| {
+                (
+                    err.kind() == kv::CreateErrorKind::AlreadyExists,
+                    err.to_string(),
+                )
+            }),
+        };
+        match written {
+            Ok(revision) => {
+                shared.apply_written(revision, NodeChange::Admin(node.clone(), admin.clone()));
+                tracing::info!(node_id = %node, admin = ?admin, "node changed by an operator");
+                return shared
+                    .view()
+                    .summary(node, now_ms())
+                    .ok_or_else(|| not_found(node));
+            }
+            Err((true, _)) => continue,
+            Err((false, err)) => return Err(internal("store the node's operator record", err)),
+        }
+    }
+    Err(internal("change the node", "its record kept changing"))
+}
+
+/// The cluster's settings as stored; the defaults when none are.
+pub(crate) async fn settings(shared: &Shared) -> Result<ClusterSettings, ErrorBody> {
+    let entry = shared
+        .cluster
+        .entry(topology::SETTINGS_KEY)
+        .await
+        .map_err(|err| internal("read the cluster settings", err))?;
+    Ok(entry
+        .filter(|entry| entry.operation == kv::Operation::Put)
+        .and_then(|entry| decode_value(topology::SETTINGS_KEY, &entry.value))
+        .unwrap_or_default())
+}
+
+/// `cluster.settings`: reads, or changes and then reads, the settings.
+pub(crate) async fn cluster_settings(
+    shared: Arc<Shared>,
+    request: SettingsRequest,
+) -> Reply<ClusterSettings> {
+    let outcome = async {
+        let mut current = settings(&shared).await?;
+        if let Some(approval) = request.approval {
+            current.approval = approval;
+            let value =
+                codec::encode(&current).map_err(|err| internal("encode the settings", err))?;
+            shared
+                .cluster
+                .put(topology::SETTINGS_KEY, value)
+                .await
+                .map_err(|err| internal("store the settings", err))?;
+            tracing::info!(settings = ?current, "cluster settings changed");
+        }
+        Ok(current)
+    }
+    .await;
+    outcome.into()
+}
