@@ -16,6 +16,7 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
         "ARCH",
         "CORES",
         "MEMORY",
+        "GPUS",
         "SLOTS",
         "RUNNING",
         "CPU",
@@ -37,6 +38,7 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
                     .to_string(),
             )
             .set_alignment(CellAlignment::Right),
+            Cell::new(info.inventory.gpus.len()).set_alignment(CellAlignment::Right),
             Cell::new(info.slots).set_alignment(CellAlignment::Right),
             Cell::new(metrics.map_or(0, |m| m.running_tasks)).set_alignment(CellAlignment::Right),
             Cell::new(metrics.map_or_else(|| "-".into(), |m| format!("{:.0}%", m.cpu_percent)))
@@ -80,6 +82,8 @@ mod tests {
                 agent_version: "0.1.0".into(),
                 labels: Default::default(),
                 incarnation: String::new(),
+                inventory: Default::default(),
+                roles: Default::default(),
             },
             status: NodeStatus::Offline,
             registered_at_ms: 0,
@@ -94,7 +98,7 @@ mod tests {
         let mut lines = table.lines();
         let header = lines.next().unwrap();
         assert!(
-            header.contains("NODE") && header.contains("LAST SEEN"),
+            header.contains("NODE") && header.contains("GPUS") && header.contains("LAST SEEN"),
             "{table}"
         );
         let row = lines.next().unwrap();

@@ -58,6 +58,8 @@ mod tests {
                 agent_version: "0".into(),
                 labels: Default::default(),
                 incarnation: String::new(),
+                inventory: Default::default(),
+                roles: Default::default(),
             },
             registered_at_ms: 1_000,
         }
