@@ -1,8 +1,9 @@
-//! Agent configuration. `main` loads it with `apiary_bin_support::load_config`: built-in
+//! Agent configuration. `main` loads it with `apiary_bin_support::load_config_with`: built-in
 //! defaults, then an optional TOML file, then `APIARY_*` environment variables (the systemd
-//! unit's `Environment=` lines), each overriding the last.
+//! unit's `Environment=` lines), then the command line's [`AgentFlags`], each overriding the
+//! last.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,6 +27,12 @@ pub struct AgentConfig {
     pub slots: Option<u32>,
     /// `APIARY_LABELS`: labels tasks can require, e.g. `{zone="attic"}`.
     pub labels: BTreeMap<String, String>,
+    /// `APIARY_ROLES`: the roles this node performs, which tasks can require, e.g.
+    /// `[dns, gpu-host]`.
+    pub roles: BTreeSet<String>,
+    /// `APIARY_NVML_LIBRARY`: where to load NVIDIA's management library from, when it is not
+    /// where the driver usually puts it (`libnvidia-ml.so.1`, found by the dynamic loader).
+    pub nvml_library: Option<PathBuf>,
     /// Compiled modules kept in memory.
     pub module_cache_entries: usize,
     /// How long to wait for the scheduler's answer to a registration or heartbeat.
@@ -54,6 +61,8 @@ impl Default for AgentConfig {
             token: None,
             slots: None,
             labels: BTreeMap::new(),
+            roles: BTreeSet::new(),
+            nvml_library: None,
             module_cache_entries: 32,
             request_timeout: Duration::from_secs(2),
             max_register_backoff: Duration::from_secs(5),
@@ -62,6 +71,63 @@ impl Default for AgentConfig {
             max_task_memory: 1024 * 1024 * 1024,
         }
     }
+}
+
+/// The settings `apiary-agent` takes on its command line, on top of the file and the
+/// environment. Only the flags given are serialized, so a flag left out leaves the layers
+/// below alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, clap::Args)]
+pub struct AgentFlags {
+    /// The NATS server(s) to connect to, comma-separated [APIARY_NATS_URL].
+    #[arg(long, global = true, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// This node's id; derived from the host name when absent [APIARY_NODE_ID].
+    #[arg(long, global = true, value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Where the node key and the offline outbox are kept [APIARY_STATE_DIR].
+    #[arg(long, global = true, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Tasks run at once; the number of usable CPU cores when absent [APIARY_SLOTS].
+    #[arg(long, global = true, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// A label tasks can require; repeat for more. Each sets its key over the labels of the
+    /// file and the environment [APIARY_LABELS].
+    #[arg(long = "label", global = true, value_name = "KEY=VALUE", value_parser = parse_label)]
+    #[serde(
+        rename = "labels",
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "labels_as_map"
+    )]
+    pub labels: Vec<(String, String)>,
+    /// A role this node performs; repeat for more. Together they replace the roles of the
+    /// file and the environment [APIARY_ROLES].
+    #[arg(long = "role", global = true, value_name = "ROLE")]
+    #[serde(rename = "roles", skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    /// The cluster join token. Prefer APIARY_TOKEN: other users of the host can read a
+    /// process's command line [APIARY_TOKEN].
+    #[arg(long, global = true, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+fn parse_label(label: &str) -> Result<(String, String), String> {
+    match label.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {label:?}")),
+    }
+}
+
+/// Labels given as repeated `--label` flags, written as the map the configuration holds.
+fn labels_as_map<S: serde::Serializer>(
+    labels: &[(String, String)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(labels.iter().map(|(key, value)| (key, value)))
 }
 
 /// What one task may use on this node, whatever it asks for. Task limits come from whoever
@@ -107,8 +173,110 @@ impl NodeLimits {
 }
 
 #[cfg(test)]
+// figment's test jail returns its own large error type; that is its API, not ours.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
+    use std::path::Path;
+
+    /// The agent's flags, parsed as its binary parses them.
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flags: AgentFlags,
+    }
+
+    fn flags(args: &[&str]) -> Result<AgentFlags, clap::Error> {
+        Cli::try_parse_from(std::iter::once("apiary-agent").chain(args.iter().copied()))
+            .map(|cli| cli.flags)
+    }
+
+    fn set<const N: usize>(items: [&str; N]) -> BTreeSet<String> {
+        items.into_iter().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn flags_override_the_environment_which_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "agent.toml",
+                r#"
+                nats_url = "nats://file:4222"
+                node_id = "from-file"
+                slots = 2
+                roles = ["from-file"]
+                max_task_timeout = "10m"
+                [labels]
+                zone = "file"
+                rack = "file"
+                "#,
+            )?;
+            jail.set_env("APIARY_NODE_ID", "from-env");
+            jail.set_env("APIARY_SLOTS", "3");
+            jail.set_env("APIARY_LABELS", r#"{zone="env"}"#);
+            jail.set_env("APIARY_ROLES", "[dns, host]");
+            let file = Some(Path::new("agent.toml"));
+            let load = |flags: &AgentFlags| {
+                apiary_bin_support::load_config_with::<AgentConfig, _>(file, flags)
+                    .map_err(|err| err.to_string())
+            };
+
+            // File and environment: the environment wins where it speaks.
+            let config = load(&flags(&[]).unwrap())?;
+            assert_eq!(config.nats_url, "nats://file:4222");
+            assert_eq!(config.max_task_timeout, Duration::from_secs(600));
+            assert_eq!(config.node_id.as_deref(), Some("from-env"));
+            assert_eq!(config.slots, Some(3));
+            assert_eq!(config.roles, set(["dns", "host"]));
+            assert_eq!(config.labels.get("zone").map(String::as_str), Some("env"));
+            assert_eq!(config.labels.get("rack").map(String::as_str), Some("file"));
+
+            // Flags win over both; what they leave out stays as it was.
+            let config = load(
+                &flags(&[
+                    "--slots",
+                    "5",
+                    "--nats-url",
+                    "nats://flag:4222",
+                    "--label",
+                    "rack=flag",
+                    "--role",
+                    "gpu-host",
+                    "--role",
+                    "dns",
+                ])
+                .unwrap(),
+            )?;
+            assert_eq!(config.slots, Some(5));
+            assert_eq!(config.nats_url, "nats://flag:4222");
+            assert_eq!(config.node_id.as_deref(), Some("from-env"));
+            assert_eq!(config.max_task_timeout, Duration::from_secs(600));
+            assert_eq!(config.roles, set(["dns", "gpu-host"]));
+            assert_eq!(
+                config.labels,
+                BTreeMap::from([
+                    ("rack".to_owned(), "flag".to_owned()),
+                    ("zone".to_owned(), "env".to_owned()),
+                ])
+            );
+            let config = load(&flags(&["--node-id", "from-flag", "--state-dir", "/s"]).unwrap())?;
+            assert_eq!(config.node_id.as_deref(), Some("from-flag"));
+            assert_eq!(config.state_dir.as_deref(), Some(Path::new("/s")));
+            assert_eq!(config.slots, Some(3));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_label_flag_needs_a_key_and_a_value() {
+        assert!(flags(&["--label", "zone"]).is_err());
+        assert!(flags(&["--label", "=attic"]).is_err());
+        assert_eq!(
+            flags(&["--label", "zone=attic=1"]).unwrap().labels,
+            [("zone".to_owned(), "attic=1".to_owned())]
+        );
+    }
 
     #[test]
     fn node_limits_refuse_greedy_tasks() {

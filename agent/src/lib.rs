@@ -18,8 +18,8 @@
 //! its result and its acks).
 
 pub mod config;
-pub mod hardware;
 pub mod identity;
+pub mod inventory;
 mod membership;
 pub mod modules;
 pub mod sandbox;
@@ -46,9 +46,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-pub use config::{AgentConfig, NodeLimits};
+pub use config::{AgentConfig, AgentFlags, NodeLimits};
 
-use crate::hardware::MetricsSampler;
+use crate::inventory::{Gpus, MetricsSampler};
 use crate::membership::{heartbeat_loop, register_until_accepted, send_leaving};
 use crate::modules::ModuleCache;
 use crate::sandbox::Sandbox;
@@ -61,18 +61,19 @@ pub const SERVICE_NAME: &str = "apiary-agent";
 /// Runs the agent until `shutdown` is cancelled, then finishes running tasks (up to the
 /// configured grace period), tells the cluster it is leaving, and returns.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let facts = hardware::host_facts();
+    let gpus = Gpus::probe(config.nvml_library.as_deref());
+    let inventory = inventory::gather(&config, gpus.as_ref());
     let node_id = match &config.node_id {
         Some(id) => NodeId::new(id.as_str()).context("invalid node id in configuration")?,
-        None => NodeId::from_hostname(&facts.hostname)
+        None => NodeId::from_hostname(&inventory.host.hostname)
             .context("failed to derive a node id from the host name; set APIARY_NODE_ID")?,
     };
-    let slots = config.slots.unwrap_or(facts.cpu_cores).max(1);
+    let slots = inventory.runtime.slots;
     let state = StateDir::open(config.state_dir.as_deref())
         .context("failed to open the state directory")?;
     let key = identity::load_or_create(&state).context("failed to load the node key")?;
-    let mut info = hardware::node_info(node_id.clone(), &facts, slots, config.labels.clone());
-    info.public_key = key.public_key();
+    let sampler = MetricsSampler::new(gpus, Some(state.path()));
+    let info = inventory::node_info(node_id.clone(), key.public_key(), inventory, &config);
 
     let span = tracing::info_span!("agent", node_id = %node_id);
     async move {
@@ -106,7 +107,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             sandbox,
             running: AtomicU32::new(0),
             completed: AtomicU64::new(0),
-            sampler: std::sync::Mutex::new(MetricsSampler::new()),
+            sampler: std::sync::Mutex::new(sampler),
             heartbeat_interval_ms: AtomicU64::new(0),
         });
 

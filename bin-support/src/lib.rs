@@ -35,10 +35,10 @@ pub enum LogFormat {
 #[derive(Debug, clap::Args)]
 pub struct ComponentArgs {
     /// A TOML configuration file; APIARY_* environment variables override it.
-    #[arg(long, env = "APIARY_CONFIG")]
+    #[arg(long, env = "APIARY_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 }
 
@@ -50,11 +50,31 @@ where
     F: FnOnce(C, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    run_component_with(args, &NoFlags {}, run).await
+}
+
+/// [`run_component`] for a component with settings on its command line: `flags` (a
+/// serializable struct of the flags given) override the file and the environment.
+pub async fn run_component_with<C, O, F, Fut>(
+    args: ComponentArgs,
+    flags: &O,
+    run: F,
+) -> anyhow::Result<()>
+where
+    C: Default + Serialize + DeserializeOwned,
+    O: Serialize,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     init_tracing(args.log_format, "info");
-    let config: C = load_config(args.config.as_deref())
+    let config: C = load_config_with(args.config.as_deref(), flags)
         .map_err(|err| anyhow::anyhow!("failed to load configuration: {err}"))?;
     run(config, shutdown_on_signal()).await
 }
+
+/// No settings on the command line.
+#[derive(Debug, Serialize)]
+struct NoFlags {}
 
 /// Installs the global subscriber: filtered by `APIARY_LOG` (default `default_filter`), written
 /// to stderr so that stdout stays free for command output.
@@ -123,12 +143,25 @@ pub fn load_config<T>(file: Option<&Path>) -> Result<T, Box<figment::Error>>
 where
     T: Default + Serialize + DeserializeOwned,
 {
+    load_config_with(file, &NoFlags {})
+}
+
+/// [`load_config`] with one more layer on top: `flags`, the settings given on the command
+/// line, serialized with the configuration's field names. A field `flags` leaves out of its
+/// serialization (`skip_serializing_if`) leaves the layers below alone; maps are merged key
+/// by key (as the environment merges over the file), anything else is replaced.
+pub fn load_config_with<T, O>(file: Option<&Path>, flags: &O) -> Result<T, Box<figment::Error>>
+where
+    T: Default + Serialize + DeserializeOwned,
+    O: Serialize,
+{
     let mut figment = Figment::from(Serialized::defaults(T::default()));
     if let Some(file) = file {
         figment = figment.merge(Toml::file_exact(file));
     }
     figment
         .merge(Env::prefixed("APIARY_"))
+        .merge(Serialized::defaults(flags))
         .extract()
         .map_err(Box::new)
 }
@@ -159,6 +192,52 @@ mod tests {
             assert_eq!(config.slots, Some(2));
             assert_eq!(config.node_id.as_deref(), Some("from-env"));
             assert_eq!(config.nats_url, "");
+            Ok(())
+        });
+    }
+
+    #[derive(Debug, Default, Serialize)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        slots: Option<u32>,
+    }
+
+    #[test]
+    fn flags_override_environment_which_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "agent.toml",
+                "slots = 2\nnode_id = \"from-file\"\nnats_url = \"nats://file\"",
+            )?;
+            jail.set_env("APIARY_NODE_ID", "from-env");
+            jail.set_env("APIARY_SLOTS", "3");
+            let file = Some(Path::new("agent.toml"));
+
+            // Each layer alone wins over the ones below it, and leaves the rest alone.
+            let no_flags: Sample =
+                load_config_with(file, &Flags::default()).map_err(|err| err.to_string())?;
+            assert_eq!(no_flags.node_id.as_deref(), Some("from-env"));
+            assert_eq!(no_flags.slots, Some(3));
+            assert_eq!(no_flags.nats_url, "nats://file");
+
+            let flags = Flags {
+                slots: Some(5),
+                ..Flags::default()
+            };
+            let config: Sample = load_config_with(file, &flags).map_err(|err| err.to_string())?;
+            assert_eq!(config.slots, Some(5));
+            assert_eq!(config.node_id.as_deref(), Some("from-env"));
+            assert_eq!(config.nats_url, "nats://file");
+
+            let flags = Flags {
+                node_id: Some("from-flag".into()),
+                ..Flags::default()
+            };
+            let config: Sample = load_config_with(file, &flags).map_err(|err| err.to_string())?;
+            assert_eq!(config.node_id.as_deref(), Some("from-flag"));
+            assert_eq!(config.slots, Some(3));
             Ok(())
         });
     }

@@ -18,6 +18,7 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
         "ARCH",
         "CORES",
         "MEMORY",
+        "GPUS",
         "SLOTS",
         "RUNNING",
         "CPU",
@@ -35,6 +36,7 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
             Cell::new(&info.arch),
             Cell::new(info.cpu_cores).set_alignment(CellAlignment::Right),
             Cell::new(iec(info.memory_bytes)).set_alignment(CellAlignment::Right),
+            Cell::new(info.inventory.gpus.len()).set_alignment(CellAlignment::Right),
             Cell::new(info.slots).set_alignment(CellAlignment::Right),
             Cell::new(metrics.map_or(0, |m| m.running_tasks)).set_alignment(CellAlignment::Right),
             Cell::new(metrics.map_or_else(|| "-".into(), |m| format!("{:.0}%", m.cpu_percent)))
@@ -222,6 +224,8 @@ mod tests {
                 labels: Default::default(),
                 incarnation: String::new(),
                 public_key: "NABCDEFGHIJKLMNOPQRSTUVWXYZ".into(),
+                inventory: Default::default(),
+                roles: Default::default(),
             },
             status: NodeStatus::Offline,
             registered_at_ms: 0,
@@ -238,7 +242,7 @@ mod tests {
         let mut lines = table.lines();
         let header = lines.next().unwrap();
         assert!(
-            header.contains("NODE") && header.contains("LAST SEEN"),
+            header.contains("NODE") && header.contains("GPUS") && header.contains("LAST SEEN"),
             "{table}"
         );
         let row = lines.next().unwrap();

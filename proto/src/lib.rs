@@ -8,7 +8,8 @@
 //! - [`subject`]: the subject layout (`apiary.v1.…`) and its parsers.
 //! - [`topology`]: JetStream streams, consumers, the node KV bucket and the module object
 //!   store, with [`topology::ensure`] to create whichever are missing.
-//! - [`message`]: every message type that crosses the bus.
+//! - [`message`]: every message type that crosses the bus, with [`inventory`] for what a node
+//!   reports about its host.
 //! - [`codec`]: MessagePack by default, JSON for operators, and the rule that a reply is
 //!   written in the encoding its request came in.
 //! - [`admin`]: join tokens, cluster settings, and what operators set on nodes.
@@ -22,6 +23,7 @@ pub mod headers;
 pub mod id;
 pub mod identity;
 pub mod inbound;
+pub mod inventory;
 pub mod liveness;
 pub mod message;
 pub mod payload;

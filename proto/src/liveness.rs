@@ -68,6 +68,8 @@ mod tests {
                 labels: Default::default(),
                 incarnation: String::new(),
                 public_key: String::new(),
+                inventory: Default::default(),
+                roles: Default::default(),
             },
             registered_at_ms: 1_000,
         }

@@ -4,12 +4,13 @@
 //! defaulted fields let a newer peer add fields that an older one ignores. Enums are
 //! externally tagged (`{"completed": {…}}`), which reads the same in MessagePack and JSON.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::id::{NodeId, TaskId};
+use crate::inventory::{GpuMetrics, Inventory};
 use crate::payload::Payload;
 
 // ---------------------------------------------------------------------------------------------
@@ -186,6 +187,15 @@ pub struct NodeInfo {
     /// first registration. Empty from agents that predate node keys.
     #[serde(default)]
     pub public_key: String,
+    /// The host's hardware, services and runtime, in full. The flat fields above repeat the
+    /// parts that placement and the node table have always read, so older readers keep
+    /// working. Empty from agents that predate it.
+    #[serde(default)]
+    pub inventory: Inventory,
+    /// The roles this node performs (`dns`, `gpu-host`, …), set by the operator; tasks can
+    /// require them.
+    #[serde(default)]
+    pub roles: BTreeSet<String>,
 }
 
 /// `apiary.v1.node.<node>.register`: an agent asks to join.
@@ -231,6 +241,14 @@ pub struct NodeMetrics {
     /// Tasks this agent has finished since it started.
     #[serde(default)]
     pub tasks_completed: u64,
+    /// Each GPU of the inventory, by its index; empty on a node without GPUs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuMetrics>,
+    /// Bytes free on the filesystem that holds the agent's state directory, where the node
+    /// keeps its files; what `Requirements::min_free_disk_bytes` is checked against. Absent
+    /// when the agent cannot tell (and from agents that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_bytes: Option<u64>,
 }
 
 /// `apiary.v1.node.<node>.heartbeat`: the agent is alive.
@@ -443,6 +461,25 @@ pub struct Requirements {
     /// Labels the node must carry with these exact values.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// How many GPUs the node must have. With `gpu_model` or `min_gpu_memory_bytes`, only
+    /// GPUs that meet those count; either of them alone asks for one such GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_gpus: Option<u32>,
+    /// A part of the GPU's name, matched without regard to case: `"4090"` and `"rtx 4090"`
+    /// both match `NVIDIA GeForce RTX 4090`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
+    /// The memory each counted GPU must have in total (not free at the moment), in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_gpu_memory_bytes: Option<u64>,
+    /// Roles the node must perform, every one of them.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub roles: BTreeSet<String>,
+    /// Bytes the node must have free on the filesystem of its state directory, as its latest
+    /// heartbeat reports (`NodeMetrics::disk_free_bytes`); a node that reports none does not
+    /// match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free_disk_bytes: Option<u64>,
 }
 
 /// How urgent a task is.
@@ -683,6 +720,65 @@ mod tests {
             json,
             r#"{"error":{"code":"forbidden","message":"bad token"}}"#
         );
+    }
+
+    #[test]
+    fn node_records_from_older_agents_still_read() {
+        let info: NodeInfo = serde_json::from_str(
+            r#"{"node_id": "n", "hostname": "h", "arch": "x86_64", "os": "linux",
+                "cpu_cores": 2, "memory_bytes": 1, "slots": 2, "agent_version": "0"}"#,
+        )
+        .unwrap();
+        assert_eq!(info.inventory, Inventory::default());
+        assert!(info.roles.is_empty());
+        let metrics: NodeMetrics = serde_json::from_str(
+            r#"{"cpu_percent": 1.5, "memory_used_bytes": 1, "memory_total_bytes": 2,
+                "running_tasks": 0, "slots": 2}"#,
+        )
+        .unwrap();
+        assert!(metrics.gpus.is_empty());
+        assert_eq!(metrics.disk_free_bytes, None);
+    }
+
+    #[test]
+    fn node_info_with_inventory_and_roles_round_trips() {
+        let mut info: NodeInfo = serde_json::from_str(
+            r#"{"node_id": "n", "hostname": "h", "arch": "x86_64", "os": "linux",
+                "cpu_cores": 2, "memory_bytes": 1, "slots": 2, "agent_version": "0",
+                "roles": ["dns", "host"],
+                "inventory": {"gpus": [{"index": 0, "name": "Tesla T4"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(info.inventory.gpus[0].name, "Tesla T4");
+        assert!(info.roles.contains("dns"));
+        info.inventory.runtime.slots = 2;
+        for encoding in [Encoding::MsgPack, Encoding::Json] {
+            let bytes = encoding.encode(&info).unwrap();
+            assert_eq!(encoding.decode::<NodeInfo>(&bytes).unwrap(), info);
+        }
+    }
+
+    #[test]
+    fn unset_requirements_stay_off_the_wire_and_set_ones_round_trip() {
+        assert_eq!(
+            serde_json::to_string(&Requirements::default()).unwrap(),
+            "{}"
+        );
+        let requirements = Requirements {
+            min_gpus: Some(2),
+            gpu_model: Some("a100".into()),
+            min_gpu_memory_bytes: Some(40 << 30),
+            roles: ["dns".to_owned()].into(),
+            min_free_disk_bytes: Some(1 << 30),
+            ..Requirements::default()
+        };
+        for encoding in [Encoding::MsgPack, Encoding::Json] {
+            let bytes = encoding.encode(&requirements).unwrap();
+            assert_eq!(
+                encoding.decode::<Requirements>(&bytes).unwrap(),
+                requirements
+            );
+        }
     }
 
     #[test]

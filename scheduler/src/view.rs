@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use apiary_proto::NodeId;
 use apiary_proto::admin::{NodeAdmin, Schedule};
+use apiary_proto::inventory::GpuInfo;
 use apiary_proto::liveness;
 use apiary_proto::message::{NodeLiveness, NodeRecord, NodeStatus, NodeSummary, Requirements};
 
@@ -67,6 +68,9 @@ struct Outstanding {
 }
 
 /// A change to one key of the node bucket.
+// A registration carries the node's whole inventory, so it is much larger than the other
+// changes; they are handed over one at a time, and boxing would only add an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum NodeChange {
     Registered(NodeRecord),
@@ -307,7 +311,12 @@ impl NodeView {
         let mut best: Option<(&NodeId, Load)> = None;
         for (node, entry, record) in self.schedulable(now_ms) {
             any_online = true;
-            if !meets(record, entry.admin.as_ref(), requirements) {
+            if !meets(
+                record,
+                entry.live.as_ref(),
+                entry.admin.as_ref(),
+                requirements,
+            ) {
                 continue;
             }
             any_matching = true;
@@ -492,11 +501,25 @@ impl Load {
     }
 }
 
-fn meets(record: &NodeRecord, admin: Option<&NodeAdmin>, requirements: &Requirements) -> bool {
+/// Whether a node meets a task's requirements: its registration for what it is, its latest
+/// heartbeat for what changes (free disk), and the operator's record for the labels and
+/// roles it set.
+fn meets(
+    record: &NodeRecord,
+    live: Option<&NodeLiveness>,
+    admin: Option<&NodeAdmin>,
+    requirements: &Requirements,
+) -> bool {
     let info = &record.info;
-    let labels = match admin {
-        Some(admin) => std::borrow::Cow::Owned(admin.effective_labels(&info.labels)),
-        None => std::borrow::Cow::Borrowed(&info.labels),
+    let (labels, roles) = match admin {
+        Some(admin) => (
+            std::borrow::Cow::Owned(admin.effective_labels(&info.labels)),
+            std::borrow::Cow::Owned(admin.effective_roles(&info.roles)),
+        ),
+        None => (
+            std::borrow::Cow::Borrowed(&info.labels),
+            std::borrow::Cow::Borrowed(&info.roles),
+        ),
     };
     requirements
         .min_cores
@@ -512,6 +535,35 @@ fn meets(record: &NodeRecord, admin: Option<&NodeAdmin>, requirements: &Requirem
             .labels
             .iter()
             .all(|(key, value)| labels.get(key) == Some(value))
+        && requirements.roles.is_subset(&roles)
+        && meets_gpus(&info.inventory.gpus, requirements)
+        && requirements.min_free_disk_bytes.is_none_or(|bytes| {
+            live.and_then(|live| live.metrics.disk_free_bytes)
+                .is_some_and(|free| free >= bytes)
+        })
+}
+
+/// Whether enough of the node's GPUs match the GPU model and memory asked for: `min_gpus` of
+/// them, or one when only a model or memory is asked for.
+fn meets_gpus(gpus: &[GpuInfo], requirements: &Requirements) -> bool {
+    let model = requirements.gpu_model.as_deref().map(str::to_lowercase);
+    let wanted = match requirements.min_gpus {
+        Some(count) => count,
+        None if model.is_some() || requirements.min_gpu_memory_bytes.is_some() => 1,
+        None => return true,
+    };
+    let matching = gpus
+        .iter()
+        .filter(|gpu| {
+            model
+                .as_deref()
+                .is_none_or(|model| gpu.name.to_lowercase().contains(model))
+                && requirements
+                    .min_gpu_memory_bytes
+                    .is_none_or(|bytes| gpu.memory_total_bytes >= bytes)
+        })
+        .count();
+    u32::try_from(matching).unwrap_or(u32::MAX) >= wanted
 }
 
 #[cfg(test)]
@@ -540,6 +592,8 @@ mod tests {
                 labels: Default::default(),
                 incarnation: String::new(),
                 public_key: String::new(),
+                inventory: Default::default(),
+                roles: Default::default(),
             },
             registered_at_ms: 0,
         }
@@ -893,6 +947,189 @@ mod tests {
         assert_eq!(view.place(&wants, NOW), Placement::Node(id("attic")));
         wants.labels.insert("zone".into(), "cellar".into());
         assert_eq!(view.place(&wants, NOW), Placement::NoMatchingNode);
+    }
+
+    /// A view of online nodes given as full records with their heartbeats.
+    fn view_of(nodes: Vec<(NodeRecord, NodeLiveness)>) -> NodeView {
+        let mut view = NodeView::default();
+        for (record, live) in nodes {
+            let node = record.info.node_id.clone();
+            view.apply(NodeChange::Registered(record));
+            view.apply(NodeChange::Heartbeat(node, live));
+        }
+        view
+    }
+
+    fn gpus(name: &str, count: u32, memory_gib: u64) -> Vec<GpuInfo> {
+        (0..count)
+            .map(|index| GpuInfo {
+                index,
+                name: name.into(),
+                memory_total_bytes: memory_gib << 30,
+                ..GpuInfo::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn roles_must_all_be_performed() {
+        // The idle node performs no role, so only the requirement keeps it from winning.
+        let mut dns = record("dns", 2, 2);
+        dns.info.roles = ["dns".to_owned()].into();
+        let mut both = record("both", 2, 2);
+        both.info.roles = ["dns".to_owned(), "host".to_owned()].into();
+        let view = view_of(vec![
+            (record("idle", 2, 2), live(0, NOW)),
+            (dns, live(1, NOW)),
+            (both, live(1, NOW)),
+        ]);
+        let wants = |roles: &[&str]| Requirements {
+            roles: roles.iter().map(|role| (*role).to_owned()).collect(),
+            ..Requirements::default()
+        };
+        assert_eq!(view.place(&wants(&[]), NOW), Placement::Node(id("idle")));
+        assert_eq!(
+            view.place(&wants(&["host"]), NOW),
+            Placement::Node(id("both"))
+        );
+        assert_eq!(
+            view.place(&wants(&["dns", "host"]), NOW),
+            Placement::Node(id("both"))
+        );
+        assert!(matches!(
+            view.place(&wants(&["dns"]), NOW),
+            Placement::Node(node) if node != id("idle")
+        ));
+        assert_eq!(
+            view.place(&wants(&["dns", "nginx"]), NOW),
+            Placement::NoMatchingNode
+        );
+    }
+
+    #[test]
+    fn gpu_requirements_count_only_the_gpus_that_match() {
+        // The node without GPUs is the least loaded, so it wins whenever a requirement lets
+        // it; the A100 node is busier than the T4 node.
+        let mut t4 = record("t4", 8, 8);
+        t4.info.inventory.gpus = gpus("Tesla T4", 2, 16);
+        let mut a100 = record("a100", 8, 8);
+        a100.info.inventory.gpus = gpus("NVIDIA A100-SXM4-80GB", 1, 80);
+        let view = view_of(vec![
+            (record("cpu", 8, 8), live(0, NOW)),
+            (t4, live(1, NOW)),
+            (a100, live(2, NOW)),
+        ]);
+        let place = |requirements: Requirements| view.place(&requirements, NOW);
+
+        assert_eq!(
+            place(Requirements {
+                min_gpus: Some(0),
+                ..Requirements::default()
+            }),
+            Placement::Node(id("cpu"))
+        );
+        assert_eq!(
+            place(Requirements {
+                min_gpus: Some(1),
+                ..Requirements::default()
+            }),
+            Placement::Node(id("t4"))
+        );
+        assert_eq!(
+            place(Requirements {
+                min_gpus: Some(3),
+                ..Requirements::default()
+            }),
+            Placement::NoMatchingNode
+        );
+        // The model alone asks for one GPU of that model; case does not matter.
+        for model in ["a100", "A100-SXM4", "nvidia a100"] {
+            assert_eq!(
+                place(Requirements {
+                    gpu_model: Some(model.into()),
+                    ..Requirements::default()
+                }),
+                Placement::Node(id("a100")),
+                "{model}"
+            );
+        }
+        assert_eq!(
+            place(Requirements {
+                gpu_model: Some("rtx".into()),
+                ..Requirements::default()
+            }),
+            Placement::NoMatchingNode
+        );
+        // Memory alone asks for one GPU with that much.
+        assert_eq!(
+            place(Requirements {
+                min_gpu_memory_bytes: Some(40 << 30),
+                ..Requirements::default()
+            }),
+            Placement::Node(id("a100"))
+        );
+        // Two GPUs of 16 GiB each, not 32 GiB between them.
+        assert_eq!(
+            place(Requirements {
+                min_gpus: Some(2),
+                min_gpu_memory_bytes: Some(16 << 30),
+                ..Requirements::default()
+            }),
+            Placement::Node(id("t4"))
+        );
+        assert_eq!(
+            place(Requirements {
+                min_gpus: Some(2),
+                min_gpu_memory_bytes: Some(32 << 30),
+                ..Requirements::default()
+            }),
+            Placement::NoMatchingNode
+        );
+        assert_eq!(
+            place(Requirements {
+                min_gpus: Some(2),
+                gpu_model: Some("a100".into()),
+                ..Requirements::default()
+            }),
+            Placement::NoMatchingNode
+        );
+    }
+
+    #[test]
+    fn free_disk_is_judged_by_the_latest_heartbeat() {
+        let with_disk = |running: u32, free: Option<u64>| {
+            let mut live = live(running, NOW);
+            live.metrics.disk_free_bytes = free;
+            live
+        };
+        // The idle node does not report its disk (an older agent, or no heartbeat yet).
+        let mut view = view_of(vec![
+            (record("unknown", 2, 2), with_disk(0, None)),
+            (record("roomy", 2, 2), with_disk(1, Some(10 << 30))),
+        ]);
+        let needs = |bytes: u64| Requirements {
+            min_free_disk_bytes: Some(bytes),
+            ..Requirements::default()
+        };
+        assert_eq!(
+            view.place(&Requirements::default(), NOW),
+            Placement::Node(id("unknown"))
+        );
+        assert_eq!(
+            view.place(&needs(5 << 30), NOW),
+            Placement::Node(id("roomy"))
+        );
+        assert_eq!(
+            view.place(&needs(10 << 30), NOW),
+            Placement::Node(id("roomy"))
+        );
+        assert_eq!(view.place(&needs(20 << 30), NOW), Placement::NoMatchingNode);
+        // The disk fills up: the next heartbeat says so, and the node no longer qualifies.
+        view.apply(NodeChange::Heartbeat(
+            id("roomy"),
+            with_disk(1, Some(1 << 30)),
+        ));
+        assert_eq!(view.place(&needs(5 << 30), NOW), Placement::NoMatchingNode);
     }
 
     #[test]

@@ -369,3 +369,47 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
         heartbeat_by_hand(&nats, &staying, 2, "leaving").await;
     }
 }
+
+#[tokio::test]
+async fn a_node_registers_its_inventory_and_roles_and_heartbeats_its_free_disk() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let mut config = stack.agent_config("node-a");
+    config.roles = ["dns".to_owned(), "host".to_owned()].into();
+    // Whatever this machine has, the agent finds no NVIDIA driver.
+    config.nvml_library = Some("/nonexistent/apiary-test/libnvidia-ml.so.1".into());
+    let mut liveness = stack.watch_liveness("node-a").await;
+    let _agent = stack.spawn_agent_online_with(config).await;
+
+    let record = stack.node_record("node-a").await.expect("a registration");
+    let info = &record.info;
+    assert_eq!(info.roles, ["dns".to_owned(), "host".to_owned()].into());
+    let inventory = &info.inventory;
+    assert_eq!(inventory.cpu.arch, std::env::consts::ARCH);
+    assert_eq!(inventory.cpu.available_cores, info.cpu_cores);
+    assert_eq!(inventory.memory.total_bytes, info.memory_bytes);
+    assert_eq!(inventory.host.hostname, info.hostname);
+    assert_eq!(inventory.runtime.slots, 2);
+    assert_eq!(inventory.runtime.wasi, "preview1");
+    assert!(inventory.gpus.is_empty());
+
+    // Registration stores sequence 0 with no figures; heartbeats count up from 1.
+    let heartbeat = within(
+        PATIENCE,
+        "a heartbeat",
+        liveness
+            .by_ref()
+            .filter(|live| std::future::ready(live.seq > 0))
+            .next(),
+    )
+    .await
+    .expect("the liveness watch goes on");
+    assert!(
+        heartbeat
+            .metrics
+            .disk_free_bytes
+            .is_some_and(|free| free > 0),
+        "{heartbeat:?}"
+    );
+    assert!(heartbeat.metrics.gpus.is_empty());
+}

@@ -473,3 +473,55 @@ async fn tasks_waiting_for_a_busy_node_do_not_hold_up_tasks_other_nodes_can_run(
         assert_eq!(output.node_id.as_str(), "attic");
     }
 }
+
+#[tokio::test]
+async fn tasks_go_only_to_nodes_with_the_roles_and_free_disk_they_require() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let mut dns = stack.agent_config("dns");
+    dns.roles = ["dns".to_owned()].into();
+    let _dns = stack.spawn_agent_online_with(dns).await;
+    let _plain = stack.spawn_agent_online("plain").await;
+    let client = stack.client().await;
+
+    // Equal nodes take turns, so without the requirement half of these would run on "plain".
+    let wants_dns = apiary_proto::message::Requirements {
+        roles: ["dns".to_owned()].into(),
+        min_free_disk_bytes: Some(1),
+        ..Default::default()
+    };
+    let mut handles = Vec::new();
+    for n in 0..6 {
+        let task = Task::new(wasm("uppercase"))
+            .input(format!("dns {n}"))
+            .requirements(wants_dns.clone());
+        handles.push(client.submit(task).await.expect("submit"));
+    }
+    for handle in handles {
+        let output = handle.result_within(PATIENCE).await.expect("a result");
+        assert_eq!(output.node_id.as_str(), "dns");
+    }
+
+    // A role no node performs yet: the task waits in the queue for a node that does.
+    let wants_nginx = apiary_proto::message::Requirements {
+        roles: ["nginx".to_owned()].into(),
+        ..Default::default()
+    };
+    let waiting = client
+        .submit(
+            Task::new(wasm("uppercase"))
+                .input("proxy")
+                .requirements(wants_nginx),
+        )
+        .await
+        .expect("submit");
+    let mut nginx = stack.agent_config("nginx");
+    nginx.roles = ["nginx".to_owned()].into();
+    let _nginx = stack.spawn_agent_online_with(nginx).await;
+    let output = waiting
+        .result_within(PATIENCE)
+        .await
+        .expect("the task runs once a node performs its role");
+    assert_eq!(output.node_id.as_str(), "nginx");
+    assert_eq!(output.stdout.as_ref(), b"PROXY");
+}
