@@ -187,8 +187,9 @@ async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Messa
     );
     async {
         // The node may have come back between the look at the view and now (one late
-        // heartbeat): then its work stays with it, and no attempt is spent.
-        if shared.view().is_online(lost, now_ms()) {
+        // heartbeat, an uncordon after a drain): then its work stays with it, and no attempt
+        // is spent.
+        if !shared.view().hands_over(lost, now_ms()) {
             message.ack_with(AckKind::Nak(None)).await.ok();
             return;
         }

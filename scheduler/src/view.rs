@@ -51,6 +51,25 @@ impl NodeEntry {
         }
     }
 
+    /// Whether the node's queued work must go elsewhere: it is offline or has left, it is
+    /// being drained, or an operator removed it lately.
+    fn hands_over(&self, now_ms: u64) -> bool {
+        let admin = self.admin.as_ref();
+        let draining =
+            admin.is_some_and(|admin| matches!(admin.schedule, Schedule::Draining { .. }));
+        let removed_lately = admin
+            .and_then(|admin| admin.removed_ms)
+            .is_some_and(|removed| now_ms.saturating_sub(removed) < REMOVED_RECOVERY_MS);
+        match &self.record {
+            Some(record) => {
+                draining
+                    || liveness::node_status(record, self.live.as_ref(), now_ms)
+                        != NodeStatus::Online
+            }
+            None => removed_lately,
+        }
+    }
+
     /// Whether the operator lets placement put new work here.
     fn takes_work(&self) -> bool {
         self.admin.as_ref().is_none_or(NodeAdmin::takes_work)
@@ -446,20 +465,16 @@ impl NodeView {
     pub fn lost_nodes(&self, now_ms: u64) -> Vec<NodeId> {
         self.nodes
             .iter()
-            .filter(|(_, entry)| {
-                let admin = entry.admin.as_ref();
-                let draining =
-                    admin.is_some_and(|admin| matches!(admin.schedule, Schedule::Draining { .. }));
-                let removed_lately = admin
-                    .and_then(|admin| admin.removed_ms)
-                    .is_some_and(|removed| now_ms.saturating_sub(removed) < REMOVED_RECOVERY_MS);
-                let gone = entry.record.as_ref().is_some_and(|record| {
-                    liveness::node_status(record, entry.live.as_ref(), now_ms) != NodeStatus::Online
-                });
-                gone || (entry.record.is_some() && draining) || removed_lately
-            })
+            .filter(|(_, entry)| entry.hands_over(now_ms))
             .map(|(node, _)| node.clone())
             .collect()
+    }
+
+    /// Whether `node`'s queued work must go elsewhere now (see [`NodeView::lost_nodes`]).
+    pub fn hands_over(&self, node: &NodeId, now_ms: u64) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(|entry| entry.hands_over(now_ms))
     }
 }
 

@@ -588,6 +588,19 @@ impl Component {
         let _ = handle.await;
     }
 
+    /// Waits (up to [`PATIENCE`]) for the component to end by itself, without asking it to,
+    /// and returns its result.
+    pub async fn exited(mut self) -> anyhow::Result<()> {
+        let handle = self.handle.take().expect("component handle");
+        within(
+            PATIENCE,
+            &format!("{} to exit by itself", self.name),
+            handle,
+        )
+        .await
+        .expect("component task did not panic")
+    }
+
     /// Whether the component has exited (by error or otherwise).
     pub fn is_finished(&self) -> bool {
         self.handle.as_ref().is_none_or(JoinHandle::is_finished)

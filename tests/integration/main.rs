@@ -2,6 +2,8 @@
 //! harness) and runs schedulers and agents in-process.
 
 mod cli;
+mod identity;
+mod lifecycle;
 mod nodes;
 mod recovery;
 mod restarts;

@@ -413,3 +413,64 @@ async fn a_node_registers_its_inventory_and_roles_and_heartbeats_its_free_disk()
     );
     assert!(heartbeat.metrics.gpus.is_empty());
 }
+
+#[tokio::test]
+async fn a_task_submitted_after_a_cordon_drain_or_rm_is_answered_goes_to_another_node() {
+    // As for a leaving heartbeat: the replica that answers an operator's command stops
+    // placing on the node at once, not when its bucket watch catches up.
+    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let client = stack.client().await;
+    let module = wasm("uppercase");
+    client.upload_module(&module).await.expect("upload");
+    let mut dispatches = nats
+        .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
+        .await
+        .expect("subscribe to the dispatch subjects");
+    nats.flush().await.expect("flush");
+    let bucket = stack.nodes_bucket().await;
+
+    for round in 0..9 {
+        let command = ["cordon", "drain", "rm"][round % 3];
+        let goes = format!("round-{round:02}-goes");
+        let stays = format!("round-{round:02}-stays");
+        let (going, staying) = (HandNode::new(&goes), HandNode::new(&stays));
+        for hand in [&going, &staying] {
+            register_by_hand(&nats, hand, &stack.token).await;
+            heartbeat_by_hand(&nats, hand, 1, "active").await;
+        }
+        hold_up_the_bucket_watch(&nats, &bucket, &goes).await;
+        match command {
+            "cordon" => drop(client.cordon(&going.id).await.expect("cordon")),
+            "drain" => drop(client.drain(&going.id, None).await.expect("drain")),
+            _ => drop(client.remove_node(&going.id).await.expect("rm")),
+        }
+        let task = client
+            .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
+            .await
+            .expect("submit");
+        let node = within(PATIENCE, "the task's dispatch", async {
+            loop {
+                let message = dispatches.next().await.expect("the subscription is open");
+                let (dispatch, _) =
+                    codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
+                        .unwrap_or_else(|err| {
+                            panic!("not a dispatch on {}: {err}", message.subject)
+                        });
+                if &dispatch.task.id == task.id() && dispatch.attempt == 1 {
+                    let (node, _) = subject::parse_node_subject(&message.subject)
+                        .unwrap_or_else(|| panic!("not a node subject: {}", message.subject));
+                    return node;
+                }
+            }
+        })
+        .await;
+        assert_eq!(
+            node.as_str(),
+            stays,
+            "round {round}: the task went to {node} right after `{command}` was answered"
+        );
+        heartbeat_by_hand(&nats, &staying, 2, "leaving").await;
+    }
+}

@@ -1,0 +1,270 @@
+//! Node lifecycle from the operator's side: cordon, drain (with its deadline), labels and
+//! roles that change placement, and removal.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use apiary_harness::{
+    Answer, PATIENCE, Stack, eventually, sleeping_guest, sleeping_module, wasm, within,
+};
+use apiary_proto::NodeId;
+use apiary_proto::codec;
+use apiary_proto::message::{Dispatch, Requirements};
+use apiary_proto::subject::{self, NodeVerb};
+use apiary_sdk::{Scheduling, Task};
+use futures::StreamExt as _;
+
+fn id(name: &str) -> NodeId {
+    NodeId::new(name).expect("valid node id")
+}
+
+/// An agent with one slot, so that a second task waits in its queue behind the first.
+async fn one_slot_agent(stack: &Stack, node: &str) -> apiary_harness::Component {
+    stack
+        .spawn_agent_online_with(apiary_agent::AgentConfig {
+            slots: Some(1),
+            ..stack.agent_config(node)
+        })
+        .await
+}
+
+/// Waits until the node reports `running` tasks in its heartbeats.
+async fn wait_running(client: &apiary_sdk::Client, node: &NodeId, running: u32) {
+    eventually(
+        PATIENCE,
+        &format!("{node} to run {running} tasks"),
+        || async {
+            let summary = client.node(node).await.ok()?;
+            (summary.metrics?.running_tasks == running).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cordoned_node_gets_no_new_tasks_until_uncordoned() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = stack.spawn_agent_online("node-a").await;
+    let _b = stack.spawn_agent_online("node-b").await;
+    let client = stack.client().await;
+    let cordoned = client.cordon(&id("node-a")).await.expect("cordon");
+    assert_eq!(cordoned.scheduling, Scheduling::Cordoned);
+
+    let mut handles = Vec::new();
+    for n in 0..8 {
+        let task = Task::new(wasm("uppercase")).input(format!("task {n}"));
+        handles.push(client.submit(task).await.expect("submit"));
+    }
+    for handle in handles {
+        let output = within(PATIENCE, "a result", handle.result())
+            .await
+            .expect("the task runs");
+        assert_eq!(
+            output.node_id.as_str(),
+            "node-b",
+            "a task ran on the cordoned node"
+        );
+    }
+
+    client.uncordon(&id("node-a")).await.expect("uncordon");
+    // Equal nodes take turns, so node-a gets one of the next few tasks.
+    eventually(PATIENCE, "node-a to run tasks again", || async {
+        let task = Task::new(wasm("uppercase")).input("again");
+        let output = client.submit(task).await.ok()?.result().await.ok()?;
+        (output.node_id.as_str() == "node-a").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_drain_lets_the_running_task_finish_and_moves_the_queued_one() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = one_slot_agent(&stack, "node-a").await;
+    let client = stack.client().await;
+    let nats = stack.nats().await;
+    let mut dispatches = nats
+        .subscribe(subject::node(&id("node-a"), NodeVerb::Dispatch).to_string())
+        .await
+        .expect("subscribe");
+    nats.flush().await.expect("flush");
+
+    let running = client
+        .submit(
+            Task::new(sleeping_module(Duration::from_secs(3)))
+                .input("running")
+                .timeout(Duration::from_secs(60)),
+        )
+        .await
+        .expect("submit");
+    wait_running(&client, &id("node-a"), 1).await;
+    let queued = client
+        .submit(Task::new(wasm("uppercase")).input("queued"))
+        .await
+        .expect("submit");
+    // The second task is placed on node-a too, behind the first (one slot, one of backlog).
+    within(PATIENCE, "the queued task's dispatch to node-a", async {
+        loop {
+            let message = dispatches.next().await.expect("subscription open");
+            let (dispatch, _) =
+                codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
+                    .expect("a dispatch");
+            if &dispatch.task.id == queued.id() {
+                return;
+            }
+        }
+    })
+    .await;
+
+    let _b = stack.spawn_agent_online("node-b").await;
+    let draining = client
+        .drain(&id("node-a"), Some(Duration::from_secs(600)))
+        .await
+        .expect("drain");
+    assert_eq!(draining.scheduling, Scheduling::Draining);
+
+    let first = within(PATIENCE, "the running task", running.result())
+        .await
+        .expect("the running task finishes");
+    assert_eq!((first.node_id.as_str(), first.attempt), ("node-a", 1));
+    let second = within(PATIENCE, "the queued task", queued.result())
+        .await
+        .expect("the queued task runs elsewhere");
+    assert_eq!(second.node_id.as_str(), "node-b");
+    assert_eq!(&second.stdout[..], b"QUEUED");
+    eventually(PATIENCE, "node-a to show drained", || async {
+        let summary = client.node(&id("node-a")).await.ok()?;
+        (summary.scheduling == Scheduling::Drained).then_some(())
+    })
+    .await;
+    // And it stays out of placement.
+    let later = stack
+        .run(Task::new(wasm("uppercase")).input("later"))
+        .await
+        .expect("runs");
+    assert_eq!(later.node_id.as_str(), "node-b");
+}
+
+#[tokio::test]
+async fn a_task_still_running_at_the_drain_deadline_is_handed_back_and_runs_elsewhere() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = one_slot_agent(&stack, "node-a").await;
+    let client = stack.client().await;
+    let slow = client
+        .submit(
+            Task::new(sleeping_guest(Duration::from_secs(4), Answer::Uppercase).expect("wat"))
+                .input("slow")
+                .timeout(Duration::from_secs(60)),
+        )
+        .await
+        .expect("submit");
+    wait_running(&client, &id("node-a"), 1).await;
+    let _b = stack.spawn_agent_online("node-b").await;
+    client
+        .drain(&id("node-a"), Some(Duration::from_millis(200)))
+        .await
+        .expect("drain");
+    let output = within(PATIENCE, "the handed-back task", slow.result())
+        .await
+        .expect("the task completes elsewhere");
+    assert_eq!(output.node_id.as_str(), "node-b");
+    assert_eq!(output.attempt, 2, "the move is a new attempt");
+    assert_eq!(&output.stdout[..], b"SLOW");
+}
+
+#[tokio::test]
+async fn label_and_role_changes_change_placement() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = stack.spawn_agent_online("node-a").await;
+    let _b = stack.spawn_agent_online("node-b").await;
+    let client = stack.client().await;
+
+    // No node has the label yet: the task waits for one.
+    let wants_gpu = client
+        .submit(
+            Task::new(wasm("uppercase"))
+                .input("gpu")
+                .requirements(Requirements {
+                    labels: [("accelerator".to_owned(), "coral".to_owned())].into(),
+                    ..Requirements::default()
+                }),
+        )
+        .await
+        .expect("submit");
+    let labelled = client
+        .label(
+            &id("node-b"),
+            [("accelerator".to_owned(), "coral".to_owned())].into(),
+            Vec::new(),
+        )
+        .await
+        .expect("label");
+    assert_eq!(
+        labelled.admin.labels.get("accelerator").map(String::as_str),
+        Some("coral")
+    );
+    let output = within(PATIENCE, "the labelled task", wants_gpu.result())
+        .await
+        .expect("runs once a node has the label");
+    assert_eq!(output.node_id.as_str(), "node-b");
+
+    let wants_dns = Requirements {
+        roles: BTreeSet::from(["dns".to_owned()]),
+        ..Requirements::default()
+    };
+    client
+        .set_roles(&id("node-a"), BTreeSet::from(["dns".to_owned()]))
+        .await
+        .expect("role");
+    for n in 0..4 {
+        let output = stack
+            .run(
+                Task::new(wasm("uppercase"))
+                    .input(format!("dns {n}"))
+                    .requirements(wants_dns.clone()),
+            )
+            .await
+            .expect("runs");
+        assert_eq!(output.node_id.as_str(), "node-a");
+    }
+    // Taking the label away again: the next such task waits.
+    client
+        .label(
+            &id("node-b"),
+            Default::default(),
+            vec!["accelerator".to_owned()],
+        )
+        .await
+        .expect("unlabel");
+    let show = client.node(&id("node-b")).await.expect("show");
+    assert!(show.admin.removed_labels.contains("accelerator"));
+}
+
+#[tokio::test]
+async fn commands_about_unknown_nodes_are_not_found() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let client = stack.client().await;
+    let ghost = id("ghost");
+    for outcome in [
+        client.cordon(&ghost).await.map(drop),
+        client.drain(&ghost, None).await.map(drop),
+        client.approve(&ghost).await.map(drop),
+        client.node(&ghost).await.map(drop),
+        client.remove_node(&ghost).await.map(drop),
+    ] {
+        match outcome {
+            Err(apiary_sdk::Error::Request(apiary_proto::rpc::RequestError::Refused(body))) => {
+                assert_eq!(
+                    body.code,
+                    apiary_proto::message::ErrorCode::NotFound,
+                    "{body}"
+                );
+            }
+            other => panic!("expected not_found, got {other:?}"),
+        }
+    }
+}
