@@ -94,3 +94,60 @@ async fn nodes_ls_shows_the_table() {
     let offline: serde_json::Value = serde_json::from_slice(&offline).expect("JSON");
     assert_eq!(offline, serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn tokens_create_prints_the_token_last_and_an_agent_joins_with_it() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let mut out = Vec::new();
+    let token = apiary_sdk::NewToken {
+        description: "pi fleet".into(),
+        ttl: Some(Duration::from_secs(24 * 60 * 60)),
+        uses: Some(3),
+    };
+    commands::tokens_create(&client, token, false, &mut out)
+        .await
+        .expect("create");
+    let printed = String::from_utf8(out).expect("utf-8");
+    // What a script does: take the last word.
+    let token = printed
+        .split_whitespace()
+        .last()
+        .expect("a last word")
+        .to_owned();
+    let config = apiary_agent::AgentConfig {
+        token: Some(token.clone()),
+        ..stack.agent_config("pi-7")
+    };
+    let _agent = stack.spawn_agent_online_with(config).await;
+
+    let mut out = Vec::new();
+    commands::tokens_ls(&client, false, &mut out)
+        .await
+        .expect("ls");
+    let table = String::from_utf8(out).expect("utf-8");
+    let (id, secret) = token.split_once('.').expect("id.secret");
+    let row = table
+        .lines()
+        .find(|line| line.contains(id))
+        .unwrap_or_else(|| panic!("{id} missing from\n{table}"));
+    // Two of three uses left after pi-7 joined, one used; never the secret.
+    for expected in ["pi fleet", "in 1day", " 2 ", " 1 ", "no"] {
+        assert!(row.contains(expected), "{expected:?} missing from {row:?}");
+    }
+    assert!(!table.contains(secret));
+
+    let mut out = Vec::new();
+    let node = apiary_proto::NodeId::new("pi-7").expect("id");
+    commands::nodes_show(&client, &node, false, &mut out)
+        .await
+        .expect("show");
+    let shown = String::from_utf8(out).expect("utf-8");
+    let summary = client.node(&node).await.expect("show");
+    assert!(summary.info.public_key.starts_with('N'));
+    assert!(
+        shown.contains(&summary.info.public_key),
+        "the key is shown whole:\n{shown}"
+    );
+}
