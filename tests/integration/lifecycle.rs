@@ -268,3 +268,29 @@ async fn commands_about_unknown_nodes_are_not_found() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_cordon_outlives_the_replica_that_recorded_it() {
+    let stack = Stack::start().await;
+    let first = stack.spawn_scheduler().await;
+    let _a = stack.spawn_agent_online("node-a").await;
+    let _b = stack.spawn_agent_online("node-b").await;
+    let client = stack.client().await;
+    client.cordon(&id("node-a")).await.expect("cordon");
+    // The replica that answered dies; a new one reads the operator's record from the bucket.
+    first.crash().await;
+    let _second = stack.spawn_scheduler().await;
+    for n in 0..6 {
+        let output = stack
+            .run(Task::new(wasm("uppercase")).input(format!("after {n}")))
+            .await
+            .expect("runs");
+        assert_eq!(
+            output.node_id.as_str(),
+            "node-b",
+            "task {n} ran on the cordoned node"
+        );
+    }
+    let shown = client.node(&id("node-a")).await.expect("show");
+    assert_eq!(shown.scheduling, Scheduling::Cordoned);
+}
