@@ -3,6 +3,7 @@
 
 mod cli;
 mod nodes;
+mod outbox;
 mod recovery;
 mod restarts;
 mod sdk;
