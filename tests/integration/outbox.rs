@@ -29,6 +29,9 @@ async fn start_task_to_finish_offline(stack: &Stack, client: &apiary_sdk::Client
         .await
         .expect("the warm-up task completes");
     assert_eq!(warm.stdout.as_ref(), b"WARM");
+    // The warm-up's result can reach the client before its dispatch is acked; only once it
+    // is does an unacknowledged dispatch at node-a mean the kept task.
+    every_dispatch_is_acknowledged(stack, "the warm-up's dispatch to be acknowledged").await;
 
     client
         .submit(
@@ -87,23 +90,25 @@ async fn the_result_arrives_exactly_once(scheduler: &Component, wire: &mut Resul
     }
 }
 
-/// Waits until node-a's dispatch is acknowledged (a work queue deletes it then), and checks
-/// that `APIARY_RESULTS` holds the warm-up's result and the kept one, each once.
-async fn everything_is_settled(stack: &Stack) {
+/// Waits until `APIARY_DISPATCH` is empty: a work queue deletes a dispatch once acked.
+async fn every_dispatch_is_acknowledged(stack: &Stack, what: &str) {
     let js = async_nats::jetstream::new(stack.nats().await);
     let dispatch = js
         .get_stream(topology::DISPATCH_STREAM)
         .await
         .expect("the dispatch stream");
-    eventually(
-        PATIENCE,
-        "the kept task's dispatch to be acknowledged",
-        || {
-            let mut dispatch = dispatch.clone();
-            async move { (dispatch.info().await.ok()?.state.messages == 0).then_some(()) }
-        },
-    )
+    eventually(PATIENCE, what, || {
+        let mut dispatch = dispatch.clone();
+        async move { (dispatch.info().await.ok()?.state.messages == 0).then_some(()) }
+    })
     .await;
+}
+
+/// Waits until node-a's dispatch of the kept task is acknowledged, and checks that
+/// `APIARY_RESULTS` holds the warm-up's result and the kept one, each once.
+async fn everything_is_settled(stack: &Stack) {
+    every_dispatch_is_acknowledged(stack, "the kept task's dispatch to be acknowledged").await;
+    let js = async_nats::jetstream::new(stack.nats().await);
     let mut results = js
         .get_stream(topology::RESULTS_STREAM)
         .await
