@@ -11,17 +11,22 @@
 //!    unacknowledged while its task runs, with progress acks, so a task on a node that dies
 //!    is still in the stream for someone to pick up.
 //! 4. `result` (JetStream): the outcome of each attempt, de-duplicated by `<task>.<attempt>`.
+//!    A result the server does not take waits in the outbox on disk until it does.
 //! 5. `status` (request, micro service `apiary-agent`): the agent's own account of itself.
 //!
-//! `run` keeps the start and shutdown order; each job has its own module: `membership`
-//! (register, heartbeat, leave), `work` (pulling, handing back, draining) and `task` (one run,
-//! its result and its acks).
+//! `run` keeps the start and shutdown order; each job has its own module: `bus` (connecting
+//! until the server answers), `membership` (register, heartbeat, leave), `work` (pulling,
+//! handing back, draining), `task` (one run, its result and its acks) and `outbox` (results
+//! kept while the server is away, replayed when it is back).
 
+mod backoff;
+mod bus;
 pub mod config;
 pub mod identity;
 pub mod inventory;
 mod membership;
 pub mod modules;
+pub mod outbox;
 pub mod sandbox;
 pub mod state;
 mod task;
@@ -51,6 +56,7 @@ pub use config::{AgentConfig, AgentFlags, NodeLimits};
 use crate::inventory::{Gpus, MetricsSampler};
 use crate::membership::{heartbeat_loop, register_until_accepted, send_leaving};
 use crate::modules::ModuleCache;
+use crate::outbox::Outbox;
 use crate::sandbox::Sandbox;
 use crate::state::StateDir;
 use crate::work::{drain, work_loop};
@@ -61,6 +67,17 @@ pub const SERVICE_NAME: &str = "apiary-agent";
 /// Runs the agent until `shutdown` is cancelled, then finishes running tasks (up to the
 /// configured grace period), tells the cluster it is leaving, and returns.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_reporting_outbox(config, shutdown, tokio::sync::watch::channel(0).0).await
+}
+
+/// [`run`], telling `outbox` how many results wait in the outbox for the server each time
+/// that changes: for an embedder that must know when a result has been kept (the integration
+/// tests stop the server and wait for it).
+pub async fn run_reporting_outbox(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    outbox: tokio::sync::watch::Sender<usize>,
+) -> anyhow::Result<()> {
     let gpus = Gpus::probe(config.nvml_library.as_deref());
     let inventory = inventory::gather(&config, gpus.as_ref());
     let node_id = match &config.node_id {
@@ -76,14 +93,26 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let info = inventory::node_info(node_id.clone(), key.public_key(), inventory, &config);
 
     let span = tracing::info_span!("agent", node_id = %node_id);
+    // Before anything touches the network: a second agent on this state directory stops
+    // here, and results kept by the last process are back in hand.
+    let outbox = span
+        .in_scope(|| Outbox::open(&state.join(outbox::DIR_NAME), outbox))
+        .context("failed to open the outbox")?;
     async move {
-        let topology::Connection {
+        let Some(topology::Connection {
             client,
             js,
             topology,
-        } = topology::join(&config.nats_url, format!("apiary-agent {node_id}"))
-            .await
-            .context("failed to join the bus")?;
+        }) = bus::join(
+            &config.nats_url,
+            format!("apiary-agent {node_id}"),
+            &shutdown,
+        )
+        .await
+        .context("failed to join the bus")?
+        else {
+            return Ok(());
+        };
         let sandbox = Arc::new(Sandbox::new()?);
         let modules = Arc::new(ModuleCache::new(
             topology.modules.clone(),
@@ -98,6 +127,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             schedule: watch::Sender::new(Schedule::Open),
             leave: CancellationToken::new(),
             refusal: std::sync::Mutex::new(None),
+            outbox,
             incarnation: info.incarnation.clone(),
             slots,
             client: client.clone(),
@@ -110,6 +140,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             sampler: std::sync::Mutex::new(sampler),
             heartbeat_interval_ms: AtomicU64::new(0),
         });
+
+        // Results kept while the server was away are stored as soon as it is back, whether
+        // or not a scheduler answers the registration yet.
+        let stop_replay = CancellationToken::new();
+        let replay = AbortOnDropHandle::new(tokio::spawn(
+            outbox::replay(agent.clone(), stop_replay.clone()).in_current_span(),
+        ));
 
         // The status endpoint answers before registration, so a node that cannot join can
         // still be asked what it is.
@@ -203,6 +240,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             }
         };
         drain(running, config.shutdown_grace).await;
+        // The replay runs until the tasks are drained, so that results kept during the drain
+        // can still go out; what waits after that stays on disk for the next start.
+        stop_replay.cancel();
+        replay.await.ok();
+        let waiting = agent.outbox.waiting();
+        if waiting > 0 {
+            tracing::warn!(
+                waiting,
+                "results still wait in the outbox; the next start of this agent stores them"
+            );
+        }
         status.abort();
         service.stop().await.ok();
         client.flush().await.ok();
@@ -251,6 +299,8 @@ struct Agent {
     leave: CancellationToken,
     /// Why the cluster told the node to go, when that is an error.
     refusal: std::sync::Mutex<Option<ErrorBody>>,
+    /// Results the server has not taken yet.
+    outbox: Outbox,
     /// This process's incarnation, sent with every heartbeat.
     incarnation: String,
     slots: u32,

@@ -13,6 +13,7 @@ use apiary_proto::rpc::{self, RequestError};
 use apiary_proto::subject::{self, NodeVerb};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::{Agent, AgentConfig, Refused};
 
 /// Registers, retrying with capped exponential backoff and jitter while no scheduler
@@ -28,7 +29,7 @@ pub(crate) async fn register_until_accepted(
     config: &AgentConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<RegisterReply>> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), config.max_register_backoff);
     let mut waiting_for: Option<Waiting> = None;
     loop {
         let failure = match register(client, &agent.key, info, config).await {
@@ -53,13 +54,12 @@ pub(crate) async fn register_until_accepted(
                 }
                 waiting_for = Some(kind);
             }
-            (_, err) => tracing::debug!(error = %err, retry_in = ?backoff, "still not registered"),
+            (_, err) => tracing::debug!(error = %err, "still not registered"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(with_jitter(backoff).min(config.max_register_backoff)) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        backoff = (backoff * 2).min(config.max_register_backoff);
     }
 }
 
@@ -70,12 +70,6 @@ enum Waiting {
     Scheduler,
     /// A request failed otherwise (timed out, the server is away).
     Answer,
-}
-
-/// `backoff` give or take a fifth, so that a fleet restarted together (a power cut, a new
-/// server) does not register in lockstep. The caller caps the result.
-fn with_jitter(backoff: Duration) -> Duration {
-    backoff.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
 
 async fn register(
@@ -226,23 +220,5 @@ pub(crate) async fn send_leaving(
     };
     if let Err(err) = send_heartbeat(client, &agent.key, &heartbeat, timeout).await {
         tracing::warn!(error = %err, "could not announce leaving");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_a_fifth_of_the_backoff() {
-        let backoff = Duration::from_secs(5);
-        let samples: Vec<Duration> = (0..1_000).map(|_| with_jitter(backoff)).collect();
-        assert!(
-            samples.iter().all(|sample| {
-                *sample >= backoff.mul_f64(0.8) && *sample <= backoff.mul_f64(1.2)
-            })
-        );
-        // Not a constant: a fleet restarted together spreads out.
-        assert!(samples.iter().any(|sample| *sample != samples[0]));
     }
 }

@@ -1,5 +1,7 @@
 //! One task: decode the dispatch, run the module in the sandbox with progress acks keeping
-//! the message, fit the result to what the server carries, store it, then acknowledge.
+//! the message, fit the result to what the server carries, store it, then acknowledge. A
+//! result the server does not take goes to the outbox, which stores it and acknowledges the
+//! dispatch once the server is back; a dispatch whose result is already there is not run.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use apiary_proto::codec;
 use apiary_proto::message::{Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult};
 use apiary_proto::{now_ms, stored, topology};
+use async_nats::connection::State;
 use async_nats::jetstream::{self, AckKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -31,6 +34,15 @@ impl Agent {
             task_id = %dispatch.task.id,
             attempt = dispatch.attempt,
         );
+        // A dispatch that comes back while its result waits in the outbox (or after a
+        // restart, was stored from it) has run: the outbox stores the result if need be and
+        // acks it.
+        let Some(message) = self.outbox.adopt(&dispatch.msg_id(), message) else {
+            span.in_scope(|| {
+                tracing::info!("this attempt's result is in the outbox; not running it again");
+            });
+            return;
+        };
         self.run_task(message, dispatch).instrument(span).await;
     }
 
@@ -94,22 +106,45 @@ impl Agent {
                     tracing::warn!(error = %format!("{err:#}"), "failed to acknowledge a finished task");
                 }
             }
-            Err(err) => {
-                // Leave the message unacknowledged: it comes back and the task runs again,
-                // rather than its result being lost. (A result too large for the server was
-                // already turned into an output-limit failure, so this is a transient error.)
-                tracing::error!(error = %format!("{err:#}"), "failed to publish a task result");
-                message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await
-                    .ok();
-            }
+            Err(unpublished) => match self.outbox.keep(&result).await {
+                // The dispatch stays unacknowledged until the result is stored, but the task
+                // is over: it leaves the running count, and the outbox acks the dispatch
+                // once the server has the result.
+                Ok(()) => {
+                    self.completed.fetch_add(1, Ordering::Relaxed);
+                    let waiting = self.outbox.waiting();
+                    if let Unpublished::Failed(_) = unpublished {
+                        tracing::warn!(reason = %unpublished, waiting, "the server did not take the result; kept in the outbox until it does");
+                    } else {
+                        tracing::info!(reason = %unpublished, waiting, "result kept in the outbox until the server takes it");
+                    }
+                    // The entry is there (just written, or already), so the outbox takes the
+                    // dispatch. Were it refused, the dispatch would come back after its ack
+                    // wait and find the entry then.
+                    let _ = self.outbox.adopt(&result.msg_id(), message);
+                }
+                Err(err) => {
+                    // Neither the server nor the disk took the result. Leave the message
+                    // unacknowledged: it comes back and the task runs again, rather than its
+                    // result being lost.
+                    tracing::error!(
+                        error = %err,
+                        reason = %unpublished,
+                        "failed to publish a task result or keep it in the outbox"
+                    );
+                    message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await
+                        .ok();
+                }
+            },
         }
         self.running.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The largest encoded result the server accepts, less room for headers.
-    fn max_result_bytes(&self) -> usize {
+    /// The largest encoded result the server accepts, less room for headers; 0 while the
+    /// client has never been connected.
+    pub(crate) fn max_result_bytes(&self) -> usize {
         const HEADER_ROOM: usize = 1024;
         self.client
             .server_info()
@@ -147,17 +182,37 @@ impl Agent {
             })
     }
 
-    async fn publish_result(&self, result: &TaskResult) -> anyhow::Result<()> {
+    /// Stores `result` in `APIARY_RESULTS`, unless it belongs in the outbox: while the
+    /// server is away (a publish would only wait out its timeout) or older results wait
+    /// there (a result must not overtake them).
+    async fn publish_result(&self, result: &TaskResult) -> Result<(), Unpublished> {
+        if self.client.connection_state() != State::Connected {
+            return Err(Unpublished::ServerAway);
+        }
+        if self.outbox.waiting() > 0 {
+            return Err(Unpublished::OlderResultsWait);
+        }
         stored::result(&self.js, result).await?;
         Ok(())
     }
+}
+
+/// Why a result went to the outbox instead of the server.
+#[derive(Debug, thiserror::Error)]
+enum Unpublished {
+    #[error("the server is away")]
+    ServerAway,
+    #[error("older results wait in the outbox")]
+    OlderResultsWait,
+    #[error(transparent)]
+    Failed(#[from] stored::PublishError),
 }
 
 /// A result the server can carry. A task may stay within its own output limit and still
 /// produce a result larger than the server's `max_payload` (stdout and stderr are limited
 /// separately); publishing that would fail on every retry, so it becomes an output-limit
 /// failure instead, keeping as much of stderr as fits.
-fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult {
+pub(crate) fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult {
     let size = codec::encode(&result).map_or(usize::MAX, |bytes| bytes.len());
     if size <= max_bytes {
         return result;

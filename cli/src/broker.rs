@@ -3,7 +3,8 @@
 //! The server gets its own temporary directory (JetStream store, log, ports file) and, by
 //! default, a port the kernel picks. Readiness is an event, not a guess: the server writes its
 //! ports file once its listeners are up, and JetStream is ready once it answers an account
-//! info request. Dropping the handle kills the process and removes the directory.
+//! info request. Dropping the handle kills the process and removes the directory. A server
+//! can be stopped and started again on the same port and store, as after a real restart.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +40,8 @@ pub enum BrokerError {
         reason: String,
         log: String,
     },
+    #[error("nats-server did not exit within {timeout:?} of SIGTERM, and was killed")]
+    NotStopped { timeout: Duration },
 }
 
 /// How to start a server.
@@ -56,6 +59,9 @@ pub struct NatsServer {
     child: Child,
     url: String,
     dir: tempfile::TempDir,
+    binary: PathBuf,
+    /// The configuration file in `dir`, if started with one.
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -76,40 +82,90 @@ impl NatsServer {
         let binary = Self::binary()?;
         check_version(&binary)?;
         let dir = tempfile::Builder::new().prefix("apiary-nats-").tempdir()?;
-        let mut command = Command::new(&binary);
-        if let Some(config) = &options.config {
-            let path = dir.path().join("nats.conf");
-            std::fs::write(&path, config)?;
-            command.arg("--config").arg(path);
-        }
+        let config = match &options.config {
+            Some(config) => {
+                let path = dir.path().join("nats.conf");
+                std::fs::write(&path, config)?;
+                Some(path)
+            }
+            None => None,
+        };
         let port = if options.port == 0 {
             "-1".to_owned()
         } else {
             options.port.to_string()
         };
-        let log = std::fs::File::create(dir.path().join("server.log"))?;
-        command
-            .args(["--addr", "127.0.0.1", "--port", &port, "--jetstream"])
-            .arg("--store_dir")
-            .arg(dir.path().join("jetstream"))
-            .arg("--ports_file_dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = command.spawn().map_err(|err| BrokerError::CannotRun {
-            binary: binary.clone(),
-            reason: err.to_string(),
-        })?;
+        let child = spawn(&binary, config.as_deref(), dir.path(), &port)?;
         let mut server = Self {
             child,
             url: String::new(),
             dir,
+            binary,
+            config,
         };
         server.url = server.wait_for_ports_file().await?;
         server.wait_for_jetstream().await?;
         tracing::debug!(url = %server.url, "nats-server ready");
         Ok(server)
+    }
+
+    /// Stops the server the way an operator's `systemctl stop` does (SIGTERM: it closes
+    /// every connection and writes JetStream's state out), and waits until it has exited.
+    pub async fn stop(&mut self) -> Result<(), BrokerError> {
+        let signal = Command::new(&self.binary)
+            .arg("--signal")
+            .arg(format!("term={}", self.child.id()))
+            .output()
+            .map_err(|err| BrokerError::CannotRun {
+                binary: self.binary.clone(),
+                reason: err.to_string(),
+            })?;
+        if !signal.status.success() {
+            return Err(BrokerError::CannotRun {
+                binary: self.binary.clone(),
+                reason: format!(
+                    "signalling the server failed: {}",
+                    String::from_utf8_lossy(&signal.stderr).trim()
+                ),
+            });
+        }
+        let started = Instant::now();
+        while self.child.try_wait()?.is_none() {
+            if started.elapsed() > START_TIMEOUT {
+                self.kill();
+                return Err(BrokerError::NotStopped {
+                    timeout: START_TIMEOUT,
+                });
+            }
+            // The exit of a child has no awaitable signal in std; look again shortly.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped (or killed) server again on the same port, with the same store, so
+    /// that JetStream's streams and consumers are there as before, and waits until it is
+    /// ready. Clients reconnect to the same URL.
+    pub async fn start_again(&mut self) -> Result<(), BrokerError> {
+        if self.child.try_wait()?.is_none() {
+            self.kill();
+        }
+        // A ports file a killed server left behind would pass for the new one's.
+        for entry in std::fs::read_dir(self.dir.path())? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|ext| ext == "ports") {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let port = self.url.rsplit(':').next().unwrap_or_default().to_owned();
+        self.child = spawn(&self.binary, self.config.as_deref(), self.dir.path(), &port)?;
+        let url = self.wait_for_ports_file().await?;
+        if url != self.url {
+            return Err(self.not_ready(&format!("the server came back at {url}, not {}", self.url)));
+        }
+        self.wait_for_jetstream().await?;
+        tracing::debug!(url = %self.url, "nats-server ready again");
+        Ok(())
     }
 
     /// The client URL, `nats://127.0.0.1:<port>`.
@@ -201,6 +257,37 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts `binary` with the store, log and ports file in `dir`, on `port` (`-1`: any).
+fn spawn(
+    binary: &Path,
+    config: Option<&Path>,
+    dir: &Path,
+    port: &str,
+) -> Result<Child, BrokerError> {
+    let mut command = Command::new(binary);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    // Appended to, so that the log of a restarted server keeps what came before.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))?;
+    command
+        .args(["--addr", "127.0.0.1", "--port", port, "--jetstream"])
+        .arg("--store_dir")
+        .arg(dir.join("jetstream"))
+        .arg("--ports_file_dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    command.spawn().map_err(|err| BrokerError::CannotRun {
+        binary: binary.to_owned(),
+        reason: err.to_string(),
+    })
 }
 
 /// Refuses servers older than [`MIN_SERVER_VERSION`], with the version in the message.

@@ -276,17 +276,11 @@ pub enum JoinError {
 /// ensures the topology. The client connects in the background and keeps reconnecting for
 /// the life of the process; `ensure` then waits for JetStream within the client's request
 /// timeout. If the server is still away after that the component exits with the error, and
-/// its supervisor (the systemd units restart on failure) starts it again.
+/// its supervisor (the systemd units restart on failure) starts it again. (The agent does
+/// not exit: it has finished work to keep, so it connects with [`connect`] and ensures the
+/// topology until the server answers.)
 pub async fn join(url: &str, client_name: String) -> Result<Connection, JoinError> {
-    let client = async_nats::ConnectOptions::new()
-        .name(client_name)
-        .retry_on_initial_connect()
-        .connect(url)
-        .await
-        .map_err(|err| JoinError::Connect {
-            url: url.to_owned(),
-            reason: err.to_string(),
-        })?;
+    let client = connect(url, client_name).await?;
     let js = jetstream::new(client.clone());
     let topology = ensure(&js).await?;
     Ok(Connection {
@@ -294,6 +288,25 @@ pub async fn join(url: &str, client_name: String) -> Result<Connection, JoinErro
         js,
         topology,
     })
+}
+
+/// A long-running component's client for the NATS server(s) at `url`. It returns at once,
+/// connects in the background if the server is not there yet, and never gives up: after a
+/// lost connection it reconnects with async-nats's capped backoff (up to 4 s between tries)
+/// for as long as the process lives. Only a malformed `url` is an error.
+pub async fn connect(url: &str, client_name: String) -> Result<async_nats::Client, JoinError> {
+    async_nats::ConnectOptions::new()
+        .name(client_name)
+        .retry_on_initial_connect()
+        // The default already, said explicitly: a component outlives any outage of the
+        // server, and a client that stopped reconnecting would leave it alive but deaf.
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .map_err(|err| JoinError::Connect {
+            url: url.to_owned(),
+            reason: err.to_string(),
+        })
 }
 
 /// Handles to the parts of the topology that components use directly.

@@ -6,7 +6,9 @@
 //! offline is the absence of heartbeats), [`eventually`] re-reads it until a deadline.
 //!
 //! Each component connects through its own [`relay::Relay`], so that [`Component::crash`]
-//! drops its connection the way the death of a process would.
+//! drops its connection the way the death of a process would. The server itself can be
+//! stopped and started again ([`Stack::stop_server`], [`Stack::restart_server`]) on the same
+//! port and store, and the components reconnect through their relays.
 
 pub mod relay;
 
@@ -25,6 +27,7 @@ use apiary_scheduler::SchedulerConfig;
 use async_nats::jetstream::consumer::PullConsumer;
 use bytes::Bytes;
 use futures::StreamExt as _;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -206,6 +209,27 @@ impl Stack {
         self.server.url()
     }
 
+    /// Stops the server as an operator would (SIGTERM), closing every connection; the
+    /// components keep trying to reconnect.
+    pub async fn stop_server(&mut self) {
+        self.server
+            .stop()
+            .await
+            .unwrap_or_else(|err| panic!("failed to stop nats-server: {err}"));
+    }
+
+    /// Starts the stopped server again on the same port and store, and returns once
+    /// JetStream answers. Components reconnect by themselves, each when its client next
+    /// tries (async-nats waits up to 4 s between tries).
+    pub async fn restart_server(&mut self) {
+        self.server.start_again().await.unwrap_or_else(|err| {
+            panic!(
+                "failed to start nats-server again: {err}\n--- server log ---\n{}",
+                self.server.log()
+            )
+        });
+    }
+
     /// The common case: a stack with one scheduler and one online agent, `node-a`. The two
     /// components run until the returned handles are dropped.
     pub async fn with_one_node() -> (Self, [Component; 2]) {
@@ -349,8 +373,12 @@ impl Stack {
     pub fn spawn_agent_with(&self, mut config: AgentConfig) -> Component {
         let relay = Relay::start(&config.nats_url);
         config.nats_url = relay.url().to_owned();
-        let mut agent = Component::spawn("agent", move |stop| apiary_agent::run(config, stop));
+        let (outbox, waiting) = watch::channel(0);
+        let mut agent = Component::spawn("agent", move |stop| {
+            apiary_agent::run_reporting_outbox(config, stop, outbox)
+        });
         agent.relay = Some(relay);
+        agent.outbox = Some(waiting);
         agent
     }
 
@@ -397,7 +425,13 @@ impl Stack {
                 .is_some_and(|headers| headers.get(apiary_proto::headers::TASK_ID).is_some());
             std::future::ready(is_result)
         });
-        (client, ResultWire(Box::pin(results)))
+        (
+            client,
+            ResultWire {
+                results: Box::pin(results),
+                watcher,
+            },
+        )
     }
 
     /// Starts an agent and returns once its node has registered: the scheduler stored a
@@ -504,7 +538,32 @@ impl Stack {
 
 /// The task results sent to a client's inbox, as the wire carries them; see
 /// [`Stack::client_with_inbox`].
-pub struct ResultWire(std::pin::Pin<Box<dyn futures::Stream<Item = async_nats::Message> + Send>>);
+pub struct ResultWire {
+    results: std::pin::Pin<Box<dyn futures::Stream<Item = async_nats::Message> + Send>>,
+    /// The connection the results are read on.
+    watcher: async_nats::Client,
+}
+
+impl ResultWire {
+    /// Returns once the connection the wire is read on is back after a server restart, with
+    /// its subscription: core NATS does not keep messages for a disconnected subscriber, so
+    /// a test must not let results flow before this.
+    pub async fn wait_until_connected(&self) {
+        // A request nobody serves is answered "no responders" only by a server that has
+        // read everything the client sent before it, the renewed subscription included; a
+        // request sent while the client is still reconnecting waits in its buffer until
+        // then, or times out and is asked again.
+        let subject = self.watcher.new_inbox();
+        eventually(PATIENCE, "the result wire to reconnect", || async {
+            let request = async_nats::Request::new().timeout(Some(Duration::from_secs(1)));
+            match self.watcher.send_request(subject.clone(), request).await {
+                Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+    }
+}
 
 impl std::fmt::Debug for ResultWire {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -519,7 +578,7 @@ impl futures::Stream for ResultWire {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        self.0.as_mut().poll_next(cx)
+        self.results.as_mut().poll_next(cx)
     }
 }
 
@@ -546,6 +605,9 @@ pub struct Component {
     relay: Option<Relay>,
     /// A scheduler replica's micro service id, the address of its own STATS.
     service_id: Option<String>,
+    /// An agent's count of results waiting in its outbox; closed once the agent has let
+    /// go of its outbox (and so of its state directory).
+    outbox: Option<watch::Receiver<usize>>,
 }
 
 impl Component {
@@ -562,6 +624,7 @@ impl Component {
             handle: Some(handle),
             relay: None,
             service_id: None,
+            outbox: None,
         }
     }
 
@@ -569,9 +632,11 @@ impl Component {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.stop.cancel();
         let handle = self.handle.take().expect("component handle");
-        within(PATIENCE, &format!("{} to stop", self.name), handle)
+        let outcome = within(PATIENCE, &format!("{} to stop", self.name), handle)
             .await
-            .expect("component task did not panic")
+            .expect("component task did not panic");
+        self.outbox_released().await;
+        outcome
     }
 
     /// Kills the component without letting it say goodbye, as a crash or power loss would:
@@ -586,6 +651,37 @@ impl Component {
         let handle = self.handle.take().expect("component handle");
         handle.abort();
         let _ = handle.await;
+        self.outbox_released().await;
+    }
+
+    /// Waits until an agent's tasks, which end a moment after the agent itself, have let go
+    /// of its outbox, so that an agent started next on the same state directory is not
+    /// refused, as it is not after a real process has exited.
+    async fn outbox_released(&self) {
+        if let Some(outbox) = &self.outbox {
+            let mut outbox = outbox.clone();
+            within(PATIENCE, "the agent to close its outbox", async {
+                while outbox.changed().await.is_ok() {}
+            })
+            .await;
+        }
+    }
+
+    /// An agent's count of the results waiting in its outbox for the server.
+    pub fn outbox_waiting(&self) -> watch::Receiver<usize> {
+        self.outbox.clone().expect("an agent started by the stack")
+    }
+
+    /// Refuses the component's reconnections (its relay accepts none) until
+    /// [`Component::release_connection`]; a connection it has stays up. With the server
+    /// stopped, the component then stays away after the server is back.
+    pub fn hold_connection(&self) {
+        self.relay.as_ref().expect("a relayed component").hold();
+    }
+
+    /// Lets the component reconnect after [`Component::hold_connection`].
+    pub fn release_connection(&self) {
+        self.relay.as_ref().expect("a relayed component").release();
     }
 
     /// Waits (up to [`PATIENCE`]) for the component to end by itself, without asking it to,

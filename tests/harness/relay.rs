@@ -6,8 +6,14 @@
 //! component go. Each component therefore connects through its own relay, and a crash cuts
 //! the relay: the server sees the connection drop at once, as it would when a process dies
 //! with SIGKILL, and nothing the dead component's leftover tasks write reaches the server.
+//!
+//! A relay can also be held: it refuses new connections for a while, as a component whose
+//! network is slower to come back than the server would see, so that a test can order what
+//! happens after a server restart.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Relay {
     url: String,
     cut: CancellationToken,
+    held: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -34,10 +41,12 @@ impl Relay {
             .expect("a non-blocking relay socket");
         let listener = TcpListener::from_std(listener).expect("a tokio relay socket");
         let cut = CancellationToken::new();
-        tokio::spawn(accept(listener, server, cut.clone()));
+        let held = Arc::new(AtomicBool::new(false));
+        tokio::spawn(accept(listener, server, cut.clone(), held.clone()));
         Self {
             url: format!("nats://{address}"),
             cut,
+            held,
         }
     }
 
@@ -52,11 +61,28 @@ impl Relay {
     pub fn cut(&self) {
         self.cut.cancel();
     }
+
+    /// Refuses new connections until [`Relay::release`]; connections already open carry
+    /// on. The component's client keeps trying, as it would against a server it cannot
+    /// reach.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Accepts connections again after [`Relay::hold`].
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+    }
 }
 
-async fn accept(listener: TcpListener, server: SocketAddr, cut: CancellationToken) {
+async fn accept(
+    listener: TcpListener,
+    server: SocketAddr,
+    cut: CancellationToken,
+    held: Arc<AtomicBool>,
+) {
     while let Ok((inbound, _)) = listener.accept().await {
-        if cut.is_cancelled() {
+        if cut.is_cancelled() || held.load(Ordering::SeqCst) {
             drop(inbound);
             continue;
         }

@@ -5,6 +5,7 @@ mod cli;
 mod identity;
 mod lifecycle;
 mod nodes;
+mod outbox;
 mod recovery;
 mod restarts;
 mod sdk;
