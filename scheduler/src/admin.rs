@@ -134,14 +134,7 @@ pub(crate) async fn remove(shared: Arc<Shared>, request: NodeRef) -> Reply<Remov
     let node = request.node_id;
     let outcome = async {
         shared.wait_synced(SYNC_WAIT).await;
-        let known = shared.view().registration(&node).is_some()
-            || shared
-                .nodes
-                .entry(topology::node_info_key(&node))
-                .await
-                .map_err(|err| internal("read the node record", err))?
-                .is_some_and(|entry| entry.operation == kv::Operation::Put);
-        if !known {
+        if !is_registered(&shared, &node).await? {
             return Err(not_found(&node));
         }
         // The marker first: from the moment the registration is gone, a heartbeat finds it.
@@ -176,6 +169,30 @@ pub(crate) async fn remove(shared: Arc<Shared>, request: NodeRef) -> Reply<Remov
     outcome.into()
 }
 
+/// Whether the node has a registration: in this replica's view, or, should the view lag a
+/// registration another replica just stored, in the bucket (and then the view learns it, so
+/// that the answer can show the node).
+async fn is_registered(shared: &Shared, node: &NodeId) -> Result<bool, ErrorBody> {
+    if shared.view().registration(node).is_some() {
+        return Ok(true);
+    }
+    let key = topology::node_info_key(node);
+    let entry = shared
+        .nodes
+        .entry(&key)
+        .await
+        .map_err(|err| internal("read the node record", err))?
+        .filter(|entry| entry.operation == kv::Operation::Put);
+    let Some(entry) = entry else {
+        return Ok(false);
+    };
+    let Some(record) = decode_value(&key, &entry.value) else {
+        return Ok(false);
+    };
+    shared.apply_written(entry.revision, NodeChange::Registered(record));
+    Ok(true)
+}
+
 /// Applies `edit` to the node's operator record with compare-and-set, and answers with the
 /// node's row as this replica now sees it.
 async fn change(
@@ -199,7 +216,7 @@ async fn change(
             ),
             None => (NodeAdmin::default(), None),
         };
-        if admin.removed_ms.is_some() || shared.view().registration(node).is_none() {
+        if admin.removed_ms.is_some() || !is_registered(shared, node).await? {
             return Err(not_found(node));
         }
         edit(&mut admin);

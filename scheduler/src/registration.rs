@@ -137,6 +137,17 @@ async fn store_registration(
                 if !redeemed {
                     let admitted = tokens::redeem(&shared.cluster, token, now_ms()).await;
                     if let Err(refusal) = admitted {
+                        // The same node's retried registration, handled by another replica
+                        // at the same moment, may have spent the token's last use and stored
+                        // the record: then this one is a re-registration, not a refusal.
+                        let registered_meanwhile = stored_registration(shared, node)
+                            .await?
+                            .is_some_and(|(current, _)| {
+                                current.info.public_key == record.info.public_key
+                            });
+                        if registered_meanwhile {
+                            continue;
+                        }
                         if refusal.reason.is_some() {
                             Counters::count(&shared.counters.tokens_refused);
                         }
