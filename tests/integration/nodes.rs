@@ -297,25 +297,84 @@ async fn the_node_list_shows_a_node_left_as_soon_as_its_leaving_heartbeat_is_ans
     }
 }
 
+/// One scheduler replica whose every placement the test sees on the wire, for the tests that
+/// check that a node stops getting tasks the moment a request about it is answered.
+struct PlacementWatch {
+    stack: Stack,
+    _scheduler: apiary_harness::Component,
+    nats: async_nats::Client,
+    client: apiary_sdk::Client,
+    module: Bytes,
+    dispatches: async_nats::Subscriber,
+    bucket: kv::Store,
+}
+
+impl PlacementWatch {
+    async fn start() -> Self {
+        // A long interval, so that a node that stays is online throughout without
+        // heartbeats.
+        let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
+        let _scheduler = stack.spawn_scheduler().await;
+        let nats = stack.nats().await;
+        let client = stack.client().await;
+        let module = wasm("uppercase");
+        // Uploaded once up front, so each round's submit is only the publish, and the task
+        // reaches the scheduler as soon after the request as it can.
+        client.upload_module(&module).await.expect("upload");
+        // Every placement, as `nats sub 'apiary.v1.node.*.dispatch'` shows it. The server
+        // has the subscription once the flush's round trip is done, so it sees even the
+        // first.
+        let dispatches = nats
+            .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
+            .await
+            .expect("subscribe to the dispatch subjects");
+        nats.flush().await.expect("flush");
+        let bucket = stack.nodes_bucket().await;
+        Self {
+            stack,
+            _scheduler,
+            nats,
+            client,
+            module,
+            dispatches,
+            bucket,
+        }
+    }
+}
+
+/// The node `task`'s first attempt was placed on, read from every node's dispatch subject.
+/// Anything else on the wire (an earlier task moved off a node that left) is skipped.
+async fn first_placement(
+    dispatches: &mut async_nats::Subscriber,
+    task: &apiary_proto::TaskId,
+) -> apiary_proto::NodeId {
+    within(PATIENCE, "the task's dispatch", async {
+        loop {
+            let message = dispatches.next().await.expect("the subscription is open");
+            let (dispatch, _) =
+                codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
+                    .unwrap_or_else(|err| panic!("not a dispatch on {}: {err}", message.subject));
+            if &dispatch.task.id == task && dispatch.attempt == 1 {
+                let (node, _) = subject::parse_node_subject(&message.subject)
+                    .unwrap_or_else(|| panic!("not a node subject: {}", message.subject));
+                return node;
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_that_stays() {
-    // A long interval, so that the node that stays is online throughout without heartbeats.
-    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let nats = stack.nats().await;
-    let client = stack.client().await;
-    let module = wasm("uppercase");
-    // Uploaded once up front, so each round's submit is only the publish, and the task
-    // reaches the scheduler as soon after the leaving heartbeat as it can.
-    client.upload_module(&module).await.expect("upload");
-    // Every placement, as `nats sub 'apiary.v1.node.*.dispatch'` shows it. The server has
-    // the subscription once the flush's round trip is done, so it sees even the first.
-    let mut dispatches = nats
-        .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
-        .await
-        .expect("subscribe to the dispatch subjects");
-    nats.flush().await.expect("flush");
-    let bucket = stack.nodes_bucket().await;
+    let PlacementWatch {
+        stack,
+        _scheduler,
+        nats,
+        client,
+        module,
+        mut dispatches,
+        bucket,
+    } = PlacementWatch::start().await;
 
     for round in 0..10 {
         // Fresh nodes each round, equal in every way, and every earlier node has left. The
@@ -338,24 +397,7 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
             .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
             .await
             .expect("submit");
-        let node = within(PATIENCE, "the task's dispatch", async {
-            loop {
-                let message = dispatches.next().await.expect("the subscription is open");
-                let (dispatch, _) =
-                    codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
-                        .unwrap_or_else(|err| {
-                            panic!("not a dispatch on {}: {err}", message.subject)
-                        });
-                // Only this round's task, first placement; anything else is an earlier
-                // round's task moved off a node that left.
-                if &dispatch.task.id == task.id() && dispatch.attempt == 1 {
-                    let (node, _) = subject::parse_node_subject(&message.subject)
-                        .unwrap_or_else(|| panic!("not a node subject: {}", message.subject));
-                    return node;
-                }
-            }
-        })
-        .await;
+        let node = first_placement(&mut dispatches, task.id()).await;
         // A replica that learned of the goodbye only through its bucket watch still took
         // `goes` for online when the task arrived, and placed it there (in most rounds: ten
         // rounds catch it all but certainly).
@@ -418,18 +460,15 @@ async fn a_node_registers_its_inventory_and_roles_and_heartbeats_its_free_disk()
 async fn a_task_submitted_after_a_cordon_drain_or_rm_is_answered_goes_to_another_node() {
     // As for a leaving heartbeat: the replica that answers an operator's command stops
     // placing on the node at once, not when its bucket watch catches up.
-    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
-    let _scheduler = stack.spawn_scheduler().await;
-    let nats = stack.nats().await;
-    let client = stack.client().await;
-    let module = wasm("uppercase");
-    client.upload_module(&module).await.expect("upload");
-    let mut dispatches = nats
-        .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
-        .await
-        .expect("subscribe to the dispatch subjects");
-    nats.flush().await.expect("flush");
-    let bucket = stack.nodes_bucket().await;
+    let PlacementWatch {
+        stack,
+        _scheduler,
+        nats,
+        client,
+        module,
+        mut dispatches,
+        bucket,
+    } = PlacementWatch::start().await;
 
     for round in 0..9 {
         let command = ["cordon", "drain", "rm"][round % 3];
@@ -450,22 +489,7 @@ async fn a_task_submitted_after_a_cordon_drain_or_rm_is_answered_goes_to_another
             .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
             .await
             .expect("submit");
-        let node = within(PATIENCE, "the task's dispatch", async {
-            loop {
-                let message = dispatches.next().await.expect("the subscription is open");
-                let (dispatch, _) =
-                    codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
-                        .unwrap_or_else(|err| {
-                            panic!("not a dispatch on {}: {err}", message.subject)
-                        });
-                if &dispatch.task.id == task.id() && dispatch.attempt == 1 {
-                    let (node, _) = subject::parse_node_subject(&message.subject)
-                        .unwrap_or_else(|| panic!("not a node subject: {}", message.subject));
-                    return node;
-                }
-            }
-        })
-        .await;
+        let node = first_placement(&mut dispatches, task.id()).await;
         assert_eq!(
             node.as_str(),
             stays,
