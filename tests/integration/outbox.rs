@@ -57,6 +57,26 @@ fn node_a() -> NodeId {
     NodeId::new("node-a").expect("id")
 }
 
+/// A one-node stack with a task that finished while the server was down: returns once the
+/// agent's outbox holds its result, with the server still stopped. The scheduler stays away
+/// after the restart until the test's own connection is back (see
+/// [`the_result_arrives_exactly_once`]): core NATS keeps nothing for a reader that is still
+/// reconnecting.
+async fn keep_a_result_offline() -> (Stack, Component, Component, ResultWire) {
+    let (mut stack, [scheduler, agent]) = Stack::with_one_node().await;
+    let (client, wire) = stack.client_with_inbox("_INBOX.outbox").await;
+    start_task_to_finish_offline(&stack, &client).await;
+    scheduler.hold_connection();
+    stack.stop_server().await;
+    outbox_holds(
+        &agent,
+        1,
+        "the finished task's result to be kept in the outbox",
+    )
+    .await;
+    (stack, scheduler, agent, wire)
+}
+
 /// Waits until `agent`'s outbox holds `count` results.
 async fn outbox_holds(agent: &Component, count: usize, what: &str) {
     let mut waiting = agent.outbox_waiting();
@@ -122,20 +142,7 @@ async fn everything_is_settled(stack: &Stack) {
 
 #[tokio::test]
 async fn a_result_finished_while_the_server_is_down_arrives_exactly_once_when_it_is_back() {
-    let (mut stack, [scheduler, agent]) = Stack::with_one_node().await;
-    let (client, mut wire) = stack.client_with_inbox("_INBOX.outbox").await;
-    start_task_to_finish_offline(&stack, &client).await;
-
-    // The scheduler stays away after the restart until the test's own connection is back:
-    // core NATS keeps nothing for a reader that is still reconnecting.
-    scheduler.hold_connection();
-    stack.stop_server().await;
-    outbox_holds(
-        &agent,
-        1,
-        "the finished task's result to be kept in the outbox",
-    )
-    .await;
+    let (mut stack, scheduler, agent, mut wire) = keep_a_result_offline().await;
 
     stack.restart_server().await;
     // The agent stores the result by itself, with no scheduler in reach.
@@ -146,18 +153,7 @@ async fn a_result_finished_while_the_server_is_down_arrives_exactly_once_when_it
 
 #[tokio::test]
 async fn a_kept_result_survives_an_agent_restart_and_the_task_does_not_run_again() {
-    let (mut stack, [scheduler, agent]) = Stack::with_one_node().await;
-    let (client, mut wire) = stack.client_with_inbox("_INBOX.outbox").await;
-    start_task_to_finish_offline(&stack, &client).await;
-
-    scheduler.hold_connection();
-    stack.stop_server().await;
-    outbox_holds(
-        &agent,
-        1,
-        "the finished task's result to be kept in the outbox",
-    )
-    .await;
+    let (mut stack, scheduler, agent, mut wire) = keep_a_result_offline().await;
 
     // The agent dies with the server still down, and comes back before it: it finds the
     // result on disk, and waits for the server instead of giving up on it.
@@ -199,13 +195,9 @@ async fn a_second_agent_on_the_same_state_directory_is_refused_at_start() {
         node_id: Some("node-b".into()),
         ..stack.agent_config("node-a")
     };
-    let second = stack.spawn_agent_with(config);
-    eventually(PATIENCE, "the second agent to exit", || async {
-        second.is_finished().then_some(())
-    })
-    .await;
-    let err = second
-        .stop()
+    let err = stack
+        .spawn_agent_with(config)
+        .exited()
         .await
         .expect_err("the second agent refuses to run");
     let message = format!("{err:#}");
