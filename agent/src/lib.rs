@@ -29,6 +29,7 @@ pub mod modules;
 pub mod outbox;
 pub mod sandbox;
 pub mod state;
+mod systemd;
 mod task;
 mod work;
 
@@ -181,6 +182,7 @@ pub async fn run_reporting_outbox(
             .in_current_span(),
         ));
 
+        systemd::status("registering with the cluster");
         let registration =
             match register_until_accepted(&client, &agent, &info, &config, &shutdown).await {
                 Ok(Some(registration)) => registration,
@@ -201,6 +203,7 @@ pub async fn run_reporting_outbox(
             heartbeat_interval_ms = registration.heartbeat_interval_ms,
             "registered"
         );
+        systemd::ready(&format!("registered as {node_id}, {slots} slots"));
 
         let stop_heartbeats = CancellationToken::new();
         // Owned, not detached: if this future is dropped (the process is dying, or a test
@@ -229,6 +232,8 @@ pub async fn run_reporting_outbox(
 
         // Say goodbye while still pulling, so that schedulers stop placing work here before
         // this node stops taking it; then stop pulling and let the running tasks finish.
+        // systemd hears first: the watchdog, fed by the heartbeats, is off from here on.
+        systemd::stopping();
         stop_heartbeats.cancel();
         let sequence = heartbeats.await.unwrap_or(0);
         send_leaving(&client, &agent, sequence + 1, config.request_timeout).await;

@@ -108,9 +108,12 @@ pub(crate) async fn heartbeat_loop(
     let mut failing = 0u64;
     // Re-registrations failing in a row, logged the same way.
     let mut rejoin_failing = 0u64;
+    let mut watchdog = crate::systemd::Watchdog::from_env();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return sequence,
+            // systemd's watchdog is fed whenever this loop waits, answered or not.
+            () = watchdog.feed_when_due() => continue,
             _ = ticker.tick() => {}
         }
         sequence += 1;
