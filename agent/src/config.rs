@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use apiary_proto::DEFAULT_NATS_URL;
+use apiary_proto::admin::SecretToken;
 use apiary_proto::message::{Limits, TaskError, TaskErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +22,9 @@ pub struct AgentConfig {
     /// `APIARY_STATE_DIR`: where the node key and the offline outbox are kept (see
     /// [`crate::state`]); `/var/lib/apiary` under systemd, a per-user directory otherwise.
     pub state_dir: Option<PathBuf>,
-    /// `APIARY_TOKEN`: the cluster join token.
-    pub token: Option<String>,
+    /// `APIARY_TOKEN`: the cluster join token, needed only for the node's first
+    /// registration.
+    pub token: Option<SecretToken>,
     /// `APIARY_SLOTS`: tasks run at once; the number of CPU cores when absent.
     pub slots: Option<u32>,
     /// `APIARY_LABELS`: labels tasks can require, e.g. `{zone="attic"}`.
@@ -112,7 +114,7 @@ pub struct AgentFlags {
     /// process's command line [APIARY_TOKEN].
     #[arg(long, global = true, value_name = "TOKEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<SecretToken>,
 }
 
 fn parse_label(label: &str) -> Result<(String, String), String> {

@@ -68,24 +68,21 @@ pub fn load_or_create(state: &StateDir) -> Result<KeyPair, IdentityError> {
     }
 }
 
-/// Writes the seed to a file that must not exist yet, readable by its owner only, and
-/// flushed to disk before the key is used: a key used once and then lost in a power cut
-/// would lock the node out of its own id.
+/// Writes the seed to a file that must not exist yet, readable by its owner only, and on
+/// disk before the key is used: it is written to a temporary file (created 0600), flushed,
+/// linked into place only if no key is there, and the directory flushed. A power cut leaves
+/// no key or the whole key, never an empty file that would lock the node out of its id.
 fn write_new(path: &Path, key: &KeyPair) -> std::io::Result<()> {
     let seed = key
         .seed()
         .map_err(|err| std::io::Error::other(err.to_string()))?;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(seed.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut temporary = tempfile::NamedTempFile::new_in(dir)?;
+    temporary.write_all(seed.as_bytes())?;
+    temporary.write_all(b"\n")?;
+    temporary.as_file().sync_all()?;
+    temporary.persist_noclobber(path).map_err(|err| err.error)?;
+    crate::state::sync_dir(dir)
 }
 
 #[cfg(test)]

@@ -41,7 +41,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use apiary_proto::admin::Schedule;
 use apiary_proto::identity::KeyPair;
-use apiary_proto::message::{AgentStatus, AgentStatusRequest, ErrorBody, NodeMetrics, Reply};
+use apiary_proto::message::{
+    AgentStatus, AgentStatusRequest, ErrorBody, NodeMetrics, Refusal, Reply,
+};
 use apiary_proto::rpc;
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{NodeId, now_ms, topology};
@@ -89,6 +91,16 @@ pub async fn run_reporting_outbox(
     let slots = inventory.runtime.slots;
     let state = StateDir::open(config.state_dir.as_deref())
         .context("failed to open the state directory")?;
+    if let Some(marker) = state.removed_marker() {
+        let refusal = ErrorBody::refused(
+            Refusal::Removed,
+            format!(
+                "an operator removed this node from its cluster; delete {} to join again",
+                marker.display()
+            ),
+        );
+        return Err(Refused(refusal).into());
+    }
     let key = identity::load_or_create(&state).context("failed to load the node key")?;
     let sampler = MetricsSampler::new(gpus, Some(state.path()));
     let info = inventory::node_info(node_id.clone(), key.public_key(), inventory, &config);
@@ -292,8 +304,7 @@ pub fn exit_status(error: &anyhow::Error) -> u8 {
 /// What the task-running side of the agent shares.
 struct Agent {
     node_id: NodeId,
-    /// The node key and the offline outbox live here.
-    #[allow(dead_code)]
+    /// The node key, the offline outbox and the joined and removed markers live here.
     state: StateDir,
     /// Signs every register and heartbeat body.
     key: KeyPair,

@@ -5,10 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use apiary_proto::admin::{Schedule, SecretToken};
 use apiary_proto::identity::KeyPair;
+use apiary_proto::message::Refusal;
 use apiary_proto::message::{
     Heartbeat, HeartbeatReply, NodeInfo, NodeState, RegisterReply, RegisterRequest,
 };
+use apiary_proto::now_ms;
 use apiary_proto::rpc::{self, RequestError};
 use apiary_proto::subject::{self, NodeVerb};
 use tokio_util::sync::CancellationToken;
@@ -32,14 +35,19 @@ pub(crate) async fn register_until_accepted(
     let mut backoff = Backoff::new(Duration::from_millis(100), config.max_register_backoff);
     let mut waiting_for: Option<Waiting> = None;
     loop {
-        let failure = match register(client, &agent.key, info, config).await {
+        let failure = match register(client, agent, info, config).await {
             Ok(reply) => {
                 if waiting_for.is_some() {
                     tracing::info!("the cluster answers again");
                 }
                 return Ok(Some(reply));
             }
-            Err(RequestError::Refused(refusal)) => return Err(Refused(refusal).into()),
+            // A refusal with a reason (the token, the key) stands until an operator acts.
+            // Any other (a scheduler that failed to read its buckets while JetStream
+            // restarts) passes, and is retried like a silence.
+            Err(RequestError::Refused(refusal)) if refusal.reason.is_some() => {
+                return Err(Refused(refusal).into());
+            }
             // No scheduler yet is normal while a cluster starts up.
             Err(err @ RequestError::NoResponders { .. }) => (Waiting::Scheduler, err),
             Err(err) => (Waiting::Answer, err),
@@ -72,23 +80,58 @@ enum Waiting {
     Answer,
 }
 
+/// Registers once. The join token goes along only until the node has joined: after that the
+/// node's key admits it, and the token need not travel (or still be valid). Should the
+/// cluster have lost the node's key binding and ask for a token, the registration is sent
+/// again with it.
 async fn register(
     client: &async_nats::Client,
-    key: &KeyPair,
+    agent: &Agent,
     info: &NodeInfo,
     config: &AgentConfig,
 ) -> Result<RegisterReply, RequestError> {
-    rpc::request_signed(
-        client,
-        subject::node(&info.node_id, NodeVerb::Register),
-        &RegisterRequest {
+    let joined = agent.state.has_joined();
+    let send = |token: Option<SecretToken>| async move {
+        let request = RegisterRequest {
             node: info.clone(),
-            token: config.token.clone(),
+            token,
+        };
+        rpc::request_signed::<_, RegisterReply>(
+            client,
+            subject::node(&info.node_id, NodeVerb::Register),
+            &request,
+            &agent.key,
+            config.request_timeout,
+        )
+        .await
+    };
+    let mut outcome = send(if joined { None } else { config.token.clone() }).await;
+    if joined
+        && config.token.is_some()
+        && matches!(&outcome, Err(RequestError::Refused(refusal)) if refusal.reason == Some(Refusal::TokenMissing))
+    {
+        tracing::info!("the cluster no longer knows this node's key; joining again with the token");
+        outcome = send(config.token.clone()).await;
+    }
+    if outcome.is_ok()
+        && !joined
+        && let Err(err) = agent.state.mark_joined()
+    {
+        tracing::warn!(error = %err, "failed to record that this node joined; it sends its token again next time");
+    }
+    outcome
+}
+
+/// The operator's schedule from a heartbeat reply, with a drain deadline moved onto this
+/// node's clock: the scheduler's deadline less the scheduler's clock is how long is left,
+/// whatever this node's clock says.
+fn local_schedule(reply: &HeartbeatReply, local_now_ms: u64) -> Schedule {
+    match reply.schedule {
+        Schedule::Draining { deadline_ms } if reply.now_ms > 0 => Schedule::Draining {
+            deadline_ms: local_now_ms.saturating_add(deadline_ms.saturating_sub(reply.now_ms)),
         },
-        key,
-        config.request_timeout,
-    )
-    .await
+        schedule => schedule,
+    }
 }
 
 /// Heartbeats every `interval` until `stop`; returns the last sequence number sent.
@@ -108,6 +151,8 @@ pub(crate) async fn heartbeat_loop(
     let mut failing = 0u64;
     // Re-registrations failing in a row, logged the same way.
     let mut rejoin_failing = 0u64;
+    // The bucket revision of the operator's record behind the schedule last followed.
+    let mut schedule_revision = 0u64;
     let mut watchdog = crate::systemd::Watchdog::from_env();
     loop {
         tokio::select! {
@@ -132,47 +177,61 @@ pub(crate) async fn heartbeat_loop(
         match answer {
             Ok(HeartbeatReply { leave: true, .. }) => {
                 tracing::warn!("an operator removed this node from the cluster; leaving");
+                if let Err(err) = agent
+                    .state
+                    .mark_removed("removed from the cluster by an operator (apiary nodes rm)\n")
+                {
+                    tracing::warn!(error = %err, "failed to record the removal; the agent would join again at its next start");
+                }
                 agent.leave.cancel();
                 return sequence;
             }
-            Ok(HeartbeatReply {
-                registered: true,
-                schedule,
-                ..
-            }) => {
-                agent.schedule.send_if_modified(|current| {
-                    let changed = *current != schedule;
-                    if changed {
-                        tracing::info!(
-                            ?schedule,
-                            "the operator changed whether this node takes work"
-                        );
-                    }
-                    *current = schedule;
-                    changed
-                });
-            }
-            Ok(HeartbeatReply { .. }) => {
-                match register(&client, &agent.key, &info, &config).await {
-                    Ok(_) => {
-                        tracing::info!("the cluster had no record of this node; registered again");
-                        rejoin_failing = 0;
-                    }
-                    Err(RequestError::Refused(refusal)) => {
-                        tracing::error!(error = %refusal, "the cluster refused this node");
-                        agent.refused(refusal);
-                        return sequence;
-                    }
-                    Err(err) if rejoin_failing == 0 => {
-                        rejoin_failing = 1;
-                        tracing::warn!(error = %err, "the cluster has no record of this node, and registering again failed; retrying every interval");
-                    }
-                    Err(err) => {
-                        rejoin_failing += 1;
-                        tracing::debug!(error = %err, "registering again failed again");
-                    }
+            Ok(
+                reply @ HeartbeatReply {
+                    registered: true, ..
+                },
+            ) => {
+                // A replica whose view lags answers with an older operator record than one
+                // already heard: it is ignored, so the schedule does not flap between
+                // replicas.
+                if reply.schedule_revision >= schedule_revision {
+                    schedule_revision = reply.schedule_revision;
+                    let schedule = local_schedule(&reply, now_ms());
+                    agent.schedule.send_if_modified(|current| {
+                        // The same drain seen again moves its local deadline by the
+                        // heartbeat's round trip at most; not worth a change.
+                        let changed =
+                            std::mem::discriminant(current) != std::mem::discriminant(&schedule);
+                        if changed {
+                            tracing::info!(
+                                ?schedule,
+                                "the operator changed whether this node takes work"
+                            );
+                            *current = schedule;
+                        }
+                        changed
+                    });
                 }
             }
+            Ok(HeartbeatReply { .. }) => match register(&client, &agent, &info, &config).await {
+                Ok(_) => {
+                    tracing::info!("the cluster had no record of this node; registered again");
+                    rejoin_failing = 0;
+                }
+                Err(RequestError::Refused(refusal)) if refusal.reason.is_some() => {
+                    tracing::error!(error = %refusal, "the cluster refused this node");
+                    agent.refused(refusal);
+                    return sequence;
+                }
+                Err(err) if rejoin_failing == 0 => {
+                    rejoin_failing = 1;
+                    tracing::warn!(error = %err, "the cluster has no record of this node, and registering again failed; retrying every interval");
+                }
+                Err(err) => {
+                    rejoin_failing += 1;
+                    tracing::debug!(error = %err, "registering again failed again");
+                }
+            },
             Err(RequestError::Refused(refusal)) if refusal.reason.is_some() => {
                 tracing::error!(error = %refusal, "the cluster refused this node's heartbeat");
                 agent.refused(refusal);
@@ -223,5 +282,52 @@ pub(crate) async fn send_leaving(
     };
     if let Err(err) = send_heartbeat(client, &agent.key, &heartbeat, timeout).await {
         tracing::warn!(error = %err, "could not announce leaving");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(schedule: Schedule, now_ms: u64) -> HeartbeatReply {
+        HeartbeatReply {
+            registered: true,
+            schedule,
+            leave: false,
+            now_ms,
+            schedule_revision: 1,
+        }
+    }
+
+    #[test]
+    fn a_drain_deadline_is_moved_onto_the_node_clock() {
+        // The scheduler says ten seconds are left; this node's clock is an hour behind.
+        let scheduler_now = 1_700_000_000_000;
+        let node_now = scheduler_now - 3_600_000;
+        let draining = Schedule::Draining {
+            deadline_ms: scheduler_now + 10_000,
+        };
+        assert_eq!(
+            local_schedule(&reply(draining, scheduler_now), node_now),
+            Schedule::Draining {
+                deadline_ms: node_now + 10_000
+            }
+        );
+        // A deadline already past is due at once.
+        let past = Schedule::Draining {
+            deadline_ms: scheduler_now - 5,
+        };
+        assert_eq!(
+            local_schedule(&reply(past, scheduler_now), node_now),
+            Schedule::Draining {
+                deadline_ms: node_now
+            }
+        );
+        // A scheduler that sends no clock leaves the deadline as it is.
+        assert_eq!(local_schedule(&reply(draining, 0), node_now), draining);
+        assert_eq!(
+            local_schedule(&reply(Schedule::Cordoned, scheduler_now), node_now),
+            Schedule::Cordoned
+        );
     }
 }

@@ -50,6 +50,60 @@ impl StateDir {
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
+
+    /// Whether this node has joined its cluster before: then it registers without its join
+    /// token, which need not travel again (and may have expired).
+    pub fn has_joined(&self) -> bool {
+        self.join(JOINED_FILE).exists()
+    }
+
+    /// Records that the node joined its cluster.
+    pub fn mark_joined(&self) -> std::io::Result<()> {
+        write_durably(&self.join(JOINED_FILE), b"")
+    }
+
+    /// When an operator removed this node from its cluster: the agent then refuses to start
+    /// until the file is deleted, so that a removed host does not join again at its next
+    /// boot with the token still in its environment.
+    pub fn removed_marker(&self) -> Option<PathBuf> {
+        Some(self.join(REMOVED_FILE)).filter(|path| path.exists())
+    }
+
+    /// Records that an operator removed this node.
+    pub fn mark_removed(&self, cluster_said: &str) -> std::io::Result<()> {
+        write_durably(&self.join(REMOVED_FILE), cluster_said.as_bytes())
+    }
+}
+
+/// Marks that this node registered with its cluster at least once.
+const JOINED_FILE: &str = "joined";
+/// Marks that an operator removed this node; delete it to join again.
+pub const REMOVED_FILE: &str = "removed";
+
+/// Writes `contents` to `path` through a temporary file, flushed, renamed into place, and
+/// the directory flushed, so that a power cut leaves the old file or the new one, never an
+/// empty or torn one.
+pub(crate) fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut temporary = tempfile::NamedTempFile::new_in(dir)?;
+    temporary.write_all(contents)?;
+    temporary.as_file().sync_all()?;
+    temporary.persist(path).map_err(|err| err.error)?;
+    sync_dir(dir)
+}
+
+/// Flushes a directory's entries (a rename, a new file) to disk.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 /// The directory used when none is configured, read from the environment through `var`.
@@ -121,6 +175,18 @@ mod tests {
             Some(PathBuf::from("/home/pi/.local/state/apiary"))
         );
         assert_eq!(default_path(env(&[])), None);
+    }
+
+    #[test]
+    fn joined_and_removed_markers_persist() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(Some(root.path())).unwrap();
+        assert!(!dir.has_joined() && dir.removed_marker().is_none());
+        dir.mark_joined().unwrap();
+        dir.mark_removed("removed by an operator").unwrap();
+        let again = StateDir::open(Some(root.path())).unwrap();
+        assert!(again.has_joined());
+        assert_eq!(again.removed_marker(), Some(root.path().join(REMOVED_FILE)));
     }
 
     #[cfg(unix)]

@@ -59,7 +59,7 @@ impl DevStack {
             &TokenCreateRequest {
                 description: "apiary dev: the local agent".into(),
                 ttl_ms: None,
-                uses: Some(1),
+                max_uses: Some(1),
             },
             apiary_proto::now_ms(),
         )
@@ -86,7 +86,7 @@ impl DevStack {
             AgentConfig {
                 nats_url: url.clone(),
                 state_dir: Some(agent_state.path().to_owned()),
-                token: Some(token),
+                token: Some(token.into()),
                 ..AgentConfig::default()
             },
             stop_agent.clone(),

@@ -131,8 +131,15 @@ enum NodesCommand {
         #[arg(required = true)]
         changes: Vec<String>,
     },
-    /// Replace the node's roles.
-    Role { node: NodeId, roles: Vec<String> },
+    /// Replace the node's roles (the agent's own no longer count); `--none` clears them.
+    Role {
+        node: NodeId,
+        #[arg(required_unless_present = "none")]
+        roles: Vec<String>,
+        /// Clear the node's roles.
+        #[arg(long, conflicts_with = "roles")]
+        none: bool,
+    },
     /// Let a node that waits for approval take tasks.
     Approve { node: NodeId },
     /// Forget the node and its key binding; a running agent is told to leave.
@@ -363,7 +370,7 @@ async fn nodes(client: &apiary_sdk::Client, command: NodesCommand) -> anyhow::Re
             let (set, remove) = parse_label_changes(&changes)?;
             (node.clone(), client.label(&node, set, remove).await)
         }
-        NodesCommand::Role { node, roles } => (
+        NodesCommand::Role { node, roles, .. } => (
             node.clone(),
             client.set_roles(&node, roles.into_iter().collect()).await,
         ),

@@ -88,11 +88,25 @@ pub fn node_detail(node: &NodeSummary, now_ms: u64) -> String {
                 .map_or_else(|| "never".into(), |seen| ago(seen, now_ms)),
         ),
     ];
-    if let Some(roles) = &admin.roles {
-        lines.push((
-            "roles (operator)",
-            roles.iter().cloned().collect::<Vec<_>>().join(", "),
-        ));
+    let roles = admin.effective_roles(&info.roles);
+    let set_by = if admin.roles.is_some() {
+        " (set by the operator)"
+    } else {
+        ""
+    };
+    lines.push((
+        "roles",
+        if roles.is_empty() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{}{set_by}",
+                roles.iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        },
+    ));
+    if let Some(token_id) = &node.token_id {
+        lines.push(("joined with", format!("token {token_id}")));
     }
     if let apiary_proto::admin::Schedule::Draining { deadline_ms } = admin.schedule {
         lines.push(("drain deadline", until(deadline_ms, now_ms)));
@@ -237,6 +251,7 @@ mod tests {
             }),
             admin: Default::default(),
             scheduling: Default::default(),
+            token_id: None,
         };
         let table = node_table(&[node], 13_500);
         let mut lines = table.lines();

@@ -100,6 +100,51 @@ impl NodeAdmin {
     }
 }
 
+/// Which key a node id is bound to (KV `APIARY_CLUSTER`, key `nodes.<node>`), from its first
+/// registration until an operator removes the node. Kept apart from the node bucket so that
+/// losing `APIARY_NODES` loses no binding: the nodes register again under their keys without
+/// a token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBinding {
+    pub public_key: String,
+    /// The join token that admitted the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    pub bound_ms: u64,
+}
+
+/// A join token as a configuration value: serialized as the plain string, but never shown by
+/// a debug print, so it stays out of logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretToken(pub String);
+
+impl fmt::Debug for SecretToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretToken(…)")
+    }
+}
+
+impl SecretToken {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for SecretToken {
+    type Err = std::convert::Infallible;
+
+    fn from_str(token: &str) -> Result<Self, Self::Err> {
+        Ok(Self(token.to_owned()))
+    }
+}
+
+impl From<String> for SecretToken {
+    fn from(token: String) -> Self {
+        Self(token)
+    }
+}
+
 /// Whether a node takes new work now, as shown in `apiary nodes ls`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -114,11 +159,16 @@ pub enum Scheduling {
     Draining,
     /// Draining, and nothing runs there any more.
     Drained,
+    /// An operator removed it; shown only while its removal is under way.
+    Removed,
 }
 
 impl Scheduling {
     /// Judged from the operator's record and the node's latest metrics.
     pub fn of(admin: &NodeAdmin, metrics: Option<&NodeMetrics>) -> Self {
+        if admin.removed_ms.is_some() {
+            return Scheduling::Removed;
+        }
         if admin.pending {
             return Scheduling::Pending;
         }
@@ -144,6 +194,7 @@ impl fmt::Display for Scheduling {
             Scheduling::Cordoned => "cordoned",
             Scheduling::Draining => "draining",
             Scheduling::Drained => "drained",
+            Scheduling::Removed => "removed",
         })
     }
 }
@@ -158,9 +209,10 @@ pub struct NodeRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainRequest {
     pub node_id: NodeId,
-    /// How long running tasks may take to finish; [`DEFAULT_DRAIN_DEADLINE_MS`] when absent.
+    /// How long from now running tasks may take to finish; [`DEFAULT_DRAIN_DEADLINE_MS`]
+    /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
+    pub within_ms: Option<u64>,
 }
 
 /// The drain deadline when none is given: ten minutes.
@@ -259,6 +311,11 @@ impl JoinToken {
         })
     }
 
+    /// Whether `id` has the shape of a token id (what `tokens revoke` takes).
+    pub fn is_id(id: &str) -> bool {
+        is_lower_hex(id, Self::ID_BYTES)
+    }
+
     /// Reads `<id>.<secret>`, both lowercase hex of the right length.
     pub fn parse(text: &str) -> Result<Self, MalformedToken> {
         let (id, secret) = text.trim().split_once('.').ok_or(MalformedToken)?;
@@ -297,6 +354,13 @@ impl JoinToken {
     }
 }
 
+fn is_lower_hex(part: &str, bytes: usize) -> bool {
+    part.len() == bytes * 2
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl fmt::Debug for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The secret never reaches a log through a debug print.
@@ -330,6 +394,12 @@ pub struct TokenInfo {
 pub struct TokenRecord {
     pub info: TokenInfo,
     pub secret_sha256: String,
+    /// The node keys a token with limited uses admitted. A key it admitted before costs no
+    /// second use: a registration retried after a lost reply, or redone after its replica
+    /// died half-way, must not use up a one-use token and lock its own node out. (Tokens
+    /// with unlimited uses keep no list; only their count matters.)
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub redeemed_by: BTreeSet<String>,
 }
 
 /// Why a presented token admits no node, in the order they are checked.
@@ -359,12 +429,21 @@ impl TokenRecord {
         Ok(())
     }
 
-    /// The record after admitting one node.
-    pub fn used(&self) -> Self {
+    /// Admits the node with `public_key` at `now_ms`: `Ok(None)` if this token already
+    /// admitted that key (nothing to store), `Ok(Some(record))` with the use counted, or why
+    /// not.
+    pub fn redeem(&self, public_key: &str, now_ms: u64) -> Result<Option<Self>, TokenRefusal> {
+        if self.redeemed_by.contains(public_key) {
+            return Ok(None);
+        }
+        self.admits(now_ms)?;
         let mut next = self.clone();
         next.info.uses = next.info.uses.saturating_add(1);
-        next.info.uses_left = next.info.uses_left.map(|left| left.saturating_sub(1));
-        next
+        if let Some(left) = &mut next.info.uses_left {
+            *left = left.saturating_sub(1);
+            next.redeemed_by.insert(public_key.to_owned());
+        }
+        Ok(Some(next))
     }
 }
 
@@ -378,7 +457,7 @@ pub struct TokenCreateRequest {
     pub ttl_ms: Option<u64>,
     /// How many new nodes it admits; unlimited when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub uses: Option<u32>,
+    pub max_uses: Option<u32>,
 }
 
 /// The answer to `apiary.v1.tokens.create`: the only time the secret is shown.
@@ -419,6 +498,7 @@ mod tests {
                 revoked_ms: None,
             },
             secret_sha256: token.secret_sha256(),
+            redeemed_by: BTreeSet::new(),
         }
     }
 
@@ -446,9 +526,12 @@ mod tests {
         let fresh = record(&token);
         assert_eq!(fresh.admits(999), Ok(()));
         assert_eq!(fresh.admits(1_000), Err(TokenRefusal::Expired));
-        let used = fresh.used();
+        let used = fresh.redeem("NKEY1", 0).unwrap().expect("a use to store");
         assert_eq!((used.info.uses, used.info.uses_left), (1, Some(0)));
         assert_eq!(used.admits(0), Err(TokenRefusal::UsedUp));
+        // The same key again costs nothing and is admitted; another key is not.
+        assert_eq!(used.redeem("NKEY1", 0), Ok(None));
+        assert_eq!(used.redeem("NKEY2", 0), Err(TokenRefusal::UsedUp));
         let mut revoked = fresh.clone();
         revoked.info.revoked_ms = Some(5);
         assert_eq!(revoked.admits(0), Err(TokenRefusal::Revoked));

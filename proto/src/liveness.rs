@@ -44,6 +44,7 @@ pub fn summarize(
         metrics: live.map(|l| l.metrics.clone()),
         scheduling: Scheduling::of(&admin, live.map(|l| &l.metrics)),
         admin,
+        token_id: record.token_id.clone(),
     }
 }
 
@@ -72,6 +73,7 @@ mod tests {
                 roles: Default::default(),
             },
             registered_at_ms: 1_000,
+            token_id: None,
         }
     }
 
@@ -82,6 +84,7 @@ mod tests {
             seq: 1,
             state,
             metrics: NodeMetrics::default(),
+            incarnation: String::new(),
         }
     }
 

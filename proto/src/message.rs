@@ -89,12 +89,15 @@ pub enum Refusal {
     TokenUsedUp,
     /// The node id is bound to another node key.
     KeyMismatch,
+    /// An operator removed the node. The agent records it and refuses to start again until
+    /// the record is deleted.
+    Removed,
 }
 
 impl Refusal {
     pub fn code(self) -> ErrorCode {
         match self {
-            Refusal::KeyMismatch => ErrorCode::Forbidden,
+            Refusal::KeyMismatch | Refusal::Removed => ErrorCode::Forbidden,
             _ => ErrorCode::Unauthorized,
         }
     }
@@ -109,6 +112,7 @@ impl fmt::Display for Refusal {
             Refusal::TokenRevoked => "join token revoked",
             Refusal::TokenUsedUp => "join token used up",
             Refusal::KeyMismatch => "node id bound to another key",
+            Refusal::Removed => "removed by an operator",
         })
     }
 }
@@ -203,9 +207,10 @@ pub struct NodeInfo {
 pub struct RegisterRequest {
     pub node: NodeInfo,
     /// The join token (`apiary tokens create`). Needed the first time a node id registers;
-    /// a node already bound to its key registers again without one.
+    /// a node already bound to its key registers again without one, and agents send it only
+    /// until they have joined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
+    pub token: Option<crate::admin::SecretToken>,
 }
 
 /// The scheduler's answer to a registration.
@@ -280,6 +285,16 @@ pub struct HeartbeatReply {
     /// An operator removed the node: the agent must leave and exit, not register again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leave: bool,
+    /// The answering scheduler's clock: a drain deadline is `deadline_ms - now_ms` from when
+    /// the reply arrived, whatever the node's own clock says (a Pi without a real-time
+    /// clock may be hours off). 0 from schedulers that predate it.
+    #[serde(default)]
+    pub now_ms: u64,
+    /// The bucket revision of the operator's record `schedule` comes from. A replica whose
+    /// view lags answers with an older one, which the agent ignores, so a drain does not
+    /// flap open and shut between replicas.
+    #[serde(default)]
+    pub schedule_revision: u64,
 }
 
 impl HeartbeatReply {
@@ -289,6 +304,8 @@ impl HeartbeatReply {
             registered: false,
             schedule: crate::admin::Schedule::Open,
             leave: false,
+            now_ms: crate::now_ms(),
+            schedule_revision: 0,
         }
     }
 }
@@ -298,6 +315,10 @@ impl HeartbeatReply {
 pub struct NodeRecord {
     pub info: NodeInfo,
     pub registered_at_ms: u64,
+    /// The join token that admitted the node id, so that the nodes a leaked token let in
+    /// can be found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
 }
 
 /// The latest sign of life of a node (KV `APIARY_NODES`, key `live.<node>`). `last_seen_ms`
@@ -311,6 +332,10 @@ pub struct NodeLiveness {
     #[serde(default)]
     pub state: NodeState,
     pub metrics: NodeMetrics,
+    /// The agent process the heartbeat came from: a heartbeat of the same incarnation with a
+    /// `seq` no higher than this one's is a replay, and is dropped.
+    #[serde(default)]
+    pub incarnation: String,
 }
 
 /// A node as shown to people: online, offline or gone.
@@ -350,6 +375,9 @@ pub struct NodeSummary {
     /// Whether the node takes new work now, from `admin` and its running tasks.
     #[serde(default)]
     pub scheduling: crate::admin::Scheduling,
+    /// The join token that admitted the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
 }
 
 /// `apiary.v1.nodes.list`: ask for the node table. An empty body is a valid request.

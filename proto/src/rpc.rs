@@ -135,6 +135,7 @@ pub fn encode_reply<T: Serialize>(
 /// bytes (what a signature covers).
 #[derive(Clone, Debug)]
 pub struct Inbound {
+    pub subject: String,
     pub node: Option<NodeId>,
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
@@ -151,43 +152,52 @@ where
     H: Fn(Option<NodeId>, Req) -> Fut,
     Fut: Future<Output = Reply<Resp>>,
 {
-    serve_inbound(endpoint, |inbound: Inbound, request| {
-        let reply = handler(inbound.node, request);
-        async move { Some(reply.await) }
-    })
+    serve_inbound(
+        endpoint,
+        |inbound: Inbound, request: Result<Req, CodecError>| {
+            let handled = request.map(|request| handler(inbound.node.clone(), request));
+            async move {
+                Some(match handled {
+                    Ok(reply) => reply.await,
+                    Err(err) => malformed(&inbound, &err),
+                })
+            }
+        },
+    )
     .await
 }
 
-/// [`serve`] for handlers that see the whole [`Inbound`] request and may choose not to
-/// answer (`None`): a message that fails its signature check is dropped, not answered.
+/// The `bad_request` reply to a request that could not be decoded, logged.
+pub fn malformed<T>(inbound: &Inbound, err: &CodecError) -> Reply<T> {
+    tracing::warn!(subject = %inbound.subject, error = %err, "malformed request");
+    Reply::Error(ErrorBody::new(ErrorCode::BadRequest, err.to_string()))
+}
+
+/// [`serve`] for handlers that see the whole [`Inbound`] request and the outcome of decoding
+/// it, and may choose not to answer (`None`): a message that fails its signature check is
+/// dropped, not answered, whatever its body holds.
 pub async fn serve_inbound<Req, Resp, H, Fut>(mut endpoint: Endpoint, handler: H)
 where
     Req: DeserializeOwned,
     Resp: Serialize,
-    H: Fn(Inbound, Req) -> Fut,
+    H: Fn(Inbound, Result<Req, CodecError>) -> Fut,
     Fut: Future<Output = Option<Reply<Resp>>>,
 {
     while let Some(request) = endpoint.next().await {
         let message = &request.message;
         let node = subject::parse_node_subject(message.subject.as_str()).map(|(node, _)| node);
-        let (reply, encoding) =
-            match codec::decode_message::<Req>(message.headers.as_ref(), &message.payload) {
-                Ok((decoded, encoding)) => {
-                    let inbound = Inbound {
-                        node,
-                        headers: message.headers.clone(),
-                        payload: message.payload.clone(),
-                    };
-                    (handler(inbound, decoded).await, encoding)
-                }
-                Err(err) => {
-                    tracing::warn!(subject = %message.subject, error = %err, "malformed request");
-                    let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
-                    let refusal = ErrorBody::new(ErrorCode::BadRequest, err.to_string());
-                    (Some(Reply::Error(refusal)), encoding)
-                }
-            };
-        let Some(reply) = reply else { continue };
+        let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
+        let decoded = codec::decode_message::<Req>(message.headers.as_ref(), &message.payload)
+            .map(|(decoded, _)| decoded);
+        let inbound = Inbound {
+            subject: message.subject.to_string(),
+            node,
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+        };
+        let Some(reply) = handler(inbound, decoded).await else {
+            continue;
+        };
         let sent = match encode_reply(encoding, &reply) {
             Ok((headers, body)) => request.respond_with_headers(Ok(body), headers).await,
             Err(err) => {

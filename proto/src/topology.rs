@@ -7,7 +7,7 @@
 //! | `APIARY_DISPATCH` | stream       | `apiary.v1.node.*.dispatch`     | work queue                |
 //! | `APIARY_RESULTS`  | stream       | `apiary.v1.node.*.result`       | limits (age, bytes)       |
 //! | `APIARY_NODES`    | KV bucket    | `info.<node>`, `live.<node>`, `admin.<node>` | latest value per key |
-//! | `APIARY_CLUSTER`  | KV bucket    | `tokens.<id>`, `settings`       | latest value per key      |
+//! | `APIARY_CLUSTER`  | KV bucket    | `tokens.<id>`, `nodes.<node>`, `settings` | latest value per key |
 //! | `APIARY_MODULES`  | object store | one object per module digest    | until deleted             |
 //!
 //! Every component calls [`ensure`] at start, so whichever starts first creates the topology
@@ -132,7 +132,8 @@ pub fn nodes_bucket() -> kv::Config {
 pub fn cluster_bucket() -> kv::Config {
     kv::Config {
         bucket: CLUSTER_BUCKET.into(),
-        description: "apiary: join tokens (hashes only) and cluster settings".into(),
+        description: "apiary: join tokens (hashes only), node key bindings and cluster settings"
+            .into(),
         history: 1,
         storage: stream::StorageType::File,
         ..Default::default()
@@ -143,6 +144,11 @@ pub fn cluster_bucket() -> kv::Config {
 /// they are always valid key tokens.
 pub fn token_key(id: &str) -> String {
     format!("tokens.{id}")
+}
+
+/// The key of a node id's key binding in `APIARY_CLUSTER` ([`crate::admin::NodeBinding`]).
+pub fn node_binding_key(node: &NodeId) -> String {
+    format!("nodes.{node}")
 }
 
 /// The key filter of every token in `APIARY_CLUSTER`.

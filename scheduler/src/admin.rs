@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use apiary_proto::admin::{
-    ClusterSettings, DEFAULT_DRAIN_DEADLINE_MS, DrainRequest, LabelRequest, NodeAdmin, NodeRef,
-    Removed, RoleRequest, Schedule, SettingsRequest,
+    Approval, ClusterSettings, DEFAULT_DRAIN_DEADLINE_MS, DrainRequest, LabelRequest, NodeAdmin,
+    NodeRef, Removed, RoleRequest, Schedule, SettingsRequest,
 };
 use apiary_proto::message::{ErrorBody, ErrorCode, NodeSummary, Reply};
 use apiary_proto::{NodeId, codec, now_ms, topology};
@@ -19,7 +19,7 @@ use async_nats::jetstream::kv;
 
 use crate::nodes::{decode_value, put_record};
 use crate::view::NodeChange;
-use crate::{SYNC_WAIT, Shared};
+use crate::{SYNC_WAIT, Shared, binding};
 
 /// How often a change retries when another write to the node's record came first.
 const UPDATE_ATTEMPTS: usize = 16;
@@ -59,7 +59,7 @@ pub(crate) async fn uncordon(shared: Arc<Shared>, request: NodeRef) -> Reply<Nod
 
 pub(crate) async fn drain(shared: Arc<Shared>, request: DrainRequest) -> Reply<NodeSummary> {
     let deadline_ms =
-        now_ms().saturating_add(request.deadline_ms.unwrap_or(DEFAULT_DRAIN_DEADLINE_MS));
+        now_ms().saturating_add(request.within_ms.unwrap_or(DEFAULT_DRAIN_DEADLINE_MS));
     change(&shared, &request.node_id, |admin| {
         // Draining again keeps the earlier deadline if it comes first: a second command
         // never gives running tasks more time than the operator first allowed by accident.
@@ -127,28 +127,37 @@ pub(crate) async fn approve(shared: Arc<Shared>, request: NodeRef) -> Reply<Node
     .into()
 }
 
-/// `rm`: forgets the node and its key binding. Its records go, and a marker stays in their
-/// place so that its agent, should it still run, is told to leave at its next heartbeat, and
-/// so that recovery moves whatever was still queued for it.
+/// `rm`: forgets the node and its key binding. A marker takes the place of its records, so
+/// that its agent, should it still run, is told to leave at its next heartbeat (and cannot
+/// register again by its key), and so that recovery moves whatever was still queued for it.
+/// The marker is written first and the records go after it, so a removal cut short (its
+/// replica killed) is finished by running `rm` again.
 pub(crate) async fn remove(shared: Arc<Shared>, request: NodeRef) -> Reply<Removed> {
     let node = request.node_id;
     let outcome = async {
         shared.wait_synced(SYNC_WAIT).await;
-        if !is_registered(&shared, &node).await? {
+        let registered = is_registered(&shared, &node).await?;
+        let marked = read_admin(&shared, &node)
+            .await?
+            .is_some_and(|admin| admin.removed_ms.is_some());
+        if !registered && !marked {
             return Err(not_found(&node));
         }
-        // The marker first: from the moment the registration is gone, a heartbeat finds it.
-        let marker = NodeAdmin::removed(now_ms());
-        let revision = put_record(&shared, topology::node_admin_key(&node), &marker).await?;
-        shared.apply_written(revision, NodeChange::Admin(node.clone(), marker));
+        if !marked {
+            let marker = NodeAdmin::removed(now_ms());
+            let revision = put_record(&shared, topology::node_admin_key(&node), &marker).await?;
+            shared.apply_written(revision, NodeChange::Admin(node.clone(), marker));
+        }
+        // Liveness before the registration: a registration without liveness is offline, a
+        // liveness without a registration would be an orphan.
         for (key, change) in [
-            (
-                topology::node_info_key(&node),
-                NodeChange::Forgotten(node.clone()),
-            ),
             (
                 topology::node_live_key(&node),
                 NodeChange::LivenessCleared(node.clone()),
+            ),
+            (
+                topology::node_info_key(&node),
+                NodeChange::Forgotten(node.clone()),
             ),
         ] {
             shared
@@ -160,6 +169,7 @@ pub(crate) async fn remove(shared: Arc<Shared>, request: NodeRef) -> Reply<Remov
             // the watch delivers the same deletion in its turn.
             shared.update(|view| view.apply(change));
         }
+        binding::forget(&shared, &node).await?;
         tracing::info!(node_id = %node, "node removed");
         Ok(Removed {
             node_id: node.clone(),
@@ -193,35 +203,103 @@ async fn is_registered(shared: &Shared, node: &NodeId) -> Result<bool, ErrorBody
     Ok(true)
 }
 
-/// Applies `edit` to the node's operator record with compare-and-set, and answers with the
-/// node's row as this replica now sees it.
+/// Applies `edit` to the node's operator record, and answers with the node's row as this
+/// replica now sees it. A node that is not registered, or is being removed, is `not_found`.
 async fn change(
     shared: &Shared,
     node: &NodeId,
     edit: impl Fn(&mut NodeAdmin),
 ) -> Result<NodeSummary, ErrorBody> {
     shared.wait_synced(SYNC_WAIT).await;
-    let key = topology::node_admin_key(node);
-    for _ in 0..UPDATE_ATTEMPTS {
-        let entry = shared
-            .nodes
-            .entry(&key)
-            .await
-            .map_err(|err| internal("read the node's operator record", err))?
-            .filter(|entry| entry.operation == kv::Operation::Put);
-        let (mut admin, revision) = match &entry {
-            Some(entry) => (
-                decode_value::<NodeAdmin>(&key, &entry.value).unwrap_or_default(),
-                Some(entry.revision),
-            ),
-            None => (NodeAdmin::default(), None),
-        };
-        if admin.removed_ms.is_some() || !is_registered(shared, node).await? {
+    let registered = is_registered(shared, node).await?;
+    let stored = rewrite_admin(shared, node, |current| {
+        let mut admin = current.unwrap_or_default();
+        if admin.removed_ms.is_some() || !registered {
             return Err(not_found(node));
         }
         edit(&mut admin);
+        Ok(Some(admin))
+    })
+    .await?;
+    tracing::info!(node_id = %node, admin = ?stored, "node changed by an operator");
+    shared
+        .view()
+        .summary(node, now_ms())
+        .ok_or_else(|| not_found(node))
+}
+
+/// Gives a node that joins (its id newly bound to a key) a fresh operator record: pending in
+/// approval mode, and without the marker of an earlier removal of the same id. A record that
+/// is neither removed nor missing stays as it is: the id was never removed (its binding was
+/// lost, or it predates bindings), and what the operator set on it still holds.
+pub(crate) async fn start_afresh(shared: &Shared, node: &NodeId) -> Result<(), ErrorBody> {
+    let settings = settings(shared).await?;
+    let fresh = NodeAdmin {
+        pending: settings.approval == Approval::Manual,
+        ..NodeAdmin::default()
+    };
+    rewrite_admin(shared, node, |current| {
+        Ok(match current {
+            Some(admin) if admin.removed_ms.is_none() => None,
+            _ => Some(fresh.clone()),
+        })
+    })
+    .await
+    .map(drop)
+}
+
+/// Whether an operator removed the node, as the bucket says.
+pub(crate) async fn is_removed(shared: &Shared, node: &NodeId) -> Result<bool, ErrorBody> {
+    Ok(read_admin(shared, node)
+        .await?
+        .is_some_and(|admin| admin.removed_ms.is_some()))
+}
+
+/// The node's operator record as stored. One that cannot be decoded is an error, never taken
+/// for the default: that would approve and open a node the operator had held back.
+async fn read_admin(shared: &Shared, node: &NodeId) -> Result<Option<NodeAdmin>, ErrorBody> {
+    Ok(read_admin_entry(shared, node)
+        .await?
+        .map(|(admin, _)| admin))
+}
+
+async fn read_admin_entry(
+    shared: &Shared,
+    node: &NodeId,
+) -> Result<Option<(NodeAdmin, u64)>, ErrorBody> {
+    let key = topology::node_admin_key(node);
+    let entry = shared
+        .nodes
+        .entry(&key)
+        .await
+        .map_err(|err| internal("read the node's operator record", err))?;
+    let Some(entry) = entry.filter(|entry| entry.operation == kv::Operation::Put) else {
+        return Ok(None);
+    };
+    let admin = decode_value::<NodeAdmin>(&key, &entry.value)
+        .ok_or_else(|| internal("read the node's operator record", "it is malformed"))?;
+    Ok(Some((admin, entry.revision)))
+}
+
+/// Reads the node's operator record, lets `decide` say what to store in its place (`None`:
+/// leave it), and stores that with compare-and-set, looking again when another write came
+/// first. Returns what was stored.
+async fn rewrite_admin(
+    shared: &Shared,
+    node: &NodeId,
+    mut decide: impl FnMut(Option<NodeAdmin>) -> Result<Option<NodeAdmin>, ErrorBody>,
+) -> Result<Option<NodeAdmin>, ErrorBody> {
+    let key = topology::node_admin_key(node);
+    for _ in 0..UPDATE_ATTEMPTS {
+        let (current, revision) = match read_admin_entry(shared, node).await? {
+            Some((admin, revision)) => (Some(admin), Some(revision)),
+            None => (None, None),
+        };
+        let Some(next) = decide(current)? else {
+            return Ok(None);
+        };
         let value =
-            codec::encode(&admin).map_err(|err| internal("encode the operator record", err))?;
+            codec::encode(&next).map_err(|err| internal("encode the operator record", err))?;
         let written = match revision {
             Some(revision) => shared
                 .nodes
@@ -242,14 +320,10 @@ async fn change(
         };
         match written {
             Ok(revision) => {
-                shared.apply_written(revision, NodeChange::Admin(node.clone(), admin.clone()));
-                tracing::info!(node_id = %node, admin = ?admin, "node changed by an operator");
-                return shared
-                    .view()
-                    .summary(node, now_ms())
-                    .ok_or_else(|| not_found(node));
+                shared.apply_written(revision, NodeChange::Admin(node.clone(), next.clone()));
+                return Ok(Some(next));
             }
-            Err((true, _)) => continue,
+            Err((true, _)) => crate::contention_pause().await,
             Err((false, err)) => return Err(internal("store the node's operator record", err)),
         }
     }

@@ -16,6 +16,7 @@
 //!   admitted by a join token) and heartbeating.
 //! - [`admin`](crate::admin): operators' node commands (cordon, drain, label, rm, …) and the
 //!   cluster settings.
+//! - [`binding`](crate::binding): which key a node id belongs to, bound with a join token.
 //! - [`tokens`](crate::tokens): join tokens, stored as hashes.
 //! - [`intake`](crate::intake): pulls submitted tasks while nodes have room, places and
 //!   dispatches them.
@@ -27,6 +28,7 @@
 //! - [`pull`](crate::pull): what the pulling jobs share.
 
 mod admin;
+mod binding;
 mod completions;
 pub mod config;
 mod delivery;
@@ -217,6 +219,13 @@ impl Shared {
     }
 }
 
+/// A pause of a few random milliseconds before a compare-and-set is tried again: replicas
+/// (or registrations of a fleet booting together) that collided once then do not collide in
+/// lockstep.
+pub(crate) async fn contention_pause() {
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20))).await;
+}
+
 /// What a replica has done since it started, reported in `$SRV.STATS`.
 #[derive(Debug, Default)]
 struct Counters {
@@ -235,6 +244,8 @@ struct Counters {
     identity_refused: AtomicU64,
     /// Registrations refused for their join token.
     tokens_refused: AtomicU64,
+    /// Heartbeats dropped as repeats of an earlier one of the same process.
+    heartbeats_replayed: AtomicU64,
 }
 
 /// [`Counters`] as they appear in `$SRV.STATS`.
@@ -250,6 +261,7 @@ struct CountersSnapshot {
     signatures_invalid: u64,
     identity_refused: u64,
     tokens_refused: u64,
+    heartbeats_replayed: u64,
 }
 
 impl Counters {
@@ -270,6 +282,7 @@ impl Counters {
             signatures_invalid: read(&self.signatures_invalid),
             identity_refused: read(&self.identity_refused),
             tokens_refused: read(&self.tokens_refused),
+            heartbeats_replayed: read(&self.heartbeats_replayed),
         })
         .unwrap_or_default()
     }

@@ -15,7 +15,7 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::view::Placement;
+use crate::view::{Handover, Placement};
 use crate::{Counters, Shared};
 
 /// Hands out again, at once, every task a node's previous process held: the node's consumer
@@ -189,11 +189,14 @@ async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Messa
         // The node may have come back between the look at the view and now (one late
         // heartbeat, an uncordon after a drain): then its work stays with it, and no attempt
         // is spent.
-        if !shared.view().hands_over(lost, now_ms()) {
+        let Some(handover) = shared.view().handover(lost, now_ms()) else {
             message.ack_with(AckKind::Nak(None)).await.ok();
             return;
-        }
-        let moved = if dispatch.attempt >= shared.config.max_attempts {
+        };
+        // Only a lost node costs the task an attempt: a drain or a removal is the operator's
+        // doing, and a rolling drain across a fleet must not fail the tasks it moves.
+        let moved = if handover == Handover::Lost && dispatch.attempt >= shared.config.max_attempts
+        {
             let result = node_lost_result(&dispatch, lost);
             tracing::warn!("task failed: its nodes were lost on every attempt");
             Counters::count(&shared.counters.tasks_lost);

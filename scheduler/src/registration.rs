@@ -1,55 +1,48 @@
 //! Agents joining and staying: `register` and `heartbeat`.
 //!
 //! Both bodies are signed with the node's key ([`apiary_proto::identity`]); a message that
-//! does not verify is dropped unanswered and counted. A node id is bound to the key it first
-//! registered with: the first registration needs a join token, later ones (a restart, a
-//! re-registration after the bucket was lost) are admitted by the key alone, so a node keeps
-//! working after its token expires. Another key for a bound id is refused (`forbidden`) until
-//! an operator removes the node.
+//! does not verify is dropped unanswered and counted, before anything else about it is
+//! looked at. A node id is bound to the key it first registered with ([`crate::binding`]):
+//! the first registration needs a join token, later ones (a restart, a re-registration after
+//! the node bucket was lost) are admitted by the key alone, so a node keeps working after its
+//! token expires. Another key for a bound id is refused (`forbidden`) until an operator
+//! removes the node. A heartbeat that repeats an earlier one of the same process (a replay)
+//! is dropped and counted.
 
 use std::sync::Arc;
 
-use apiary_proto::admin::{Approval, NodeAdmin};
 use apiary_proto::message::{
     ErrorBody, ErrorCode, Heartbeat, HeartbeatReply, NodeLiveness, NodeMetrics, NodeRecord,
-    NodeState, Refusal, RegisterReply, RegisterRequest, Reply,
+    NodeState, RegisterReply, RegisterRequest, Reply,
 };
-use apiary_proto::rpc::Inbound;
-use apiary_proto::{NodeId, codec, identity, now_ms, topology};
+use apiary_proto::rpc::{self, Inbound};
+use apiary_proto::{CodecError, NodeId, codec, identity, now_ms, topology};
 use async_nats::jetstream::kv;
 use tracing::Instrument as _;
 
 use crate::nodes::{decode_value, put_record};
 use crate::service::check_subject;
 use crate::view::NodeChange;
-use crate::{Counters, SYNC_WAIT, Shared, admin, recovery, tokens};
+use crate::{Counters, SYNC_WAIT, Shared, admin, binding, recovery};
 
 /// How often storing a registration retries when another write to the key came first.
 const STORE_ATTEMPTS: usize = 8;
 
-/// The sender's verified key, or `None` (counted) when the message does not verify or the
-/// body claims another key than the one that signed it.
-fn verified_signer(shared: &Shared, inbound: &Inbound, claimed: Option<&str>) -> Option<String> {
-    let signer = identity::verify(inbound.headers.as_ref(), &inbound.payload);
-    let refused = match signer {
-        Ok(signer) if claimed.is_none_or(|claimed| claimed == signer) => return Some(signer),
-        Ok(_) => "the body names another key than the one that signed it".to_owned(),
-        Err(err) => err.to_string(),
-    };
-    Counters::count(&shared.counters.signatures_invalid);
-    tracing::debug!(node_id = ?inbound.node, reason = %refused, "dropped a message that does not verify");
-    None
+/// The sender's verified key, or `None` (counted) when the message does not verify.
+fn verified_signer(shared: &Shared, inbound: &Inbound) -> Option<String> {
+    match identity::verify(inbound.headers.as_ref(), &inbound.payload) {
+        Ok(signer) => Some(signer),
+        Err(err) => {
+            refuse_unverified(shared, inbound, &err.to_string());
+            None
+        }
+    }
 }
 
-fn key_mismatch(shared: &Shared, node: &NodeId) -> ErrorBody {
-    Counters::count(&shared.counters.identity_refused);
-    tracing::warn!(node_id = %node, "refused a node key other than the one bound to this node id");
-    ErrorBody::refused(
-        Refusal::KeyMismatch,
-        format!(
-            "node id {node} is bound to another key; an operator can remove the node (apiary nodes rm {node}) to free the id"
-        ),
-    )
+/// Counts and logs a message dropped because it does not verify.
+fn refuse_unverified(shared: &Shared, inbound: &Inbound, reason: &str) {
+    Counters::count(&shared.counters.signatures_invalid);
+    tracing::debug!(subject = %inbound.subject, reason, "dropped a message that does not verify");
 }
 
 /// Whether `record` binds its node to another key than `signer`. A record from an agent
@@ -84,27 +77,15 @@ async fn stored_registration(
     }
 }
 
-/// What storing a registration found.
-struct Stored {
-    /// The registration it replaced, when this replica's write was the one that replaced
-    /// it: of two replicas handling the same registration at once (an agent that retried
-    /// after a slow reply), only one sees the previous process, so only one reclaims its work
-    /// and none deletes the new process's consumer under it.
-    replaced: Option<NodeRecord>,
-    /// The stored record's revision.
-    revision: u64,
-    /// No registration was stored before: the node id is new and its join token was spent.
-    joined: bool,
-}
-
-/// Stores `record` as its node's registration with compare-and-set on the key's revision,
-/// checking the key binding against what is stored at each try, and redeeming `token` when
-/// the id has no registration yet.
+/// Stores `record` as its node's registration with compare-and-set on the key's revision.
+/// Returns the registration it replaced, when this replica's write was the one that replaced
+/// it: of two replicas handling the same registration at once (an agent that retried after a
+/// slow reply), only one sees the previous process, so only one reclaims its work and none
+/// deletes the new process's consumer under it. Also returns the stored record's revision.
 async fn store_registration(
     shared: &Shared,
     record: &NodeRecord,
-    token: Option<&str>,
-) -> Result<Stored, ErrorBody> {
+) -> Result<(Option<NodeRecord>, u64), ErrorBody> {
     let node = &record.info.node_id;
     let key = topology::node_info_key(node);
     let internal = |what: &str, err: &dyn std::fmt::Display| {
@@ -114,61 +95,23 @@ async fn store_registration(
         )
     };
     let value = codec::encode(record).map_err(|err| internal("encode", &err))?;
-    let mut redeemed = false;
     for _ in 0..STORE_ATTEMPTS {
-        match stored_registration(shared, node).await? {
+        let written = match stored_registration(shared, node).await? {
             Some((current, revision)) => {
-                if bound_elsewhere(&current, &record.info.public_key) {
-                    return Err(key_mismatch(shared, node));
-                }
                 match shared.nodes.update(&key, value.clone(), revision).await {
-                    Ok(revision) => {
-                        return Ok(Stored {
-                            replaced: Some(current),
-                            revision,
-                            joined: redeemed,
-                        });
-                    }
-                    Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                    Err(err) => return Err(internal("store", &err)),
+                    Ok(revision) => return Ok((Some(current), revision)),
+                    Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(()),
+                    Err(err) => Err(internal("store", &err)),
                 }
             }
-            None => {
-                if !redeemed {
-                    let admitted = tokens::redeem(&shared.cluster, token, now_ms()).await;
-                    if let Err(refusal) = admitted {
-                        // The same node's retried registration, handled by another replica
-                        // at the same moment, may have spent the token's last use and stored
-                        // the record: then this one is a re-registration, not a refusal.
-                        let registered_meanwhile = stored_registration(shared, node)
-                            .await?
-                            .is_some_and(|(current, _)| {
-                                current.info.public_key == record.info.public_key
-                            });
-                        if registered_meanwhile {
-                            continue;
-                        }
-                        if refusal.reason.is_some() {
-                            Counters::count(&shared.counters.tokens_refused);
-                        }
-                        return Err(refusal);
-                    }
-                    redeemed = true;
-                }
-                match shared.nodes.create(&key, value.clone()).await {
-                    Ok(revision) => {
-                        return Ok(Stored {
-                            replaced: None,
-                            revision,
-                            joined: true,
-                        });
-                    }
-                    // Someone registered the id meanwhile: look again at whose it is.
-                    Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                    Err(err) => return Err(internal("store", &err)),
-                }
-            }
-        }
+            None => match shared.nodes.create(&key, value.clone()).await {
+                Ok(revision) => return Ok((None, revision)),
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+                Err(err) => Err(internal("store", &err)),
+            },
+        };
+        written?;
+        crate::contention_pause().await;
     }
     Err(internal("store", &"the record kept changing"))
 }
@@ -176,15 +119,25 @@ async fn store_registration(
 pub(crate) async fn register(
     shared: Arc<Shared>,
     inbound: Inbound,
-    request: RegisterRequest,
+    request: Result<RegisterRequest, CodecError>,
 ) -> Option<Reply<RegisterReply>> {
+    // The signature first: whatever else is wrong with a message that does not verify is
+    // nobody's business but its sender's.
+    let signer = verified_signer(&shared, &inbound)?;
+    let request = match request {
+        Ok(request) => request,
+        Err(err) => return Some(rpc::malformed(&inbound, &err)),
+    };
     let node = request.node.node_id.clone();
     let span = tracing::info_span!("register", node_id = %node);
     async move {
         if let Err(err) = check_subject(inbound.node.clone(), &node) {
             return Some(Reply::Error(err));
         }
-        verified_signer(&shared, &inbound, Some(&request.node.public_key))?;
+        if request.node.public_key != signer {
+            refuse_unverified(&shared, &inbound, "the body names another key than the one that signed it");
+            return None;
+        }
         Some(match admit(&shared, request).await {
             Ok(reply) => Reply::Ok(reply),
             Err(err) => {
@@ -199,10 +152,18 @@ pub(crate) async fn register(
 
 async fn admit(shared: &Arc<Shared>, request: RegisterRequest) -> Result<RegisterReply, ErrorBody> {
     let node = request.node.node_id.clone();
+    let admission = binding::admit(
+        shared,
+        &node,
+        &request.node.public_key,
+        request.token.as_ref(),
+    )
+    .await?;
     let now = now_ms();
     let record = NodeRecord {
         info: request.node,
         registered_at_ms: now,
+        token_id: admission.token_id,
     };
     let live = NodeLiveness {
         last_seen_ms: now,
@@ -213,20 +174,10 @@ async fn admit(shared: &Arc<Shared>, request: RegisterRequest) -> Result<Registe
             slots: record.info.slots,
             ..NodeMetrics::default()
         },
+        incarnation: record.info.incarnation.clone(),
     };
-    let stored = store_registration(shared, &record, request.token.as_deref()).await?;
-    if stored.joined {
-        // A new node starts with a fresh operator record: pending in approval mode, and
-        // without the marker of an earlier removal of the same id.
-        let settings = admin::settings(shared).await?;
-        let fresh = NodeAdmin {
-            pending: settings.approval == Approval::Manual,
-            ..NodeAdmin::default()
-        };
-        let revision = put_record(shared, topology::node_admin_key(&node), &fresh).await?;
-        shared.apply_written(revision, NodeChange::Admin(node.clone(), fresh));
-    }
-    if let Some(previous) = stored.replaced
+    let (replaced, info_revision) = store_registration(shared, &record).await?;
+    if let Some(previous) = replaced
         && is_new_incarnation(&previous, &record.info.incarnation)
     {
         // The process that registered before is gone: it had this node's key, so it was
@@ -244,7 +195,7 @@ async fn admit(shared: &Arc<Shared>, request: RegisterRequest) -> Result<Registe
     }
     let live_revision = put_record(shared, topology::node_live_key(&node), &live).await?;
     // Known to this replica at once; the bucket watch brings the same records back.
-    shared.apply_written(stored.revision, NodeChange::Registered(record.clone()));
+    shared.apply_written(info_revision, NodeChange::Registered(record.clone()));
     shared.apply_written(live_revision, NodeChange::Heartbeat(node.clone(), live));
     Counters::count(&shared.counters.nodes_registered);
     tracing::info!(
@@ -254,7 +205,7 @@ async fn admit(shared: &Arc<Shared>, request: RegisterRequest) -> Result<Registe
         slots = record.info.slots,
         incarnation = %record.info.incarnation,
         public_key = %record.info.public_key,
-        joined = stored.joined,
+        joined = admission.joined,
         "node registered"
     );
     Ok(RegisterReply {
@@ -276,34 +227,40 @@ enum Sender {
 /// Whether this replica can place work on the heartbeat's sender: the view holds a
 /// registration of the sender's incarnation and key. A view that lacks it, or holds another
 /// incarnation's, is checked against the bucket first and brought up to date, so the answer
-/// and the view always agree.
+/// and the view always agree. A removal is looked for first, in the view and then in the
+/// bucket, so that a replica still catching up never invites a removed node back.
 async fn sender(shared: &Shared, heartbeat: &Heartbeat, signer: &str) -> Result<Sender, ErrorBody> {
     let node = &heartbeat.node_id;
     let matches = |record: &NodeRecord| {
         heartbeat.incarnation.is_empty() || !is_new_incarnation(record, &heartbeat.incarnation)
     };
-    let held = shared.view().registration(node).cloned();
+    let (removed, held) = {
+        let view = shared.view();
+        let removed = view
+            .admin(node)
+            .is_some_and(|admin| admin.removed_ms.is_some());
+        (removed, view.registration(node).cloned())
+    };
+    if removed {
+        return Ok(Sender::Removed);
+    }
     if let Some(record) = held.filter(matches) {
         if bound_elsewhere(&record, signer) {
-            return Err(key_mismatch(shared, node));
+            return Err(binding::key_mismatch(shared, node));
         }
         return Ok(Sender::Registered);
     }
     // A replica that is still reading the bucket answers from the bucket.
     shared.wait_synced(SYNC_WAIT).await;
     let Some((record, revision)) = stored_registration(shared, node).await? else {
-        let removed = shared
-            .view()
-            .admin(node)
-            .is_some_and(|admin| admin.removed_ms.is_some());
-        return Ok(if removed {
+        return Ok(if admin::is_removed(shared, node).await? {
             Sender::Removed
         } else {
             Sender::Unknown
         });
     };
     if bound_elsewhere(&record, signer) {
-        return Err(key_mismatch(shared, node));
+        return Err(binding::key_mismatch(shared, node));
     }
     let known = matches(&record);
     if !known {
@@ -322,16 +279,33 @@ async fn sender(shared: &Shared, heartbeat: &Heartbeat, signer: &str) -> Result<
     })
 }
 
+/// Whether the heartbeat repeats one this replica has seen from the same process: its `seq`
+/// is no higher than the latest stored. A replayed heartbeat would keep a dead node online,
+/// or, replayed `leaving`, take a live one out.
+fn is_replay(shared: &Shared, heartbeat: &Heartbeat) -> bool {
+    if heartbeat.incarnation.is_empty() {
+        return false;
+    }
+    shared
+        .view()
+        .liveness(&heartbeat.node_id)
+        .is_some_and(|live| live.incarnation == heartbeat.incarnation && heartbeat.seq <= live.seq)
+}
+
 pub(crate) async fn heartbeat(
     shared: Arc<Shared>,
     inbound: Inbound,
-    heartbeat: Heartbeat,
+    heartbeat: Result<Heartbeat, CodecError>,
 ) -> Option<Reply<HeartbeatReply>> {
+    let signer = verified_signer(&shared, &inbound)?;
+    let heartbeat = match heartbeat {
+        Ok(heartbeat) => heartbeat,
+        Err(err) => return Some(rpc::malformed(&inbound, &err)),
+    };
     let node = heartbeat.node_id.clone();
     if let Err(err) = check_subject(inbound.node.clone(), &node) {
         return Some(Reply::Error(err));
     }
-    let signer = verified_signer(&shared, &inbound, None)?;
     match sender(&shared, &heartbeat, &signer).await {
         Ok(Sender::Registered) => {}
         Ok(Sender::Unknown) => {
@@ -348,14 +322,20 @@ pub(crate) async fn heartbeat(
         }
         Err(err) => return Some(Reply::Error(err)),
     }
+    if is_replay(&shared, &heartbeat) {
+        Counters::count(&shared.counters.heartbeats_replayed);
+        tracing::debug!(node_id = %node, seq = heartbeat.seq, "dropped a replayed heartbeat");
+        return None;
+    }
     let live = NodeLiveness {
         last_seen_ms: now_ms(),
         heartbeat_interval_ms: shared.heartbeat_interval_ms(),
         seq: heartbeat.seq,
         state: heartbeat.state,
         metrics: heartbeat.metrics,
+        incarnation: heartbeat.incarnation,
     };
-    if heartbeat.state == NodeState::Leaving {
+    if live.state == NodeState::Leaving {
         tracing::info!(node_id = %node, "node leaving");
     }
     let revision = match put_record(&shared, topology::node_live_key(&node), &live).await {
@@ -365,14 +345,12 @@ pub(crate) async fn heartbeat(
     // This replica's view has it before the agent hears back: a `leaving` heartbeat stops
     // placements here at once, not when the bucket watch catches up.
     shared.apply_written(revision, NodeChange::Heartbeat(node.clone(), live));
-    let schedule = shared
-        .view()
-        .admin(&node)
-        .map(|admin| admin.schedule)
-        .unwrap_or_default();
+    let (schedule, schedule_revision) = shared.view().schedule(&node);
     Some(Reply::Ok(HeartbeatReply {
         registered: true,
         schedule,
         leave: false,
+        now_ms: now_ms(),
+        schedule_revision,
     }))
 }

@@ -11,7 +11,7 @@ use apiary_proto::admin::{TokenCreateRequest, TokenList, TokenListRequest, Token
 use apiary_proto::message::{ErrorBody, ErrorCode, NodesListReply, NodesListRequest, Reply};
 use apiary_proto::rpc::{self, Inbound};
 use apiary_proto::subject::{self, NodeVerb, NodesCommand, TokensCommand};
-use apiary_proto::{NodeId, now_ms};
+use apiary_proto::{CodecError, NodeId, now_ms};
 use async_nats::service::Service;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -135,7 +135,7 @@ impl Endpoints<'_> {
         tasks: &mut JoinSet<anyhow::Result<()>>,
         name: impl Into<String>,
         subject: subject::Subject,
-        handler: fn(Arc<Shared>, Inbound, Req) -> Fut,
+        handler: fn(Arc<Shared>, Inbound, Result<Req, CodecError>) -> Fut,
     ) -> anyhow::Result<()>
     where
         Req: DeserializeOwned + Send + 'static,

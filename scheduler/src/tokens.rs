@@ -6,7 +6,7 @@
 //! harness, the chaos driver) mint tokens exactly as the `tokens.create` endpoint does.
 
 use apiary_proto::admin::{
-    JoinToken, TokenCreateRequest, TokenCreated, TokenInfo, TokenRecord, TokenRefusal,
+    JoinToken, SecretToken, TokenCreateRequest, TokenCreated, TokenInfo, TokenRecord, TokenRefusal,
 };
 use apiary_proto::message::{ErrorBody, ErrorCode, Refusal};
 use apiary_proto::{codec, topology};
@@ -27,19 +27,27 @@ pub async fn create(
     request: &TokenCreateRequest,
     now_ms: u64,
 ) -> Result<TokenCreated, ErrorBody> {
+    // A token that could never admit anything is a mistake worth saying so.
+    if request.ttl_ms == Some(0) || request.max_uses == Some(0) {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            "a token needs a ttl and a number of uses above zero (leave them out for no limit)",
+        ));
+    }
     let token = JoinToken::generate().map_err(|err| internal("make a token", err))?;
     let info = TokenInfo {
         id: token.id().to_owned(),
         description: request.description.clone(),
         created_ms: now_ms,
         expires_ms: request.ttl_ms.map(|ttl| now_ms.saturating_add(ttl)),
-        uses_left: request.uses,
+        uses_left: request.max_uses,
         uses: 0,
         revoked_ms: None,
     };
     let record = TokenRecord {
         info: info.clone(),
         secret_sha256: token.secret_sha256(),
+        redeemed_by: Default::default(),
     };
     let value = codec::encode(&record).map_err(|err| internal("encode the token", err))?;
     store
@@ -74,6 +82,12 @@ pub async fn list(store: &kv::Store) -> Result<Vec<TokenInfo>, ErrorBody> {
 
 /// Revokes a token: it admits no new node, and nodes it admitted keep working.
 pub async fn revoke(store: &kv::Store, id: &str, now_ms: u64) -> Result<TokenInfo, ErrorBody> {
+    if !JoinToken::is_id(id) {
+        return Err(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("{id:?} is not a token id (12 lowercase hex digits, as `tokens ls` shows)"),
+        ));
+    }
     let key = topology::token_key(id);
     for _ in 0..REDEEM_ATTEMPTS {
         let Some((mut record, revision)) = read(store, &key).await? else {
@@ -90,24 +104,28 @@ pub async fn revoke(store: &kv::Store, id: &str, now_ms: u64) -> Result<TokenInf
             tracing::info!(token_id = %id, "join token revoked");
             return Ok(record.info);
         }
+        crate::contention_pause().await;
     }
     Err(internal("revoke the token", "it kept changing"))
 }
 
-/// Admits one new node with `presented`, counting the use. The refusal says precisely why.
+/// Admits the new node with `public_key` with `presented`, counting the use (once per key:
+/// a retried registration costs nothing more). Returns the token's id; a refusal says
+/// precisely why.
 pub(crate) async fn redeem(
     store: &kv::Store,
-    presented: Option<&str>,
+    presented: Option<&SecretToken>,
+    public_key: &str,
     now_ms: u64,
-) -> Result<TokenInfo, ErrorBody> {
-    let Some(presented) = presented.filter(|token| !token.trim().is_empty()) else {
+) -> Result<String, ErrorBody> {
+    let Some(presented) = presented.filter(|token| !token.expose().trim().is_empty()) else {
         return Err(ErrorBody::refused(
             Refusal::TokenMissing,
             "a new node needs a join token (apiary tokens create; APIARY_TOKEN on the node)",
         ));
     };
     let unknown = || ErrorBody::refused(Refusal::TokenUnknown, "unknown join token");
-    let token = JoinToken::parse(presented).map_err(|_| unknown())?;
+    let token = JoinToken::parse(presented.expose()).map_err(|_| unknown())?;
     let key = topology::token_key(token.id());
     for _ in 0..REDEEM_ATTEMPTS {
         let Some((record, revision)) = read(store, &key).await? else {
@@ -116,18 +134,24 @@ pub(crate) async fn redeem(
         if !token.matches(&record) {
             return Err(unknown());
         }
-        if let Err(refusal) = record.admits(now_ms) {
-            let (reason, message) = match refusal {
-                TokenRefusal::Revoked => (Refusal::TokenRevoked, "the join token was revoked"),
-                TokenRefusal::Expired => (Refusal::TokenExpired, "the join token has expired"),
-                TokenRefusal::UsedUp => (Refusal::TokenUsedUp, "the join token is used up"),
-            };
-            return Err(ErrorBody::refused(reason, message));
-        }
-        let used = record.used();
+        let used = match record.redeem(public_key, now_ms) {
+            Ok(None) => return Ok(record.info.id),
+            Ok(Some(used)) => used,
+            Err(refusal) => {
+                let (reason, message) = match refusal {
+                    TokenRefusal::Revoked => (Refusal::TokenRevoked, "the join token was revoked"),
+                    TokenRefusal::Expired => (Refusal::TokenExpired, "the join token has expired"),
+                    TokenRefusal::UsedUp => (Refusal::TokenUsedUp, "the join token is used up"),
+                };
+                return Err(ErrorBody::refused(reason, message));
+            }
+        };
         if update(store, &key, &used, revision).await? {
-            return Ok(used.info);
+            return Ok(used.info.id);
         }
+        // Another node joined with the same token at the same moment: look again, after a
+        // pause of a few milliseconds so that a fleet booting together spreads out.
+        crate::contention_pause().await;
     }
     Err(internal("redeem the token", "it kept changing"))
 }

@@ -51,9 +51,9 @@ impl NodeEntry {
         }
     }
 
-    /// Whether the node's queued work must go elsewhere: it is offline or has left, it is
-    /// being drained, or an operator removed it lately.
-    fn hands_over(&self, now_ms: u64) -> bool {
+    /// Why the node's queued work must go elsewhere, if it must: it is offline or has left,
+    /// or an operator is draining it or removed it lately.
+    fn handover(&self, now_ms: u64) -> Option<Handover> {
         let admin = self.admin.as_ref();
         let draining =
             admin.is_some_and(|admin| matches!(admin.schedule, Schedule::Draining { .. }));
@@ -61,12 +61,15 @@ impl NodeEntry {
             .and_then(|admin| admin.removed_ms)
             .is_some_and(|removed| now_ms.saturating_sub(removed) < REMOVED_RECOVERY_MS);
         match &self.record {
-            Some(record) => {
-                draining
-                    || liveness::node_status(record, self.live.as_ref(), now_ms)
-                        != NodeStatus::Online
+            Some(_) if draining => Some(Handover::Operator),
+            Some(record)
+                if liveness::node_status(record, self.live.as_ref(), now_ms)
+                    != NodeStatus::Online =>
+            {
+                Some(Handover::Lost)
             }
-            None => removed_lately,
+            None if removed_lately => Some(Handover::Operator),
+            _ => None,
         }
     }
 
@@ -135,6 +138,16 @@ impl NodeChange {
             NodeChange::Registered(_) | NodeChange::Heartbeat(..) | NodeChange::Admin(..)
         )
     }
+}
+
+/// Why a node's queued work moves elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handover {
+    /// The node is offline or has left: the move spends one of the task's attempts.
+    Lost,
+    /// An operator drains or removed the node: nothing was lost, and the move spends no
+    /// attempt (its attempt number still counts up, since results are told apart by it).
+    Operator,
 }
 
 /// Where a task should go.
@@ -263,6 +276,20 @@ impl NodeView {
     /// The node's registration record, if the view has one.
     pub fn registration(&self, node: &NodeId) -> Option<&NodeRecord> {
         self.nodes.get(node)?.record.as_ref()
+    }
+
+    /// The node's latest liveness record, if the view has one.
+    pub fn liveness(&self, node: &NodeId) -> Option<&NodeLiveness> {
+        self.nodes.get(node)?.live.as_ref()
+    }
+
+    /// Whether the operator lets the node take work, with the bucket revision of the record
+    /// that says so (0 when there is none: open).
+    pub fn schedule(&self, node: &NodeId) -> (Schedule, u64) {
+        self.nodes
+            .get(node)
+            .and_then(|entry| Some((entry.admin.as_ref()?.schedule, entry.admin_revision)))
+            .unwrap_or_default()
     }
 
     /// What the operator set on the node, if anything.
@@ -465,16 +492,15 @@ impl NodeView {
     pub fn lost_nodes(&self, now_ms: u64) -> Vec<NodeId> {
         self.nodes
             .iter()
-            .filter(|(_, entry)| entry.hands_over(now_ms))
+            .filter(|(_, entry)| entry.handover(now_ms).is_some())
             .map(|(node, _)| node.clone())
             .collect()
     }
 
-    /// Whether `node`'s queued work must go elsewhere now (see [`NodeView::lost_nodes`]).
-    pub fn hands_over(&self, node: &NodeId, now_ms: u64) -> bool {
-        self.nodes
-            .get(node)
-            .is_some_and(|entry| entry.hands_over(now_ms))
+    /// Why `node`'s queued work must go elsewhere now, if it must (see
+    /// [`NodeView::lost_nodes`]).
+    pub fn handover(&self, node: &NodeId, now_ms: u64) -> Option<Handover> {
+        self.nodes.get(node)?.handover(now_ms)
     }
 }
 
@@ -611,6 +637,7 @@ mod tests {
                 roles: Default::default(),
             },
             registered_at_ms: 0,
+            token_id: None,
         }
     }
 
@@ -624,6 +651,7 @@ mod tests {
                 running_tasks: running,
                 ..NodeMetrics::default()
             },
+            incarnation: String::new(),
         }
     }
 
@@ -714,6 +742,14 @@ mod tests {
             admin(|a| a.schedule = Schedule::Cordoned),
         ));
         assert_eq!(view.lost_nodes(NOW), vec![id("a"), id("b")]);
+        assert_eq!(view.handover(&id("a"), NOW), Some(Handover::Operator));
+        assert_eq!(view.handover(&id("b"), NOW), Some(Handover::Operator));
+        assert_eq!(view.handover(&id("c"), NOW), None);
+        assert_eq!(
+            view.handover(&id("c"), NOW + 60_000),
+            Some(Handover::Lost),
+            "an offline node"
+        );
         // A removal long past no longer costs a look at the node's queue.
         assert!(
             !view

@@ -76,12 +76,12 @@ impl Client {
         node: &NodeId,
         deadline: Option<Duration>,
     ) -> Result<NodeSummary, Error> {
-        let deadline_ms = deadline.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let within_ms = deadline.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.ask(
             subject::nodes_command(NodesCommand::Drain),
             &DrainRequest {
                 node_id: node.clone(),
-                deadline_ms,
+                within_ms,
             },
         )
         .await
@@ -146,7 +146,7 @@ impl Client {
             &TokenCreateRequest {
                 description: token.description,
                 ttl_ms: token.ttl.map(millis),
-                uses: token.uses,
+                max_uses: token.uses,
             },
         )
         .await

@@ -50,7 +50,7 @@ pub async fn mint_token(
     let request = apiary_proto::admin::TokenCreateRequest {
         description: description.to_owned(),
         ttl_ms,
-        uses,
+        max_uses: uses,
     };
     apiary_scheduler::tokens::create(&topology.cluster, &request, apiary_proto::now_ms())
         .await
@@ -265,7 +265,7 @@ impl Stack {
             nats_url: self.url().to_owned(),
             node_id: Some(node.to_owned()),
             state_dir: Some(self.state_root.path().join(node)),
-            token: Some(self.token.clone()),
+            token: Some(self.token.clone().into()),
             slots: Some(2),
             request_timeout: Duration::from_secs(2),
             max_register_backoff: Duration::from_millis(200),

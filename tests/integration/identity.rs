@@ -19,7 +19,7 @@ use serde_json::json;
 /// exits for another reason.
 async fn refused_agent(stack: &Stack, node: &str, token: Option<String>) -> Refusal {
     let config = apiary_agent::AgentConfig {
-        token,
+        token: token.map(Into::into),
         ..stack.agent_config(node)
     };
     let error = stack
@@ -60,7 +60,13 @@ async fn each_bad_token_is_refused_with_its_reason_and_the_agent_exits() {
         Refusal::TokenUnknown
     );
 
-    let expired = mint_token(stack.url(), "expired", Some(0), None).await;
+    let expired = mint_token(stack.url(), "expired", Some(1), None).await;
+    // One millisecond to live: expired once the clock has moved past it.
+    let minted = apiary_proto::now_ms();
+    eventually(PATIENCE, "the token to expire", || async {
+        (apiary_proto::now_ms() > minted + 1).then_some(())
+    })
+    .await;
     assert_eq!(
         refused_agent(&stack, "late", Some(expired)).await,
         Refusal::TokenExpired
@@ -78,7 +84,7 @@ async fn each_bad_token_is_refused_with_its_reason_and_the_agent_exits() {
     let once = mint_token(stack.url(), "once", None, Some(1)).await;
     let first = stack
         .spawn_agent_online_with(apiary_agent::AgentConfig {
-            token: Some(once.clone()),
+            token: Some(once.clone().into()),
             ..stack.agent_config("first")
         })
         .await;
@@ -107,25 +113,53 @@ async fn each_bad_token_is_refused_with_its_reason_and_the_agent_exits() {
 }
 
 #[tokio::test]
-async fn a_node_keeps_working_after_its_token_expires_or_is_revoked() {
+async fn a_joined_node_registers_again_without_its_token_after_a_restart_or_a_lost_node_bucket() {
     let stack = Stack::start().await;
     let _scheduler = stack.spawn_scheduler().await;
-    let token = mint_token(stack.url(), "short-lived", None, Some(1)).await;
+    let client = stack.client().await;
+    let token = mint_token(stack.url(), "one use", None, Some(1)).await;
     let config = apiary_agent::AgentConfig {
-        token: Some(token.clone()),
+        token: Some(token.clone().into()),
         ..stack.agent_config("node-a")
     };
     let agent = stack.spawn_agent_online_with(config.clone()).await;
     let (id, _) = token.split_once('.').expect("id.secret");
-    stack.client().await.revoke_token(id).await.expect("revoke");
-    // A restart registers again under the same key: no token use, no refusal.
+    // Spent, then revoked: it admits nobody now.
+    client.revoke_token(id).await.expect("revoke");
+
+    // A restart registers again under the same key.
     agent.crash().await;
     let _agent = stack.spawn_agent_online_with(config).await;
+    // The node bucket loses the node's records (as when the bucket is lost): the agent is
+    // told to register again, and its key, still bound, admits it.
+    let bucket = stack.nodes_bucket().await;
+    let node = apiary_proto::NodeId::new("node-a").expect("id");
+    for key in [
+        apiary_proto::topology::node_info_key(&node),
+        apiary_proto::topology::node_live_key(&node),
+    ] {
+        bucket.purge(key).await.expect("forget the node");
+    }
+    eventually(PATIENCE, "node-a to register again", || async {
+        let nodes = client.nodes().await.ok()?;
+        (nodes.first()?.status == apiary_proto::message::NodeStatus::Online).then_some(())
+    })
+    .await;
+
     let output = stack
         .run(apiary_sdk::Task::new(wasm("uppercase")).input("still here"))
         .await
         .expect("the node runs tasks");
     assert_eq!(output.node_id.as_str(), "node-a");
+    let tokens = client.tokens().await.expect("tokens");
+    let spent = tokens.iter().find(|t| t.id == id).expect("listed");
+    assert_eq!(spent.uses, 1, "re-registrations spent no use");
+    let shown = client.node(&node).await.expect("show");
+    assert_eq!(
+        shown.token_id.as_deref(),
+        Some(id),
+        "the node names its token"
+    );
 }
 
 #[tokio::test]
@@ -226,6 +260,58 @@ async fn messages_that_do_not_verify_are_dropped_and_other_keys_are_refused() {
     );
     // The real node is untouched.
     let (_, reply) = node.request(&nats, NodeVerb::Heartbeat, &heartbeat).await;
+    assert_eq!(reply["ok"]["registered"], true, "{reply}");
+}
+
+#[tokio::test]
+async fn a_replayed_heartbeat_is_dropped_and_counted() {
+    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
+    let scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let node = HandNode::new("replayed");
+    let mut registration = node.registration(1, Some(&stack.token));
+    registration["node"]["incarnation"] = json!("first");
+    let (_, reply) = node.request(&nats, NodeVerb::Register, &registration).await;
+    assert_eq!(reply["ok"]["node_id"], "replayed", "{reply}");
+    let heartbeat = |seq: u64, state: &str| {
+        json!({"node_id": "replayed", "seq": seq, "state": state, "incarnation": "first",
+               "metrics": {"cpu_percent": 0.0, "memory_used_bytes": 0, "memory_total_bytes": 0,
+                           "running_tasks": 0, "slots": 1}})
+    };
+    let (_, reply) = node
+        .request(&nats, NodeVerb::Heartbeat, &heartbeat(2, "active"))
+        .await;
+    assert_eq!(reply["ok"]["registered"], true, "{reply}");
+    // Someone who captured an earlier `leaving` heartbeat, or this one, sends it again.
+    for replay in [heartbeat(2, "active"), heartbeat(1, "leaving")] {
+        let body = Bytes::from(replay.to_string());
+        let headers = identity::sign(&node.key, &body).expect("sign");
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(body)
+            .timeout(Some(QUIET));
+        let answer = nats
+            .send_request(
+                subject::node(&node.id, NodeVerb::Heartbeat).to_string(),
+                request,
+            )
+            .await;
+        assert!(answer.is_err(), "a replayed heartbeat was answered");
+    }
+    assert_eq!(
+        stack
+            .scheduler_counters(&scheduler)
+            .await
+            .get("heartbeats_replayed"),
+        2
+    );
+    // The node is still online: the replayed goodbye changed nothing.
+    let nodes = stack.client().await.nodes().await.expect("nodes");
+    assert_eq!(nodes[0].status, apiary_proto::message::NodeStatus::Online);
+    // The next real heartbeat is taken.
+    let (_, reply) = node
+        .request(&nats, NodeVerb::Heartbeat, &heartbeat(3, "active"))
+        .await;
     assert_eq!(reply["ok"]["registered"], true, "{reply}");
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use apiary_harness::{
-    Answer, PATIENCE, Stack, eventually, sleeping_guest, sleeping_module, wasm, within,
+    Answer, PATIENCE, QUIET, Stack, eventually, sleeping_guest, sleeping_module, wasm, within,
 };
 use apiary_proto::NodeId;
 use apiary_proto::codec;
@@ -230,7 +230,7 @@ async fn label_and_role_changes_change_placement() {
             .expect("runs");
         assert_eq!(output.node_id.as_str(), "node-a");
     }
-    // Taking the label away again: the next such task waits.
+    // Taking the label away again: the next such task is placed nowhere.
     client
         .label(
             &id("node-b"),
@@ -241,6 +241,25 @@ async fn label_and_role_changes_change_placement() {
         .expect("unlabel");
     let show = client.node(&id("node-b")).await.expect("show");
     assert!(show.admin.removed_labels.contains("accelerator"));
+    let nats = stack.nats().await;
+    let mut dispatches = nats
+        .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
+        .await
+        .expect("subscribe");
+    nats.flush().await.expect("flush");
+    let wants_it_again = Task::new(wasm("uppercase"))
+        .input("gpu again")
+        .requirements(Requirements {
+            labels: [("accelerator".to_owned(), "coral".to_owned())].into(),
+            ..Requirements::default()
+        });
+    client.submit(wants_it_again).await.expect("submit");
+    if let Ok(Some(message)) = tokio::time::timeout(QUIET, dispatches.next()).await {
+        panic!(
+            "a task needing a removed label was placed on {}",
+            message.subject
+        );
+    }
 }
 
 #[tokio::test]

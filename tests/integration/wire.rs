@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use apiary_harness::{HandNode, PATIENCE, Stack, eventually, wasm, within};
+use apiary_harness::{HandNode, PATIENCE, QUIET, Stack, eventually, wasm, within};
 use apiary_proto::message::ModuleRef;
 use apiary_proto::{headers, subject, topology};
 use async_nats::HeaderMap;
@@ -84,36 +84,57 @@ async fn an_empty_request_body_counts_as_json() {
 #[tokio::test]
 async fn malformed_and_forged_requests_get_typed_errors() {
     let stack = Stack::start().await;
-    let _scheduler = stack.spawn_scheduler().await;
+    let scheduler = stack.spawn_scheduler().await;
     let nats = stack.nats().await;
-    let node = apiary_proto::NodeId::new("n1").expect("id");
-    let register = subject::node(&node, subject::NodeVerb::Register).to_string();
+    let node = HandNode::new("n1");
+    let signed = |body: &[u8]| {
+        let body = Bytes::copy_from_slice(body);
+        let headers = apiary_proto::identity::sign(&node.key, &body).expect("sign");
+        (body, headers)
+    };
 
-    // Not even JSON.
-    let reply = within(
-        PATIENCE,
-        "a reply",
-        nats.request(register.clone(), Bytes::from_static(b"{oops")),
-    )
-    .await
-    .expect("answered");
-    let value: Value = serde_json::from_slice(&reply.payload).expect("JSON error reply");
+    // Unsigned, whatever it holds: dropped without a word, and counted.
+    let unsigned = async_nats::Request::new()
+        .payload(Bytes::from_static(b"{oops"))
+        .timeout(Some(QUIET));
+    let answer = nats
+        .send_request(
+            subject::node(&node.id, subject::NodeVerb::Register).to_string(),
+            unsigned,
+        )
+        .await;
+    assert!(answer.is_err(), "an unsigned registration was answered");
+    assert_eq!(
+        stack
+            .scheduler_counters(&scheduler)
+            .await
+            .get("signatures_invalid"),
+        1
+    );
+
+    // Signed, but not even JSON.
+    let (body, headers) = signed(b"{oops");
+    let (headers, value) = node
+        .request_raw(&nats, subject::NodeVerb::Register, body, headers)
+        .await;
     assert_eq!(value["error"]["code"], "bad_request", "{value}");
-    let code = reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
-        .map(|v| v.as_str().to_owned());
-    assert_eq!(code.as_deref(), Some("400"));
+    assert_eq!(
+        headers.get(headers::SERVICE_ERROR_CODE).map(|v| v.as_str()),
+        Some("400")
+    );
 
     // Valid JSON, wrong shape.
-    let (_, value) = json_request(&nats, register.clone(), json!({"node": 5})).await;
+    let (_, value) = node
+        .request(&nats, subject::NodeVerb::Register, &json!({"node": 5}))
+        .await;
     assert_eq!(value["error"]["code"], "bad_request", "{value}");
 
     // A node speaking for another node.
-    let forged = json!({"node": {"node_id": "someone-else", "hostname": "h", "arch": "x", "os": "o",
-        "cpu_cores": 1, "memory_bytes": 1, "slots": 1, "agent_version": "0"}});
-    let (headers, value) = json_request(&nats, register, forged).await;
+    let mut forged = node.registration(1, Some(&stack.token));
+    forged["node"]["node_id"] = json!("someone-else");
+    let (headers, value) = node
+        .request(&nats, subject::NodeVerb::Register, &forged)
+        .await;
     assert_eq!(value["error"]["code"], "forbidden", "{value}");
     assert_eq!(
         headers.get(headers::SERVICE_ERROR_CODE).map(|v| v.as_str()),
