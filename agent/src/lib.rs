@@ -269,8 +269,18 @@ pub async fn run_reporting_outbox(
             );
         }
         status.abort();
-        service.stop().await.ok();
-        client.flush().await.ok();
+        // Bounded: with the server away, a flush waits for a reconnection that may never
+        // come, and a stopping agent must still stop.
+        let farewell = async {
+            service.stop().await.ok();
+            client.flush().await.ok();
+        };
+        if tokio::time::timeout(config.request_timeout, farewell)
+            .await
+            .is_err()
+        {
+            tracing::debug!("the server did not confirm the last messages; stopping anyway");
+        }
         tracing::info!("agent stopped");
         if let Some(refusal) = agent.take_refusal() {
             return Err(Refused(refusal).into());

@@ -126,7 +126,13 @@ async fn dispatched_tasks(
     let mut backoff = Duration::from_millis(50);
     let mut warned = false;
     loop {
-        match open_dispatched_tasks(agent).await {
+        // Stop cuts an attempt short: with the server away, it waits out JetStream's
+        // request timeout.
+        let opened = tokio::select! {
+            _ = stop.cancelled() => return None,
+            opened = open_dispatched_tasks(agent) => opened,
+        };
+        match opened {
             Ok(messages) => return Some(messages),
             Err(err) if !warned => {
                 tracing::warn!(error = %format!("{err:#}"), "cannot pull dispatched tasks yet; retrying");

@@ -68,6 +68,9 @@ pub const SERVICE_NAME: &str = "apiary-scheduler";
 /// reading the node bucket.
 pub(crate) const SYNC_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a stopping replica waits for the server to take its last messages.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs a scheduler replica until `shutdown` is cancelled.
 pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let instance = nuid::next().to_string();
@@ -131,8 +134,18 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
             }
             stop.cancel();
         }
-        service.stop().await.ok();
-        client.flush().await.ok();
+        // Bounded: with the server away, a flush waits for a reconnection that may never
+        // come, and a stopping replica must still stop.
+        let farewell = async {
+            service.stop().await.ok();
+            client.flush().await.ok();
+        };
+        if tokio::time::timeout(FAREWELL_TIMEOUT, farewell)
+            .await
+            .is_err()
+        {
+            tracing::debug!("the server did not confirm the last messages; stopping anyway");
+        }
         tracing::info!("scheduler stopped");
         outcome
     }

@@ -82,8 +82,15 @@ pub(crate) async fn recover_lost_work(
         for node in lost {
             // Bounded, so that one lost reply (a server restart mid-fetch) cannot stall
             // recovery for every other node.
-            let recovered =
-                tokio::time::timeout(RECOVERY_TIMEOUT, recover_node(&shared, &stream, &node)).await;
+            let recovering =
+                tokio::time::timeout(RECOVERY_TIMEOUT, recover_node(&shared, &stream, &node));
+            // A stopping replica leaves a round half done: what it fetched and did not move
+            // goes back to the node's consumer after the ack wait, and another replica moves
+            // it.
+            let recovered = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                recovered = recovering => recovered,
+            };
             let error = match recovered {
                 Ok(Ok(())) => continue,
                 Ok(Err(err)) => format!("{err:#}"),

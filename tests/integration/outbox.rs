@@ -213,3 +213,13 @@ async fn a_second_agent_on_the_same_state_directory_is_refused_at_start() {
         .expect("the first agent runs tasks");
     assert_eq!(output.stdout.as_ref(), b"STILL HERE");
 }
+
+#[tokio::test]
+async fn an_agent_and_a_scheduler_asked_to_stop_while_the_server_is_away_stop() {
+    let (mut stack, [scheduler, agent]) = Stack::with_one_node().await;
+    stack.stop_server().await;
+    // `stop` waits at most PATIENCE: a component that waits for the server to come back
+    // before it stops fails the test.
+    agent.stop().await.expect("the agent stops cleanly");
+    scheduler.stop().await.expect("the scheduler stops cleanly");
+}
