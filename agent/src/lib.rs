@@ -19,6 +19,7 @@
 //! handing back, draining), `task` (one run, its result and its acks) and `outbox` (results
 //! kept while the server is away, replayed when it is back).
 
+pub mod alloc;
 mod backoff;
 mod bus;
 pub mod config;

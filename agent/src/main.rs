@@ -27,6 +27,11 @@ enum Command {
     Detect,
 }
 
+/// musl's allocator makes zeroed memory resident at once; see `apiary_agent::alloc`.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: apiary_agent::alloc::LargeBlocksMapped = apiary_agent::alloc::LargeBlocksMapped;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run().await {
