@@ -473,6 +473,22 @@ impl Stack {
         agent
     }
 
+    /// Every placement as it happens, as `nats sub 'apiary.v1.node.*.dispatch'` shows it. The
+    /// server has the subscription once the flush's round trip is done, so it sees even the
+    /// first placement after this returns.
+    pub async fn dispatch_wire(&self) -> async_nats::Subscriber {
+        let nats = self.nats().await;
+        let dispatches = nats
+            .subscribe(
+                apiary_proto::subject::all_nodes(apiary_proto::subject::NodeVerb::Dispatch)
+                    .to_string(),
+            )
+            .await
+            .expect("subscribe to the dispatch subjects");
+        nats.flush().await.expect("flush");
+        dispatches
+    }
+
     /// The cluster's node bucket, `APIARY_NODES`.
     pub async fn nodes_bucket(&self) -> async_nats::jetstream::kv::Store {
         let js = async_nats::jetstream::new(self.nats().await);

@@ -373,12 +373,7 @@ async fn in_approval_mode_a_new_node_runs_nothing_until_approved() {
         Scheduling::Pending
     );
 
-    let nats = stack.nats().await;
-    let mut dispatches = nats
-        .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
-        .await
-        .expect("subscribe");
-    nats.flush().await.expect("flush");
+    let mut dispatches = stack.dispatch_wire().await;
     let handle = client
         .submit(apiary_sdk::Task::new(wasm("uppercase")).input("let me in"))
         .await

@@ -241,12 +241,7 @@ async fn label_and_role_changes_change_placement() {
         .expect("unlabel");
     let show = client.node(&id("node-b")).await.expect("show");
     assert!(show.admin.removed_labels.contains("accelerator"));
-    let nats = stack.nats().await;
-    let mut dispatches = nats
-        .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
-        .await
-        .expect("subscribe");
-    nats.flush().await.expect("flush");
+    let mut dispatches = stack.dispatch_wire().await;
     let wants_it_again = Task::new(wasm("uppercase"))
         .input("gpu again")
         .requirements(Requirements {

@@ -321,14 +321,7 @@ impl PlacementWatch {
         // Uploaded once up front, so each round's submit is only the publish, and the task
         // reaches the scheduler as soon after the request as it can.
         client.upload_module(&module).await.expect("upload");
-        // Every placement, as `nats sub 'apiary.v1.node.*.dispatch'` shows it. The server
-        // has the subscription once the flush's round trip is done, so it sees even the
-        // first.
-        let dispatches = nats
-            .subscribe(subject::all_nodes(NodeVerb::Dispatch).to_string())
-            .await
-            .expect("subscribe to the dispatch subjects");
-        nats.flush().await.expect("flush");
+        let dispatches = stack.dispatch_wire().await;
         let bucket = stack.nodes_bucket().await;
         Self {
             stack,
@@ -340,6 +333,20 @@ impl PlacementWatch {
             bucket,
         }
     }
+}
+
+/// Submits one task (the nodes never pull it, so it never runs) and returns where it was
+/// placed.
+async fn place_one(
+    client: &apiary_sdk::Client,
+    module: &Bytes,
+    dispatches: &mut async_nats::Subscriber,
+) -> apiary_proto::NodeId {
+    let task = client
+        .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
+        .await
+        .expect("submit");
+    first_placement(dispatches, task.id()).await
 }
 
 /// The node `task`'s first attempt was placed on, read from every node's dispatch subject.
@@ -393,11 +400,7 @@ async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_t
         hold_up_the_bucket_watch(&nats, &bucket, &goes).await;
         heartbeat_by_hand(&nats, &going, 2, "leaving").await;
         // The nodes never pull, so the task is never run: where it was placed is the point.
-        let task = client
-            .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
-            .await
-            .expect("submit");
-        let node = first_placement(&mut dispatches, task.id()).await;
+        let node = place_one(&client, &module, &mut dispatches).await;
         // A replica that learned of the goodbye only through its bucket watch still took
         // `goes` for online when the task arrived, and placed it there (in most rounds: ten
         // rounds catch it all but certainly).
@@ -485,11 +488,7 @@ async fn a_task_submitted_after_a_cordon_drain_or_rm_is_answered_goes_to_another
             "drain" => drop(client.drain(&going.id, None).await.expect("drain")),
             _ => drop(client.remove_node(&going.id).await.expect("rm")),
         }
-        let task = client
-            .submit(apiary_sdk::Task::new(module.clone()).input("where to?"))
-            .await
-            .expect("submit");
-        let node = first_placement(&mut dispatches, task.id()).await;
+        let node = place_one(&client, &module, &mut dispatches).await;
         assert_eq!(
             node.as_str(),
             stays,
