@@ -42,9 +42,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use apiary_proto::admin::Schedule;
 use apiary_proto::identity::KeyPair;
-use apiary_proto::message::{
-    AgentStatus, AgentStatusRequest, ErrorBody, NodeMetrics, Refusal, Reply,
-};
+use apiary_proto::message::{AgentStatus, AgentStatusRequest, ErrorBody, NodeMetrics, Reply};
 use apiary_proto::rpc;
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{NodeId, now_ms, topology};
@@ -92,16 +90,7 @@ pub async fn run_reporting_outbox(
     let slots = inventory.runtime.slots;
     let state = StateDir::open(config.state_dir.as_deref())
         .context("failed to open the state directory")?;
-    if let Some(marker) = state.removed_marker() {
-        let refusal = ErrorBody::refused(
-            Refusal::Removed,
-            format!(
-                "an operator removed this node from its cluster; delete {} to join again",
-                marker.display()
-            ),
-        );
-        return Err(Refused(refusal).into());
-    }
+    membership::refuse_if_removed(&state)?;
     let key = identity::load_or_create(&state).context("failed to load the node key")?;
     let sampler = MetricsSampler::new(gpus, Some(state.path()));
     let info = inventory::node_info(node_id.clone(), key.public_key(), inventory, &config);

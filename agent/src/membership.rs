@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use apiary_proto::admin::{Schedule, SecretToken};
 use apiary_proto::identity::KeyPair;
-use apiary_proto::message::Refusal;
+use apiary_proto::message::{ErrorBody, Refusal};
 use apiary_proto::message::{
     Heartbeat, HeartbeatReply, NodeInfo, NodeState, RegisterReply, RegisterRequest,
 };
@@ -17,7 +17,23 @@ use apiary_proto::subject::{self, NodeVerb};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::state::StateDir;
 use crate::{Agent, AgentConfig, Refused};
+
+/// Refuses to start a node an operator removed (see [`StateDir::removed_marker`]): it would
+/// join again, with the token still in its environment, behind the operator's back.
+pub(crate) fn refuse_if_removed(state: &StateDir) -> Result<(), Refused> {
+    match state.removed_marker() {
+        Some(marker) => Err(Refused(ErrorBody::refused(
+            Refusal::Removed,
+            format!(
+                "an operator removed this node from its cluster; delete {} to join again",
+                marker.display()
+            ),
+        ))),
+        None => Ok(()),
+    }
+}
 
 /// Registers, retrying with capped exponential backoff and jitter while no scheduler
 /// answers (or the server is away). Returns `None` if shutdown came first, and an error if

@@ -67,7 +67,7 @@ impl DevStack {
         .map_err(|err| anyhow::anyhow!("failed to create a join token for the local agent: {err}"))?
         .token;
         let mut live = nodes
-            .watch("live.*")
+            .watch(topology::NODE_LIVE_KEYS)
             .await
             .context("failed to watch the node bucket")?;
 

@@ -151,8 +151,10 @@ pub fn node_binding_key(node: &NodeId) -> String {
     format!("nodes.{node}")
 }
 
-/// The key filter of every token in `APIARY_CLUSTER`.
-pub const TOKEN_KEYS: &str = "tokens.*";
+/// The token id of a key of `APIARY_CLUSTER`, if the key is a token's.
+pub fn parse_token_key(key: &str) -> Option<&str> {
+    key.strip_prefix("tokens.")
+}
 
 /// The key of the cluster settings in `APIARY_CLUSTER`.
 pub const SETTINGS_KEY: &str = "settings";
@@ -229,6 +231,9 @@ pub const NODES_ALL_KEYS: &str = ">";
 pub fn node_info_key(node: &NodeId) -> String {
     format!("info.{node}")
 }
+
+/// The key filter of every node's liveness record in `APIARY_NODES`.
+pub const NODE_LIVE_KEYS: &str = "live.*";
 
 /// The KV key of a node's latest liveness record.
 pub fn node_live_key(node: &NodeId) -> String {
@@ -396,6 +401,11 @@ mod tests {
             Some(NodeKey::Admin(node))
         );
         assert_eq!(parse_node_key("other.pi-3"), None);
+        assert_eq!(
+            parse_token_key(&token_key("0a1b2c3d4e5f")),
+            Some("0a1b2c3d4e5f")
+        );
+        assert_eq!(parse_token_key("settings"), None);
         assert_eq!(parse_node_key("info"), None);
     }
 

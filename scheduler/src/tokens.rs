@@ -71,7 +71,10 @@ pub async fn list(store: &kv::Store) -> Result<Vec<TokenInfo>, ErrorBody> {
         .await
         .map_err(|err| internal("list the tokens", err))?;
     let mut tokens = Vec::new();
-    for key in keys.iter().filter(|key| key.starts_with("tokens.")) {
+    for key in keys
+        .iter()
+        .filter(|key| topology::parse_token_key(key).is_some())
+    {
         if let Some((record, _)) = read(store, key).await? {
             tokens.push(record.info);
         }

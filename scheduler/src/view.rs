@@ -482,11 +482,6 @@ impl NodeView {
         self.nodes.get(node).map_or(0, |entry| entry.outstanding)
     }
 
-    /// Whether `node` is registered and online at `now_ms`.
-    pub fn is_online(&self, node: &NodeId, now_ms: u64) -> bool {
-        self.online(now_ms).any(|(online, _, _)| online == node)
-    }
-
     /// Nodes whose queued work must go elsewhere: registered nodes that are offline or
     /// have left, nodes being drained, and nodes an operator removed lately.
     pub fn lost_nodes(&self, now_ms: u64) -> Vec<NodeId> {
@@ -1191,9 +1186,11 @@ mod tests {
         leaving.state = NodeState::Leaving;
         view.apply(NodeChange::Heartbeat(id("gone"), leaving));
         assert_eq!(view.lost_nodes(NOW), vec![id("dead"), id("gone")]);
-        assert!(view.is_online(&id("alive"), NOW));
-        assert!(!view.is_online(&id("dead"), NOW));
-        assert!(!view.is_online(&id("unknown"), NOW));
+        // What recovery asks before it moves a task off a node.
+        assert_eq!(view.handover(&id("alive"), NOW), None);
+        assert_eq!(view.handover(&id("dead"), NOW), Some(Handover::Lost));
+        assert_eq!(view.handover(&id("gone"), NOW), Some(Handover::Lost));
+        assert_eq!(view.handover(&id("unknown"), NOW), None);
     }
 
     #[test]

@@ -333,6 +333,32 @@ impl PlacementWatch {
             bucket,
         }
     }
+
+    /// Two fresh hand-made nodes, equal in every way, registered and heartbeating, and the
+    /// replica's bucket watch held up behind them. The first sorts first, so a replica that
+    /// still took it for a candidate would choose it: among equally loaded nodes the next
+    /// one in id order after the last one chosen goes first, and both come after every
+    /// earlier round's nodes. With the watch held up, only what the replica learns from the
+    /// requests it answers itself keeps a task off the first.
+    async fn fresh_pair(&self, round: usize) -> (HandNode, HandNode) {
+        let going = HandNode::new(&format!("round-{round:02}-goes"));
+        let staying = HandNode::new(&format!("round-{round:02}-stays"));
+        for hand in [&going, &staying] {
+            register_by_hand(&self.nats, hand, &self.stack.token).await;
+            heartbeat_by_hand(&self.nats, hand, 1, "active").await;
+        }
+        hold_up_the_bucket_watch(&self.nats, &self.bucket, going.id.as_str()).await;
+        (going, staying)
+    }
+
+    /// Places one task (the nodes never pull, so it never runs: where it goes is the point)
+    /// and checks that it went to `staying`; then `staying` leaves too, so that the next
+    /// round's pair is alone with the nodes that left.
+    async fn expect_placed_on(&mut self, staying: &HandNode, when: &str) {
+        let node = place_one(&self.client, &self.module, &mut self.dispatches).await;
+        assert_eq!(node, staying.id, "{when}, the task went to {node}");
+        heartbeat_by_hand(&self.nats, staying, 2, "leaving").await;
+    }
 }
 
 /// Submits one task (the nodes never pull it, so it never runs) and returns where it was
@@ -373,45 +399,19 @@ async fn first_placement(
 
 #[tokio::test]
 async fn a_task_submitted_after_a_leaving_heartbeat_is_answered_goes_to_a_node_that_stays() {
-    let PlacementWatch {
-        stack,
-        _scheduler,
-        nats,
-        client,
-        module,
-        mut dispatches,
-        bucket,
-    } = PlacementWatch::start().await;
-
+    let mut watch = PlacementWatch::start().await;
     for round in 0..10 {
-        // Fresh nodes each round, equal in every way, and every earlier node has left. The
-        // one that leaves sorts first, so a replica that still took it for online would
-        // choose it: among equally loaded nodes the next one in id order after the last one
-        // chosen goes first, and both come after every earlier round's nodes.
-        let goes = format!("round-{round:02}-goes");
-        let stays = format!("round-{round:02}-stays");
-        let (going, staying) = (HandNode::new(&goes), HandNode::new(&stays));
-        for hand in [&going, &staying] {
-            register_by_hand(&nats, hand, &stack.token).await;
-            heartbeat_by_hand(&nats, hand, 1, "active").await;
-        }
-        // With the replica's bucket watch held up, only what the replica learned from the
-        // heartbeat itself, before it answered, keeps the task off `goes`.
-        hold_up_the_bucket_watch(&nats, &bucket, &goes).await;
-        heartbeat_by_hand(&nats, &going, 2, "leaving").await;
-        // The nodes never pull, so the task is never run: where it was placed is the point.
-        let node = place_one(&client, &module, &mut dispatches).await;
+        let (going, staying) = watch.fresh_pair(round).await;
+        heartbeat_by_hand(&watch.nats, &going, 2, "leaving").await;
         // A replica that learned of the goodbye only through its bucket watch still took
         // `goes` for online when the task arrived, and placed it there (in most rounds: ten
         // rounds catch it all but certainly).
-        assert_eq!(
-            node.as_str(),
-            stays,
-            "round {round}: the task went to {node}, though {goes} had said it was leaving"
-        );
-        // The node that stayed leaves too, so that the next round's pair is alone with the
-        // nodes that left.
-        heartbeat_by_hand(&nats, &staying, 2, "leaving").await;
+        watch
+            .expect_placed_on(
+                &staying,
+                &format!("round {round}: after {} said it was leaving", going.id),
+            )
+            .await;
     }
 }
 
@@ -463,37 +463,21 @@ async fn a_node_registers_its_inventory_and_roles_and_heartbeats_its_free_disk()
 async fn a_task_submitted_after_a_cordon_drain_or_rm_is_answered_goes_to_another_node() {
     // As for a leaving heartbeat: the replica that answers an operator's command stops
     // placing on the node at once, not when its bucket watch catches up.
-    let PlacementWatch {
-        stack,
-        _scheduler,
-        nats,
-        client,
-        module,
-        mut dispatches,
-        bucket,
-    } = PlacementWatch::start().await;
-
+    let mut watch = PlacementWatch::start().await;
     for round in 0..9 {
         let command = ["cordon", "drain", "rm"][round % 3];
-        let goes = format!("round-{round:02}-goes");
-        let stays = format!("round-{round:02}-stays");
-        let (going, staying) = (HandNode::new(&goes), HandNode::new(&stays));
-        for hand in [&going, &staying] {
-            register_by_hand(&nats, hand, &stack.token).await;
-            heartbeat_by_hand(&nats, hand, 1, "active").await;
-        }
-        hold_up_the_bucket_watch(&nats, &bucket, &goes).await;
+        let (going, staying) = watch.fresh_pair(round).await;
+        let client = &watch.client;
         match command {
             "cordon" => drop(client.cordon(&going.id).await.expect("cordon")),
             "drain" => drop(client.drain(&going.id, None).await.expect("drain")),
             _ => drop(client.remove_node(&going.id).await.expect("rm")),
         }
-        let node = place_one(&client, &module, &mut dispatches).await;
-        assert_eq!(
-            node.as_str(),
-            stays,
-            "round {round}: the task went to {node} right after `{command}` was answered"
-        );
-        heartbeat_by_hand(&nats, &staying, 2, "leaving").await;
+        watch
+            .expect_placed_on(
+                &staying,
+                &format!("round {round}: right after `{command}` was answered"),
+            )
+            .await;
     }
 }
