@@ -15,6 +15,7 @@
 //! - [`admin`]: join tokens, cluster settings, and what operators set on nodes.
 //! - [`identity`]: node keys and the signatures on register and heartbeat bodies.
 //! - [`liveness`]: the pure function that decides whether a node is online.
+//! - [`lifecycle`]: a task's states, its record and every transition, pure.
 //! - [`rpc`] and [`stored`]: request/reply and stored publishes, done the same way everywhere.
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod id;
 pub mod identity;
 pub mod inbound;
 pub mod inventory;
+pub mod lifecycle;
 pub mod liveness;
 pub mod message;
 pub mod payload;

@@ -544,6 +544,20 @@ pub struct TaskSubmission {
     pub reply_to: Option<String>,
     #[serde(default)]
     pub submitted_at_ms: u64,
+    /// How failed attempts are retried. Absent: system failures (a lost node, an internal
+    /// error) are retried up to the scheduler's default, guest failures are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::lifecycle::RetryPolicy>,
+    /// How long the task may wait to be placed before it times out (`timed_out`); it waits
+    /// as long as it takes when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout_ms: Option<u64>,
+    /// The submitter generated this id for this very submission (the SDK does), so no
+    /// earlier task can have it: the scheduler does not look for one in the task archive.
+    /// Hand-written submissions leave it out and get that look, which is what makes a
+    /// resubmitted id return the existing task after JetStream's duplicate window.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh_id: bool,
 }
 
 /// `apiary.v1.node.<node>.dispatch` (stream `APIARY_DISPATCH`): a task placed on a node.
@@ -586,6 +600,10 @@ pub enum TaskErrorKind {
     NodeLost,
     /// Something failed on the node's side; not the module's fault.
     Internal,
+    /// The task was cancelled before it finished.
+    Cancelled,
+    /// No node took the task within its queue timeout.
+    QueueTimeout,
 }
 
 impl fmt::Display for TaskErrorKind {
@@ -602,6 +620,8 @@ impl fmt::Display for TaskErrorKind {
             TaskErrorKind::InvalidTask => "invalid task",
             TaskErrorKind::NodeLost => "node lost",
             TaskErrorKind::Internal => "internal error",
+            TaskErrorKind::Cancelled => "cancelled",
+            TaskErrorKind::QueueTimeout => "queue timeout",
         })
     }
 }
@@ -656,6 +676,20 @@ pub struct TaskResult {
     /// any task state of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// Where stdout is when it was too large to travel in the result (more than the server's
+    /// `max_payload` allows): an object in `APIARY_RESULT_OBJECTS`. `stdout` is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_object: Option<ResultObject>,
+}
+
+/// A task's output kept in the result object store because it was too large for a message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultObject {
+    /// The object's name in `APIARY_RESULT_OBJECTS`: `<task>.<attempt>.stdout`.
+    pub name: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
 }
 
 /// The de-duplication id (`Nats-Msg-Id`) of one attempt of a task, in `APIARY_DISPATCH` and
@@ -701,6 +735,7 @@ mod tests {
             started_at_ms: 1,
             finished_at_ms: 2,
             reply_to: Some("_INBOX.x".into()),
+            stdout_object: None,
         }
     }
 

@@ -9,7 +9,13 @@
 //! | `apiary.v1.node.<node>.dispatch`      | stream `APIARY_DISPATCH` | scheduler → agent |
 //! | `apiary.v1.node.<node>.result`        | stream `APIARY_RESULTS`  | agent → scheduler |
 //! | `apiary.v1.node.<node>.status`        | request           | anyone → agent       |
+//! | `apiary.v1.node.<node>.started`       | core publish      | agent → scheduler    |
+//! | `apiary.v1.node.<node>.cancel`        | core publish      | scheduler → agent    |
 //! | `apiary.v1.tasks.submit`              | stream `APIARY_TASKS`    | SDK → scheduler   |
+//! | `apiary.v1.tasks.<command>`           | request (status, result, ls, cancel) | anyone → scheduler |
+//! | `apiary.v1.tasks.archive.<shard>`     | stream `APIARY_TASK_ARCHIVE` | scheduler → readers |
+//! | `apiary.v1.tasks.dead`                | stream `APIARY_DLQ`      | scheduler → operators |
+//! | `apiary.v1.dlq.<command>`             | request (ls, show, requeue) | operator → scheduler |
 //! | `apiary.v1.nodes.list`                | request           | anyone → scheduler   |
 //! | `apiary.v1.nodes.<command>`           | request           | operator → scheduler |
 //! | `apiary.v1.tokens.<command>`          | request           | operator → scheduler |
@@ -81,15 +87,21 @@ pub enum NodeVerb {
     Result,
     /// Ask the agent itself how it is doing.
     Status,
+    /// The agent started an attempt (core NATS; the task's record shows it running).
+    Started,
+    /// A scheduler tells the agent to stop an attempt of a cancelled task (core NATS).
+    Cancel,
 }
 
 impl NodeVerb {
-    pub const ALL: [NodeVerb; 5] = [
+    pub const ALL: [NodeVerb; 7] = [
         NodeVerb::Register,
         NodeVerb::Heartbeat,
         NodeVerb::Dispatch,
         NodeVerb::Result,
         NodeVerb::Status,
+        NodeVerb::Started,
+        NodeVerb::Cancel,
     ];
 
     fn token(self) -> &'static str {
@@ -99,6 +111,8 @@ impl NodeVerb {
             NodeVerb::Dispatch => "dispatch",
             NodeVerb::Result => "result",
             NodeVerb::Status => "status",
+            NodeVerb::Started => "started",
+            NodeVerb::Cancel => "cancel",
         }
     }
 }
@@ -123,6 +137,95 @@ pub fn node_scope(node: &NodeId) -> Subject {
 /// `apiary.v1.tasks.submit`: where the SDK publishes new tasks (stream `APIARY_TASKS`).
 pub fn task_submit() -> Subject {
     Subject(format!("{ROOT}.tasks.submit"))
+}
+
+/// What a client asks about tasks: the last token of `apiary.v1.tasks.<command>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TasksCommand {
+    /// A task's record by id.
+    Status,
+    /// A task's result by id, once it has one.
+    Result,
+    /// Records, filtered and paginated.
+    List,
+    Cancel,
+}
+
+impl TasksCommand {
+    pub const ALL: [TasksCommand; 4] = [
+        TasksCommand::Status,
+        TasksCommand::Result,
+        TasksCommand::List,
+        TasksCommand::Cancel,
+    ];
+
+    pub fn token(self) -> &'static str {
+        match self {
+            TasksCommand::Status => "status",
+            TasksCommand::Result => "result",
+            TasksCommand::List => "ls",
+            TasksCommand::Cancel => "cancel",
+        }
+    }
+}
+
+/// `apiary.v1.tasks.<command>`: a question or command about tasks.
+pub fn tasks_command(command: TasksCommand) -> Subject {
+    Subject(format!("{ROOT}.tasks.{}", command.token()))
+}
+
+/// What an operator does with the dead-letter stream: `apiary.v1.dlq.<command>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DlqCommand {
+    List,
+    Show,
+    Requeue,
+}
+
+impl DlqCommand {
+    pub const ALL: [DlqCommand; 3] = [DlqCommand::List, DlqCommand::Show, DlqCommand::Requeue];
+
+    pub fn token(self) -> &'static str {
+        match self {
+            DlqCommand::List => "ls",
+            DlqCommand::Show => "show",
+            DlqCommand::Requeue => "requeue",
+        }
+    }
+}
+
+/// `apiary.v1.dlq.<command>`: dead-letter administration.
+pub fn dlq_command(command: DlqCommand) -> Subject {
+    Subject(format!("{ROOT}.dlq.{}", command.token()))
+}
+
+/// How many archive shards there are: the task archive's subjects are one per shard, never
+/// one per task, so the server's per-subject state stays at this many entries however many
+/// tasks pass.
+pub const ARCHIVE_SHARDS: u32 = 1 << 16;
+
+/// The archive shard a task's final record goes to: the first 16 bits of the SHA-256 of its
+/// id, as 4 lowercase hex digits. Other languages compute it the same way.
+pub fn archive_shard(task: &crate::id::TaskId) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(task.as_str().as_bytes());
+    hex::encode(&digest[..2])
+}
+
+/// `apiary.v1.tasks.archive.<shard>`: where a task's final record is kept (stream
+/// `APIARY_TASK_ARCHIVE`).
+pub fn task_archive(task: &crate::id::TaskId) -> Subject {
+    Subject(format!("{ROOT}.tasks.archive.{}", archive_shard(task)))
+}
+
+/// `apiary.v1.tasks.archive.*`: every archive shard, the archive stream's subjects.
+pub fn task_archive_all() -> Subject {
+    Subject(format!("{ROOT}.tasks.archive.*"))
+}
+
+/// `apiary.v1.tasks.dead`: the dead-letter stream's one subject (`APIARY_DLQ`).
+pub fn task_dead() -> Subject {
+    Subject(format!("{ROOT}.tasks.dead"))
 }
 
 /// `apiary.v1.nodes.list`: request the node table from any scheduler.
@@ -313,6 +416,20 @@ mod tests {
         assert!(is_allowed_reply_subject("myapp.results", &wide));
         assert!(!is_allowed_reply_subject("$JS.API.INFO", &wide));
         assert!(!is_allowed_reply_subject("apiary.v1.nodes.list", &wide));
+    }
+
+    #[test]
+    fn archive_subjects_are_bounded_by_the_shard_count() {
+        let task = crate::id::TaskId::new("t-1").unwrap();
+        let shard = archive_shard(&task);
+        assert_eq!(shard.len(), 4);
+        assert!(u32::from_str_radix(&shard, 16).unwrap() < ARCHIVE_SHARDS);
+        assert_eq!(
+            task_archive(&task).as_str(),
+            format!("apiary.v1.tasks.archive.{shard}")
+        );
+        // Stable across processes and languages: SHA-256("t-1") starts with these bytes.
+        assert_eq!(shard, archive_shard(&crate::id::TaskId::new("t-1").unwrap()));
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! | `APIARY_NODES`    | KV bucket    | `info.<node>`, `live.<node>`, `admin.<node>` | latest value per key |
 //! | `APIARY_CLUSTER`  | KV bucket    | `tokens.<id>`, `nodes.<node>`, `settings` | latest value per key |
 //! | `APIARY_MODULES`  | object store | one object per module digest    | until deleted             |
+//! | `APIARY_TASK_RECORDS` | KV bucket | `<task>` while the task lives  | latest value per key      |
+//! | `APIARY_TASK_ARCHIVE` | stream   | `apiary.v1.tasks.archive.<shard>` | limits (retention, bytes) |
+//! | `APIARY_DLQ`      | stream       | `apiary.v1.tasks.dead`          | limits (7 days, bytes)    |
+//! | `APIARY_RESULT_OBJECTS` | object store | outputs too large for a message | 24 h              |
 //!
 //! Every component calls [`ensure`] at start, so whichever starts first creates the topology
 //! and the order in which an operator starts things does not matter.
@@ -26,6 +30,10 @@ pub const RESULTS_STREAM: &str = "APIARY_RESULTS";
 pub const NODES_BUCKET: &str = "APIARY_NODES";
 pub const MODULES_BUCKET: &str = "APIARY_MODULES";
 pub const CLUSTER_BUCKET: &str = "APIARY_CLUSTER";
+pub const TASK_RECORDS_BUCKET: &str = "APIARY_TASK_RECORDS";
+pub const TASK_ARCHIVE_STREAM: &str = "APIARY_TASK_ARCHIVE";
+pub const DLQ_STREAM: &str = "APIARY_DLQ";
+pub const RESULT_OBJECTS_BUCKET: &str = "APIARY_RESULT_OBJECTS";
 /// The throw-away stream of `apiary bench`'s raw JetStream baseline, created and deleted by
 /// each run.
 pub const BENCH_STREAM: &str = "APIARY_BENCH_RAW";
@@ -117,6 +125,77 @@ pub fn results_stream() -> stream::Config {
         discard: stream::DiscardPolicy::Old,
         ..Default::default()
     }
+}
+
+/// How long a finished task's record is kept by default (`APIARY_TASK_RETENTION`).
+pub const TASK_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+/// The most disk the task archive may use by default before its oldest records go.
+pub const TASK_ARCHIVE_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+/// How long dead tasks wait in the dead-letter stream for an operator.
+pub const DLQ_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+pub const DLQ_MAX_BYTES: i64 = 256 * 1024 * 1024;
+
+/// The records of live tasks, one key per task (the task id), written with compare-and-set
+/// at each transition and purged once the task has ended and its final record is archived.
+/// Its subjects therefore number the tasks alive, not every task ever run.
+pub fn task_records_bucket() -> kv::Config {
+    kv::Config {
+        bucket: TASK_RECORDS_BUCKET.into(),
+        description: "apiary: records of tasks that have not ended".into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Final records of ended tasks, on one subject per archive shard
+/// ([`crate::subject::archive_shard`]), kept for the retention period or until the byte
+/// limit, oldest first.
+pub fn task_archive_stream(retention: Duration, max_bytes: i64) -> stream::Config {
+    stream::Config {
+        name: TASK_ARCHIVE_STREAM.into(),
+        description: Some("apiary: final records of ended tasks, by id shard".into()),
+        subjects: vec![subject::task_archive_all().into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_age: retention,
+        max_bytes,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+pub fn dlq_stream() -> stream::Config {
+    stream::Config {
+        name: DLQ_STREAM.into(),
+        description: Some("apiary: tasks whose every allowed attempt failed".into()),
+        subjects: vec![subject::task_dead().into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_age: DLQ_MAX_AGE,
+        max_bytes: DLQ_MAX_BYTES,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+pub fn result_objects_bucket() -> object_store::Config {
+    object_store::Config {
+        bucket: RESULT_OBJECTS_BUCKET.into(),
+        description: Some("apiary: task outputs too large for a message".into()),
+        storage: stream::StorageType::File,
+        max_age: RESULTS_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// The key of a live task's record in `APIARY_TASK_RECORDS`: the task id itself (task ids
+/// are valid KV keys).
+pub fn task_record_key(task: &crate::id::TaskId) -> &str {
+    task.as_str()
 }
 
 pub fn nodes_bucket() -> kv::Config {
@@ -325,7 +404,11 @@ pub async fn connect(url: &str, client_name: String) -> Result<async_nats::Clien
 pub struct Topology {
     pub nodes: kv::Store,
     pub cluster: kv::Store,
+    /// `APIARY_TASK_RECORDS`: live tasks' records.
+    pub records: kv::Store,
     pub modules: object_store::ObjectStore,
+    /// `APIARY_RESULT_OBJECTS`: outputs too large for a result message.
+    pub result_objects: object_store::ObjectStore,
 }
 
 impl std::fmt::Debug for Topology {
@@ -333,7 +416,9 @@ impl std::fmt::Debug for Topology {
         f.debug_struct("Topology")
             .field("nodes", &NODES_BUCKET)
             .field("cluster", &CLUSTER_BUCKET)
+            .field("records", &TASK_RECORDS_BUCKET)
             .field("modules", &MODULES_BUCKET)
+            .field("result_objects", &RESULT_OBJECTS_BUCKET)
             .finish()
     }
 }
@@ -346,6 +431,11 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
         (TASKS_STREAM, tasks_stream()),
         (DISPATCH_STREAM, dispatch_stream()),
         (RESULTS_STREAM, results_stream()),
+        (
+            TASK_ARCHIVE_STREAM,
+            task_archive_stream(TASK_RETENTION, TASK_ARCHIVE_MAX_BYTES),
+        ),
+        (DLQ_STREAM, dlq_stream()),
     ] {
         js.get_or_create_stream(config)
             .await
@@ -353,18 +443,31 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
     }
     let nodes = ensure_bucket(js, NODES_BUCKET, nodes_bucket()).await?;
     let cluster = ensure_bucket(js, CLUSTER_BUCKET, cluster_bucket()).await?;
-    let modules = match js.get_object_store(MODULES_BUCKET).await {
-        Ok(store) => store,
-        Err(_) => js
-            .create_object_store(modules_bucket())
-            .await
-            .map_err(|err| TopologyError::new("object store", MODULES_BUCKET, err))?,
-    };
+    let records = ensure_bucket(js, TASK_RECORDS_BUCKET, task_records_bucket()).await?;
+    let modules = ensure_object_store(js, MODULES_BUCKET, modules_bucket()).await?;
+    let result_objects =
+        ensure_object_store(js, RESULT_OBJECTS_BUCKET, result_objects_bucket()).await?;
     Ok(Topology {
         nodes,
         cluster,
+        records,
         modules,
+        result_objects,
     })
+}
+
+async fn ensure_object_store(
+    js: &jetstream::Context,
+    name: &'static str,
+    config: object_store::Config,
+) -> Result<object_store::ObjectStore, TopologyError> {
+    match js.get_object_store(name).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_object_store(config)
+            .await
+            .map_err(|err| TopologyError::new("object store", name, err)),
+    }
 }
 
 async fn ensure_bucket(
@@ -412,7 +515,12 @@ mod tests {
     #[test]
     fn stream_subjects_carry_no_task_ids() {
         // Stream subjects are fixed or have exactly one wildcard, the node token.
-        for config in [tasks_stream(), dispatch_stream(), results_stream()] {
+        for config in [
+            tasks_stream(),
+            dispatch_stream(),
+            results_stream(),
+            dlq_stream(),
+        ] {
             for subject in &config.subjects {
                 assert!(subject.matches('*').count() <= 1, "{subject}");
                 assert!(!subject.contains('>'), "{subject}");
@@ -421,6 +529,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_archive_has_one_subject_per_shard() {
+        let config = task_archive_stream(TASK_RETENTION, TASK_ARCHIVE_MAX_BYTES);
+        assert_eq!(config.subjects, ["apiary.v1.tasks.archive.*"]);
+        assert_eq!(config.max_age, TASK_RETENTION);
     }
 
     #[test]
