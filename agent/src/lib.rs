@@ -22,6 +22,7 @@
 pub mod alloc;
 mod backoff;
 mod bus;
+mod cancel;
 pub mod config;
 pub mod identity;
 pub mod inventory;
@@ -139,6 +140,7 @@ pub async fn run_reporting_outbox(
             modules,
             sandbox,
             running: AtomicU32::new(0),
+            cancels: cancel::Cancels::default(),
             completed: AtomicU64::new(0),
             sampler: std::sync::Mutex::new(sampler),
             heartbeat_interval_ms: AtomicU64::new(0),
@@ -182,6 +184,13 @@ pub async fn run_reporting_outbox(
                 std::future::ready(reply)
             })
             .in_current_span(),
+        ));
+
+        // Cancel notices are heard from the start: a dispatch pulled after its task was
+        // cancelled is then skipped.
+        let stop_cancels = CancellationToken::new();
+        let _cancels = AbortOnDropHandle::new(tokio::spawn(
+            cancel::listen(agent.clone(), stop_cancels.clone()).in_current_span(),
         ));
 
         systemd::status("registering with the cluster");
@@ -326,6 +335,8 @@ struct Agent {
     modules: Arc<ModuleCache>,
     sandbox: Arc<Sandbox>,
     running: AtomicU32,
+    /// Stop flags of running attempts, for cancel notices.
+    cancels: cancel::Cancels,
     completed: AtomicU64,
     /// Shared by heartbeats and status requests; CPU use is measured between samples.
     sampler: std::sync::Mutex<MetricsSampler>,

@@ -534,6 +534,7 @@ mod tests {
             started_at_ms: 1,
             finished_at_ms: 2,
             reply_to: Some("_INBOX.x".into()),
+            stdout_object: None,
         }
     }
 

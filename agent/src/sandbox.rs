@@ -161,6 +161,19 @@ impl Sandbox {
     /// Runs a compiled module's `_start` with `input` on stdin, within `limits`. Blocks the
     /// calling thread for as long as the module runs: call it off the async runtime.
     pub fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Outcome {
+        self.run_stoppable(module, input, limits, &Arc::new(AtomicBool::new(false)))
+    }
+
+    /// [`Sandbox::run`], stopped with a `cancelled` failure within one epoch tick of `stop`
+    /// being set (from any thread): the store's epoch callback looks at it every tick, and
+    /// counts the ticks of the timeout too.
+    pub fn run_stoppable(
+        &self,
+        module: &Module,
+        input: Bytes,
+        limits: &Limits,
+        stop: &Arc<AtomicBool>,
+    ) -> Outcome {
         // One byte more than the limit: a pipe that filled past the limit tells us the module
         // tried to write too much, even when WASI only reported a short write to the module.
         let output_limit = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
@@ -184,8 +197,19 @@ impl Sandbox {
             },
         );
         store.limiter(|state| &mut state.limiter);
-        store.set_epoch_deadline(deadline_ticks(limits.timeout_ms));
-        store.epoch_deadline_trap();
+        let mut ticks_left = deadline_ticks(limits.timeout_ms);
+        let stop = stop.clone();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if stop.load(Ordering::Relaxed) {
+                return Err(wasmtime::Error::new(Stopped));
+            }
+            ticks_left = ticks_left.saturating_sub(1);
+            if ticks_left == 0 {
+                return Err(wasmtime::Error::new(Trap::Interrupt));
+            }
+            Ok(wasmtime::UpdateDeadline::Continue(1))
+        });
         if let Err(err) = store.set_fuel(limits.fuel.unwrap_or(u64::MAX)) {
             return failed(
                 TaskErrorKind::Internal,
@@ -233,6 +257,11 @@ impl Sandbox {
     }
 }
 
+/// Why a run was stopped from outside.
+#[derive(Debug, thiserror::Error)]
+#[error("the run was stopped from outside")]
+struct Stopped;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
     Instantiate,
@@ -269,6 +298,12 @@ fn classify(
             );
         }
         Stage::Run => {}
+    }
+    if err.downcast_ref::<Stopped>().is_some() {
+        return (
+            TaskErrorKind::Cancelled,
+            "the run was stopped: the task was cancelled or handed back".into(),
+        );
     }
     match err.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => (
@@ -398,6 +433,30 @@ mod tests {
             fails_with(SPIN_FOREVER, b"", limits),
             TaskErrorKind::Timeout
         );
+    }
+
+    #[test]
+    fn a_stop_from_another_thread_ends_an_endless_loop_as_cancelled() {
+        let sandbox = Arc::new(sandbox());
+        let module = module(
+            &sandbox,
+            r#"(module (memory (export "memory") 1)
+                 (func (export "_start") (loop (br 0))))"#,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = {
+            let (sandbox, stop) = (sandbox.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let limits = Limits {
+                    timeout_ms: 600_000,
+                    ..Limits::default()
+                };
+                sandbox.run_stoppable(&module, Bytes::new(), &limits, &stop)
+            })
+        };
+        stop.store(true, Ordering::Relaxed);
+        let outcome = running.join().unwrap();
+        assert_eq!(failure_kind(outcome), TaskErrorKind::Cancelled);
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! dispatch once the server is back; a dispatch whose result is already there is not run.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use apiary_proto::codec;
-use apiary_proto::message::{Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult};
+use apiary_proto::message::{
+    AttemptStarted, Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult,
+};
+use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{now_ms, stored, topology};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, AckKind};
@@ -37,6 +40,11 @@ impl Agent {
         // A dispatch that comes back while its result waits in the outbox (or after a
         // restart, was stored from it) has run: the outbox stores the result if need be and
         // acks it.
+        if self.cancels.is_cancelled(&dispatch.msg_id()) {
+            span.in_scope(|| tracing::info!("the task was cancelled; not running it"));
+            message.ack_with(AckKind::Term).await.ok();
+            return;
+        }
         let Some(message) = self.outbox.adopt(&dispatch.msg_id(), message) else {
             span.in_scope(|| {
                 tracing::info!("this attempt's result is in the outbox; not running it again");
@@ -49,6 +57,9 @@ impl Agent {
     async fn run_task(&self, message: jetstream::Message, dispatch: Dispatch) {
         self.running.fetch_add(1, Ordering::Relaxed);
         let started_at_ms = now_ms();
+        let attempt_id = dispatch.msg_id();
+        let stop = self.cancels.starting(&attempt_id);
+        self.announce_start(&dispatch, started_at_ms).await;
 
         // Keep the message ours while the task runs: without progress acks JetStream would
         // hand it to someone else after the ack wait.
@@ -58,11 +69,12 @@ impl Agent {
             keep_alive.clone(),
         )));
         let outcome = tokio::select! {
-            outcome = self.execute(&dispatch) => outcome,
+            outcome = self.execute(&dispatch, &stop) => outcome,
             () = drain_deadline(self.schedule.subscribe()) => {
                 // The operator's deadline for this drain passed: the task goes back to be
-                // placed elsewhere under a new attempt, and whatever this run still produces
-                // is dropped.
+                // placed elsewhere under a new attempt, and the run is stopped.
+                stop.store(true, Ordering::Relaxed);
+                self.cancels.finished(&attempt_id);
                 keep_alive.cancel();
                 progress.await.ok();
                 tracing::warn!("handing the task back: the node's drain deadline passed");
@@ -71,6 +83,7 @@ impl Agent {
                 return;
             }
         };
+        self.cancels.finished(&attempt_id);
         keep_alive.cancel();
         progress.await.ok();
 
@@ -82,6 +95,7 @@ impl Agent {
             started_at_ms,
             finished_at_ms: now_ms(),
             reply_to: dispatch.task.reply_to.clone(),
+            stdout_object: None,
         };
         let result = fit_within(result, self.max_result_bytes());
         match &result.outcome {
@@ -152,7 +166,24 @@ impl Agent {
             .saturating_sub(HEADER_ROOM)
     }
 
-    async fn execute(&self, dispatch: &Dispatch) -> Outcome {
+    /// Tells the cluster the attempt started (core NATS, not waited for: a lost signal only
+    /// leaves the task's record `scheduled` until its result).
+    async fn announce_start(&self, dispatch: &Dispatch, started_at_ms: u64) {
+        let started = AttemptStarted {
+            task_id: dispatch.task.id.clone(),
+            attempt: dispatch.attempt,
+            started_at_ms,
+        };
+        let Ok(body) = codec::encode(&started) else {
+            return;
+        };
+        let subject = subject::node(&self.node_id, NodeVerb::Started);
+        if let Err(err) = self.client.publish(subject, body).await {
+            tracing::debug!(error = %err, "failed to announce a task's start");
+        }
+    }
+
+    async fn execute(&self, dispatch: &Dispatch, stop: &Arc<AtomicBool>) -> Outcome {
         if let Err(error) = self.limits.admit(&dispatch.task.limits) {
             return Outcome::Failed {
                 error,
@@ -171,7 +202,8 @@ impl Agent {
         let sandbox = self.sandbox.clone();
         let input = dispatch.task.input.0.clone();
         let limits = dispatch.task.limits.clone();
-        tokio::task::spawn_blocking(move || sandbox.run(&module, input, &limits))
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || sandbox.run_stoppable(&module, input, &limits, &stop))
             .await
             .unwrap_or_else(|err| Outcome::Failed {
                 error: TaskError::new(
@@ -271,6 +303,7 @@ mod tests {
             started_at_ms: 0,
             finished_at_ms: 0,
             reply_to: None,
+            stdout_object: None,
         }
     }
 

@@ -6,9 +6,10 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::NodeId;
-use apiary_proto::message::{NodeStatus, NodeSummary};
-use apiary_sdk::{Client, Error, NewToken, Task};
+use apiary_proto::lifecycle::RetryPolicy;
+use apiary_proto::message::{NodeStatus, NodeSummary, Priority};
+use apiary_proto::{NodeId, TaskId};
+use apiary_sdk::{Client, NewToken, Task};
 
 /// The exit code of `apiary task submit` when the task could not run (invalid module, trap,
 /// limit, lost nodes): distinct from any code a module is likely to choose itself.
@@ -29,6 +30,30 @@ pub struct SubmitOptions {
     pub timeout: Duration,
     pub wait: Duration,
     pub json: bool,
+    /// Print the task id and return without waiting.
+    pub detach: bool,
+    pub id: Option<TaskId>,
+    pub priority: Priority,
+    pub retry: Option<RetryPolicy>,
+    pub queue_timeout: Option<Duration>,
+}
+
+impl SubmitOptions {
+    /// A task of `module` with `input` and the defaults of `apiary task submit`.
+    pub fn new(module: Vec<u8>, input: Vec<u8>) -> Self {
+        Self {
+            module,
+            input,
+            timeout: Duration::from_secs(30),
+            wait: Duration::from_secs(300),
+            json: false,
+            detach: false,
+            id: None,
+            priority: Priority::Normal,
+            retry: None,
+            queue_timeout: None,
+        }
+    }
 }
 
 /// Connects to the cluster at `server`, with a message that says how to point elsewhere.
@@ -46,40 +71,37 @@ pub async fn task_submit<O: Write, E: Write>(
     options: SubmitOptions,
     out: &mut Output<O, E>,
 ) -> anyhow::Result<u8> {
+    let mut task = Task::new(options.module)
+        .input(options.input)
+        .timeout(options.timeout)
+        .priority(options.priority);
+    if let Some(id) = options.id {
+        task = task.id(id);
+    }
+    if let Some(retry) = options.retry {
+        task = task.retry(retry);
+    }
+    if let Some(queue_timeout) = options.queue_timeout {
+        task = task.queue_timeout(queue_timeout);
+    }
     let handle = client
-        .submit(
-            Task::new(options.module)
-                .input(options.input)
-                .timeout(options.timeout),
-        )
+        .submit(task)
         .await
         .context("failed to submit the task")?;
     let task_id = handle.id().clone();
+    if options.detach {
+        writeln!(out.stdout, "{task_id}")?;
+        return Ok(0);
+    }
     let wait = options.wait;
+    let report = tokio::time::timeout(wait, handle.report())
+        .await
+        .map_err(|_| anyhow::anyhow!("no result for task {task_id} within {wait:?}"))??;
     if options.json {
-        let report = tokio::time::timeout(wait, handle.report())
-            .await
-            .map_err(|_| anyhow::anyhow!("no result for task {task_id} within {wait:?}"))??;
         writeln!(out.stdout, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(0);
     }
-    match handle.result_within(wait).await {
-        Ok(output) => {
-            out.stdout.write_all(&output.stdout)?;
-            out.stderr.write_all(&output.stderr)?;
-            Ok(u8::try_from(output.exit_code).unwrap_or(1))
-        }
-        Err(Error::TaskFailed(failure)) => {
-            out.stderr.write_all(&failure.stderr)?;
-            writeln!(
-                out.stderr,
-                "error: task {} failed on node {}: {}",
-                failure.task_id, failure.node_id, failure.error
-            )?;
-            Ok(TASK_FAILED_EXIT)
-        }
-        Err(err) => Err(err.into()),
-    }
+    crate::tasks::print_result(client, &report, out).await
 }
 
 /// `apiary nodes ls`: the node table, or JSON.

@@ -7,3 +7,4 @@ pub mod broker;
 pub mod commands;
 pub mod dev;
 pub mod output;
+pub mod tasks;

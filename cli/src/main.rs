@@ -8,10 +8,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use apiary_bin_support::LogFormat;
 use apiary_cli::commands::{self, Output, SubmitOptions};
-use apiary_proto::NodeId;
+use apiary_cli::tasks;
 use apiary_proto::admin::Approval;
+use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskState};
 use apiary_proto::message::NodeStatus;
-use apiary_sdk::NewToken;
+use apiary_proto::message::{Priority, TaskListRequest};
+use apiary_proto::{NodeId, TaskId};
+use apiary_sdk::{DlqListRequest, NewToken};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -42,6 +45,9 @@ enum Command {
     /// Submit and inspect tasks.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Tasks whose every allowed attempt failed.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Inspect and manage the cluster's nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
@@ -94,7 +100,101 @@ enum TaskCommand {
         /// Print the whole result as JSON instead of the module's output.
         #[arg(long)]
         json: bool,
+        /// Print the task id and return at once instead of waiting for the result.
+        #[arg(long)]
+        detach: bool,
+        /// The task's own id (an idempotency key): submitting it again returns the existing
+        /// task instead of running it again.
+        #[arg(long)]
+        id: Option<TaskId>,
+        /// `high`, `normal` or `low`.
+        #[arg(long, default_value = "normal", value_parser = parse_priority)]
+        priority: Priority,
+        /// Attempts in all that may fail before the task is dead (system failures are
+        /// retried without asking).
+        #[arg(long)]
+        attempts: Option<u32>,
+        /// Guest failures to retry: trap, timeout, fuel_exhausted, memory_limit,
+        /// output_limit, non_zero_exit (comma-separated).
+        #[arg(long, value_delimiter = ',', value_parser = parse_retry_on)]
+        retry_on: Vec<RetryOn>,
+        /// The wait before the first retry; it doubles with each further one.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        backoff: Option<Duration>,
+        /// How long the task may wait to be placed before it times out.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        queue_timeout: Option<Duration>,
     },
+    /// Show a task's record: state, attempt, node, reason, history.
+    Status {
+        id: TaskId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's output as `submit` does (waiting for it to end unless --no-wait), and
+    /// exit with its exit code.
+    Result {
+        id: TaskId,
+        /// Answer at once; a task that has not ended is an error.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the task to end.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print what a task wrote to stderr.
+    Logs { id: TaskId },
+    /// List tasks: live ones, then those that ended lately.
+    Ls {
+        /// Only tasks in this state.
+        #[arg(long, value_parser = parse_task_state)]
+        state: Option<TaskState>,
+        /// Only tasks whose latest attempt is on this node.
+        #[arg(long)]
+        node: Option<NodeId>,
+        /// Only tasks submitted within this long.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        age: Duration,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Where the previous page stopped.
+        #[arg(long)]
+        cursor: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a task's transitions until it ends, or every task's until interrupted.
+    Watch {
+        id: Option<TaskId>,
+        /// A JSON record per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a task: a pending one never runs, a running one is stopped.
+    Cancel { id: TaskId },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead tasks, oldest first.
+    Ls {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a dead task's record.
+    Show {
+        id: TaskId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a dead task back in the queue with its failures forgotten.
+    Requeue { id: TaskId },
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +305,23 @@ fn parse_label_changes(
     Ok((set, remove))
 }
 
+fn parse_priority(text: &str) -> Result<Priority, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("{text:?} is not one of high, normal, low"))
+}
+
+fn parse_retry_on(text: &str) -> Result<RetryOn, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).map_err(|_| {
+        format!(
+            "{text:?} is not one of trap, timeout, fuel_exhausted, memory_limit, output_limit, non_zero_exit"
+        )
+    })
+}
+
+fn parse_task_state(text: &str) -> Result<TaskState, String> {
+    text.parse()
+}
+
 fn parse_status(text: &str) -> Result<NodeStatus, String> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| format!("{text:?} is not one of online, offline, left"))
@@ -235,29 +352,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             apiary_cli::dev::run(port, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Task(TaskCommand::Submit {
-            module,
-            input,
-            timeout,
-            wait,
-            json,
-        }) => {
-            let options = SubmitOptions {
-                module: std::fs::read(&module)
-                    .with_context(|| format!("failed to read module {}", module.display()))?,
-                input: read_input(input.as_deref())?,
-                timeout,
-                wait,
-                json,
-            };
+        Command::Task(command) => task(&cli.server, command).await,
+        Command::Dlq(command) => {
             let client = commands::connect(&cli.server).await?;
-            // Unlocked handles: log lines from other threads go to stderr meanwhile.
-            let mut out = Output {
-                stdout: std::io::stdout(),
-                stderr: std::io::stderr(),
-            };
-            let code = commands::task_submit(&client, options, &mut out).await?;
-            Ok(ExitCode::from(code))
+            let out = &mut std::io::stdout();
+            match command {
+                DlqCommand::Ls {
+                    limit,
+                    cursor,
+                    json,
+                } => {
+                    let page = DlqListRequest {
+                        limit: Some(limit),
+                        cursor,
+                    };
+                    tasks::dlq_ls(&client, &page, json, out).await?;
+                }
+                DlqCommand::Show { id, json } => tasks::dlq_show(&client, &id, json, out).await?,
+                DlqCommand::Requeue { id } => tasks::dlq_requeue(&client, &id, out).await?,
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             local,
@@ -339,6 +453,110 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let approval = serde_json::to_value(settings.approval)?;
                 println!("approval  {}", approval.as_str().unwrap_or("?"));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn task(server: &str, command: TaskCommand) -> anyhow::Result<ExitCode> {
+    let client = commands::connect(server).await?;
+    // Unlocked handles: log lines from other threads go to stderr meanwhile.
+    let mut out = Output {
+        stdout: std::io::stdout(),
+        stderr: std::io::stderr(),
+    };
+    match command {
+        TaskCommand::Submit {
+            module,
+            input,
+            timeout,
+            wait,
+            json,
+            detach,
+            id,
+            priority,
+            attempts,
+            retry_on,
+            backoff,
+            queue_timeout,
+        } => {
+            let retry =
+                (attempts.is_some() || !retry_on.is_empty() || backoff.is_some()).then(|| {
+                    let defaults = RetryPolicy::default();
+                    RetryPolicy {
+                        max_attempts: attempts.unwrap_or(defaults.max_attempts),
+                        backoff_ms: backoff.map_or(defaults.backoff_ms, |backoff| {
+                            u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX)
+                        }),
+                        on: retry_on.into_iter().collect(),
+                        ..defaults
+                    }
+                });
+            let options = SubmitOptions {
+                module: std::fs::read(&module)
+                    .with_context(|| format!("failed to read module {}", module.display()))?,
+                input: read_input(input.as_deref())?,
+                timeout,
+                wait,
+                json,
+                detach,
+                id,
+                priority,
+                retry,
+                queue_timeout,
+            };
+            let code = commands::task_submit(&client, options, &mut out).await?;
+            Ok(ExitCode::from(code))
+        }
+        TaskCommand::Status { id, json } => {
+            tasks::status(&client, &id, json, &mut out.stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Result {
+            id,
+            no_wait,
+            wait,
+            json,
+        } => {
+            let wait = if no_wait {
+                tasks::Wait::No
+            } else {
+                tasks::Wait::Up(wait)
+            };
+            let code = tasks::result(&client, &id, wait, json, &mut out).await?;
+            Ok(ExitCode::from(code))
+        }
+        TaskCommand::Logs { id } => {
+            tasks::logs(&client, &id, &mut out.stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Ls {
+            state,
+            node,
+            age,
+            limit,
+            cursor,
+            json,
+        } => {
+            let filter = TaskListRequest {
+                state,
+                node_id: node,
+                max_age_ms: Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+                limit: Some(limit),
+                cursor,
+            };
+            tasks::ls(&client, &filter, json, &mut out.stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Watch { id, json } => {
+            match id {
+                Some(id) => tasks::watch(&client, &id, json, &mut out.stdout).await?,
+                None => tasks::watch_all(&client, json, &mut out.stdout).await?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCommand::Cancel { id } => {
+            tasks::cancel(&client, &id, &mut out.stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use apiary_proto::admin::TokenInfo;
+use apiary_proto::lifecycle::TaskRecord;
 use apiary_proto::message::NodeSummary;
 use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, CellAlignment, Table};
@@ -170,6 +171,92 @@ pub fn token_table(tokens: &[TokenInfo], now_ms: u64) -> String {
         ]);
     }
     table.to_string()
+}
+
+/// The task table of `apiary task ls`.
+pub fn task_table(tasks: &[TaskRecord], now_ms: u64) -> String {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(vec![
+        "TASK",
+        "STATE",
+        "ATTEMPT",
+        "NODE",
+        "PRIORITY",
+        "SUBMITTED",
+        "UPDATED",
+        "REASON",
+    ]);
+    for task in tasks {
+        table.add_row(vec![
+            Cell::new(&task.id),
+            Cell::new(task.state),
+            Cell::new(task.attempt).set_alignment(CellAlignment::Right),
+            Cell::new(task.node_id.as_ref().map_or("-", |node| node.as_str())),
+            Cell::new(format!("{:?}", task.task.priority).to_lowercase()),
+            Cell::new(ago(task.submitted_at_ms, now_ms)),
+            Cell::new(ago(task.updated_at_ms, now_ms)),
+            Cell::new(task.reason.as_deref().unwrap_or("-")),
+        ]);
+    }
+    table.to_string()
+}
+
+/// `apiary task status`: one task, field by field, with its history.
+pub fn task_detail(task: &TaskRecord, now_ms: u64) -> String {
+    let mut lines = vec![
+        ("task", task.id.to_string()),
+        ("state", task.state.to_string()),
+        ("attempt", task.attempt.to_string()),
+        (
+            "node",
+            task.node_id
+                .as_ref()
+                .map_or("-".into(), ToString::to_string),
+        ),
+        ("failures", task.failures.to_string()),
+        ("module", task.task.module.sha256.clone()),
+        (
+            "priority",
+            format!("{:?}", task.task.priority).to_lowercase(),
+        ),
+        ("submitted", ago(task.submitted_at_ms, now_ms)),
+        ("updated", ago(task.updated_at_ms, now_ms)),
+    ];
+    if let Some(reason) = &task.reason {
+        lines.push(("reason", reason.clone()));
+    }
+    if let Some(error) = &task.error {
+        lines.push(("error", error.to_string()));
+    }
+    if let Some(code) = task.exit_code {
+        lines.push(("exit code", code.to_string()));
+    }
+    if let Some(at) = task.not_before_ms {
+        lines.push(("next attempt", until(at, now_ms)));
+    }
+    let history = task
+        .history
+        .iter()
+        .map(|step| {
+            let node = step
+                .node_id
+                .as_ref()
+                .map_or(String::new(), |node| format!(" on {node}"));
+            format!(
+                "{} (attempt {}{node}, {})",
+                step.state,
+                step.attempt,
+                ago(step.at_ms, now_ms)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n           ");
+    lines.push(("history", history));
+    lines
+        .iter()
+        .map(|(name, value)| format!("{name:10} {value}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn or_dash(text: &str) -> String {

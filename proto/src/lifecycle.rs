@@ -174,6 +174,9 @@ pub struct Transition {
     pub node_id: Option<NodeId>,
 }
 
+/// The node named in the result of a task that ended before any node held it.
+pub const NO_NODE: &str = "none";
+
 /// How many transitions a record keeps.
 pub const HISTORY_LIMIT: usize = 32;
 
@@ -224,10 +227,6 @@ pub struct TaskRecord {
     /// message read again is told apart from a resubmission of the id.
     #[serde(default)]
     pub submission_seq: u64,
-    /// The current attempt's `APIARY_DISPATCH` sequence: a cancel deletes it, so a node that
-    /// has not pulled it yet never runs it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dispatch_seq: Option<u64>,
     /// More reply subjects to deliver the outcome to: submitters who resubmitted the id while
     /// the task ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -346,7 +345,6 @@ impl TaskRecord {
             result_seq: None,
             applied_result_seq: None,
             submission_seq,
-            dispatch_seq: None,
             watchers: Vec::new(),
             task,
             history: Vec::new(),
@@ -420,18 +418,23 @@ impl TaskRecord {
         next.reason = None;
         next.not_before_ms = None;
         next.submission_seq = submission_seq;
-        next.dispatch_seq = None;
         next.started_at_ms = None;
         next.push_history(now_ms);
         Ok(next)
     }
 
-    /// Records where the current attempt's dispatch is stored. Not a transition: the history
-    /// does not change.
-    pub fn dispatched(&self, dispatch_seq: u64) -> TaskRecord {
+    /// Adds a reply subject that also gets the outcome (a submitter resubmitted the id while
+    /// the task lives); `None` when it is already there or the list is full.
+    pub fn with_watcher(&self, reply_to: &str) -> Option<TaskRecord> {
+        if self.state.is_terminal()
+            || self.reply_subjects().any(|known| known == reply_to)
+            || self.watchers.len() >= WATCHERS_LIMIT
+        {
+            return None;
+        }
         let mut next = self.clone();
-        next.dispatch_seq = Some(dispatch_seq);
-        next
+        next.watchers.push(reply_to.to_owned());
+        Some(next)
     }
 
     /// Scheduled → running, when the node holding the attempt says it started it.
@@ -521,7 +524,6 @@ impl TaskRecord {
         let mut next = self.clone();
         next.state = TaskState::Pending;
         next.reason = Some(format!("moved off {node}, which an operator is draining"));
-        next.dispatch_seq = None;
         next.push_history(now_ms);
         Ok(next)
     }
@@ -539,10 +541,37 @@ impl TaskRecord {
         next.finished_at_ms = None;
         next.not_before_ms = None;
         next.result_seq = None;
-        next.dispatch_seq = None;
         next.node_id = None;
         next.push_history(now_ms);
         next
+    }
+
+    /// The result its submitters get for a task that ended without one of its own (it was
+    /// cancelled, or timed out in the queue): the record's error, from node
+    /// [`NO_NODE`] when no node held it.
+    pub fn ended_without_result(&self) -> TaskResult {
+        let finished_at_ms = self.finished_at_ms.unwrap_or(self.updated_at_ms);
+        TaskResult {
+            task_id: self.id.clone(),
+            node_id: self
+                .node_id
+                .clone()
+                .unwrap_or_else(|| NodeId::new(NO_NODE).expect("a valid node id")),
+            attempt: self.attempt,
+            outcome: Outcome::Failed {
+                error: self.error.clone().unwrap_or_else(|| {
+                    TaskError::new(
+                        TaskErrorKind::Internal,
+                        format!("the task is {}", self.state),
+                    )
+                }),
+                stderr: Default::default(),
+            },
+            started_at_ms: self.started_at_ms.unwrap_or(finished_at_ms),
+            finished_at_ms,
+            reply_to: self.task.reply_to.clone(),
+            stdout_object: None,
+        }
     }
 
     /// What the result stored at `result_seq` does to the task. `jitter` (0.0–1.0) spreads
@@ -571,7 +600,6 @@ impl TaskRecord {
         next.applied_result_seq = Some(result_seq);
         next.finished_at_ms = Some(result.finished_at_ms);
         next.started_at_ms = Some(result.started_at_ms);
-        next.dispatch_seq = None;
         let error = match &result.outcome {
             // A non-zero exit is the program's answer, told by `exit_code`; no error.
             Outcome::Completed { exit_code, .. } => {
@@ -648,11 +676,13 @@ impl TaskRecord {
         }
     }
 
-    /// The bookkeeping of every terminal transition: the input is not needed any more.
+    /// The bookkeeping of every terminal transition: the input is not needed any more,
+    /// except by a dead task, which may be requeued.
     fn end(&mut self, now_ms: u64) {
-        self.task.input = Default::default();
+        if self.state != TaskState::Dead {
+            self.task.input = Default::default();
+        }
         self.not_before_ms = None;
-        self.dispatch_seq = None;
         self.push_history(now_ms);
     }
 }
@@ -747,11 +777,15 @@ mod tests {
         );
         let running = scheduled.started(&node("a"), 1, 12, 12).unwrap();
         assert_eq!(running.state, TaskState::Running);
-        let (done, effect) = applied(running.settle(&result("a", 1, completed(0)), 7, &POLICY, 0.5, 13));
+        let (done, effect) =
+            applied(running.settle(&result("a", 1, completed(0)), 7, &POLICY, 0.5, 13));
         assert_eq!(done.state, TaskState::Succeeded);
         assert_eq!(effect, Effect::Finish);
         assert_eq!(done.result_seq, Some(7));
-        assert!(done.task.input.is_empty(), "the input goes when the task ends");
+        assert!(
+            done.task.input.is_empty(),
+            "the input goes when the task ends"
+        );
         let states: Vec<_> = done.history.iter().map(|step| step.state).collect();
         assert_eq!(
             states,
@@ -766,13 +800,8 @@ mod tests {
 
     #[test]
     fn a_result_counts_even_when_the_started_signal_was_lost() {
-        let (done, _) = applied(scheduled_on("a").settle(
-            &result("a", 1, completed(0)),
-            7,
-            &POLICY,
-            0.5,
-            13,
-        ));
+        let (done, _) =
+            applied(scheduled_on("a").settle(&result("a", 1, completed(0)), 7, &POLICY, 0.5, 13));
         assert_eq!(done.state, TaskState::Succeeded);
     }
 
@@ -808,13 +837,8 @@ mod tests {
 
     #[test]
     fn the_same_stored_result_read_again_repeats_its_effect() {
-        let (done, _) = applied(scheduled_on("a").settle(
-            &result("a", 1, completed(0)),
-            7,
-            &POLICY,
-            0.5,
-            13,
-        ));
+        let (done, _) =
+            applied(scheduled_on("a").settle(&result("a", 1, completed(0)), 7, &POLICY, 0.5, 13));
         assert_eq!(
             done.settle(&result("a", 1, completed(0)), 7, &POLICY, 0.5, 14),
             Settlement::Repeat {
@@ -853,21 +877,21 @@ mod tests {
         ));
         assert_eq!(record.state, TaskState::TimedOut);
 
-        let (record, _) = applied(scheduled_on("a").settle(
-            &result("a", 1, completed(3)),
-            7,
-            &POLICY,
-            0.0,
-            100,
-        ));
-        assert_eq!((record.state, record.exit_code), (TaskState::Failed, Some(3)));
+        let (record, _) =
+            applied(scheduled_on("a").settle(&result("a", 1, completed(3)), 7, &POLICY, 0.0, 100));
+        assert_eq!(
+            (record.state, record.exit_code),
+            (TaskState::Failed, Some(3))
+        );
 
         let mut asking = submission();
         asking.retry = Some(RetryPolicy {
             on: [RetryOn::Trap, RetryOn::NonZeroExit].into(),
             ..RetryPolicy::default()
         });
-        let record = TaskRecord::new(asking, 1, 10).placed(&node("a"), 1, 11).unwrap();
+        let record = TaskRecord::new(asking, 1, 10)
+            .placed(&node("a"), 1, 11)
+            .unwrap();
         for outcome in [failed(TaskErrorKind::Trap), completed(1)] {
             let (retried, _) =
                 applied(record.settle(&result("a", 1, outcome), 7, &POLICY, 0.0, 100));
@@ -897,7 +921,9 @@ mod tests {
             ));
             if attempt < 3 {
                 assert!(matches!(effect, Effect::Retry { .. }), "attempt {attempt}");
-                record = next.placed(&node("a"), 10 + u64::from(attempt), 101).unwrap();
+                record = next
+                    .placed(&node("a"), 10 + u64::from(attempt), 101)
+                    .unwrap();
             } else {
                 assert_eq!((next.state, effect), (TaskState::Dead, Effect::Bury));
                 assert_eq!(next.failures, 3);
@@ -932,19 +958,17 @@ mod tests {
             cancelled.settle(&result("a", 1, completed(0)), 7, &POLICY, 0.0, 22),
             Settlement::Superseded
         );
-        assert_eq!(cancelled.cancelled(23), Err(Refused::Ended(TaskState::Cancelled)));
+        assert_eq!(
+            cancelled.cancelled(23),
+            Err(Refused::Ended(TaskState::Cancelled))
+        );
         assert!(cancelled.placed(&node("b"), 2, 24).is_err());
     }
 
     #[test]
     fn a_started_signal_after_the_result_changes_nothing() {
-        let (done, _) = applied(scheduled_on("a").settle(
-            &result("a", 1, completed(0)),
-            7,
-            &POLICY,
-            0.0,
-            13,
-        ));
+        let (done, _) =
+            applied(scheduled_on("a").settle(&result("a", 1, completed(0)), 7, &POLICY, 0.0, 13));
         assert_eq!(
             done.started(&node("a"), 1, 12, 14),
             Err(Refused::Ended(TaskState::Succeeded))

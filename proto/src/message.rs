@@ -717,6 +717,107 @@ impl TaskResult {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Task records: status, results, listing, cancel, dead letters
+// ---------------------------------------------------------------------------------------------
+
+/// `apiary.v1.tasks.status` and `.cancel`: the task asked about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRef {
+    pub id: TaskId,
+}
+
+/// `apiary.v1.tasks.result`: a task's result, once it has one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResultRequest {
+    pub id: TaskId,
+}
+
+/// The answer to `apiary.v1.tasks.result`: the record, and the result that ended the task
+/// (absent while it lives, for a task that ended without one, or once the result has aged
+/// out of `APIARY_RESULTS`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResultReply {
+    pub record: crate::lifecycle::TaskRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+}
+
+/// `apiary.v1.tasks.ls`: task records, filtered. An empty body lists the live tasks and those
+/// that ended in the last hour, up to 100.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TaskListRequest {
+    /// Only tasks in this state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::lifecycle::TaskState>,
+    /// Only tasks whose latest attempt is (or was) on this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<NodeId>,
+    /// Only tasks submitted within this many milliseconds; one hour when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age_ms: Option<u64>,
+    /// The most records in one page; 100 when absent, at most 1,000.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Where the previous page stopped (`TaskListReply::next`). Live tasks are on the first
+    /// page only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskListReply {
+    pub tasks: Vec<crate::lifecycle::TaskRecord>,
+    /// The cursor of the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
+/// `apiary.v1.node.<node>.started` (core NATS): the agent started an attempt. Lossy on
+/// purpose: a lost one leaves the record `scheduled` until the result, nothing worse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptStarted {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub started_at_ms: u64,
+}
+
+/// `apiary.v1.node.<node>.cancel` (core NATS): stop this attempt if it runs here. The task's
+/// record is already `cancelled`; whatever the run still reports is discarded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelAttempt {
+    pub task_id: TaskId,
+    pub attempt: u32,
+}
+
+/// One entry of the dead-letter stream: the final record, with the whole submission (its
+/// input included), so it can be requeued.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub record: crate::lifecycle::TaskRecord,
+    /// The entry's sequence in `APIARY_DLQ`; set by readers, not stored.
+    #[serde(default)]
+    pub sequence: u64,
+}
+
+/// `apiary.v1.dlq.ls`: dead letters, oldest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DlqListRequest {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DlqListReply {
+    pub entries: Vec<DeadLetter>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -429,7 +429,10 @@ mod tests {
             format!("apiary.v1.tasks.archive.{shard}")
         );
         // Stable across processes and languages: SHA-256("t-1") starts with these bytes.
-        assert_eq!(shard, archive_shard(&crate::id::TaskId::new("t-1").unwrap()));
+        assert_eq!(
+            shard,
+            archive_shard(&crate::id::TaskId::new("t-1").unwrap())
+        );
     }
 
     #[test]

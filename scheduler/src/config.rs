@@ -22,14 +22,21 @@ pub struct SchedulerConfig {
     /// `reply_to` starts with none of these is refused. Add an application's custom inbox
     /// prefix here (with its trailing dot) if it sets one.
     pub reply_subject_prefixes: Vec<String>,
-    /// `APIARY_MAX_ATTEMPTS`: how many times a task is placed before the loss of its nodes
-    /// is reported as a `node_lost` failure. Each node lost while holding the task (crashed,
-    /// or left without running it) costs one attempt.
+    /// `APIARY_MAX_ATTEMPTS`: how many attempts a task gets for system failures (its node
+    /// lost, an internal error on the node) unless its own retry policy says otherwise.
+    /// After the last, the task is `dead` and goes to the dead-letter stream.
     pub max_attempts: u32,
     /// `APIARY_NODE_BACKLOG`: how many of this replica's tasks may wait at a node beyond its
     /// slots; unset means as many as the node has slots. The rest waits in the shared queue,
     /// for whichever node has room first.
     pub node_backlog: Option<u32>,
+    /// `APIARY_TASK_RETENTION`: how long an ended task's record stays readable by id (the
+    /// task archive's age limit).
+    #[serde(with = "humantime_serde")]
+    pub task_retention: Duration,
+    /// `APIARY_TASK_ARCHIVE_MAX_BYTES`: the most disk the task archive may use; the oldest
+    /// records go first when it is full, even inside the retention period.
+    pub task_archive_max_bytes: i64,
 }
 
 impl Default for SchedulerConfig {
@@ -41,6 +48,8 @@ impl Default for SchedulerConfig {
             reply_subject_prefixes: vec![subject::DEFAULT_REPLY_PREFIX.to_owned()],
             max_attempts: 3,
             node_backlog: None,
+            task_retention: apiary_proto::topology::TASK_RETENTION,
+            task_archive_max_bytes: apiary_proto::topology::TASK_ARCHIVE_MAX_BYTES,
         }
     }
 }

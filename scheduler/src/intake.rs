@@ -12,18 +12,22 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use apiary_proto::lifecycle::{TaskRecord, TaskState};
 use apiary_proto::message::{Dispatch, TaskSubmission, attempt_msg_id};
 use apiary_proto::subject;
-use apiary_proto::{NodeId, inbound, now_ms, stored, topology};
+use apiary_proto::{codec, inbound, now_ms, stored, topology};
 use async_nats::jetstream::{self, AckKind};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::delivery::CAS_TRIES;
 use crate::pull::{PULL_BATCH, PULL_RETRY, Pulled, next_batch, next_pulled, open_consumer};
+use crate::records::WriteError;
+use crate::settle::{self, Delivery};
 use crate::view::Placement;
-use crate::{Counters, SYNC_WAIT, Shared};
+use crate::{Counters, SYNC_WAIT, Shared, answers};
 
 /// Pulls submitted tasks and places each on a node, up to `max_in_flight` at once and never
 /// more than the nodes have room for.
@@ -159,14 +163,20 @@ impl Drop for Claim {
     }
 }
 
-/// Places one submitted task: chooses a node for it, dispatches it there, then acknowledges
-/// the submission; or hands it back to the queue when no node can take it now.
+/// Takes one submitted task: reads its record, then places it (a dispatch to the chosen
+/// node, its record moved to scheduled), leaves it waiting in the queue with its reason, or
+/// answers with the existing task (an id submitted before). The submission is acknowledged
+/// once that is stored.
 async fn place_submission(shared: &Shared, message: jetstream::Message, mut claim: Claim) {
-    let Some(submission) =
-        inbound::decode_or_terminate::<TaskSubmission>(&message, SUBMISSION).await
-    else {
-        return;
-    };
+    let submission =
+        match codec::decode_message::<TaskSubmission>(message.headers.as_ref(), &message.payload) {
+            Ok((submission, _)) => submission,
+            Err(err) => {
+                answers::refuse_submission(shared, &message, &err.to_string()).await;
+                inbound::terminate(&message, SUBMISSION, &err.to_string()).await;
+                return;
+            }
+        };
     if let Some(reply_to) = &submission.reply_to
         && !subject::is_allowed_reply_subject(reply_to, &shared.config.reply_subject_prefixes)
     {
@@ -174,39 +184,26 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, mut clai
         inbound::terminate(&message, SUBMISSION, &reason).await;
         return;
     }
+    let sequence = message.info().map_or(0, |info| info.stream_sequence);
     let span = tracing::info_span!("task", task_id = %submission.id);
     async move {
-        let placed = choose_node(shared, &message, &submission).await;
-        // Decided: the room the claim stood for is now reserved in the view, or free again.
-        claim.release(placed.is_some());
-        let Some(node) = placed else {
-            return;
-        };
-        let dispatch = Dispatch {
-            task: submission,
-            attempt: 1,
-            dispatched_at_ms: now_ms(),
-        };
-        match stored::dispatch(&shared.js, &node, &dispatch).await {
-            Ok(stored) => {
-                // A duplicate is this task placed before (a redelivered submission): the
-                // stored dispatch stands either way, wherever it went, and this placement
-                // takes no room.
-                if stored.duplicate {
-                    shared.unreserve(&dispatch.msg_id());
-                } else {
-                    Counters::count(&shared.counters.tasks_placed);
-                }
-                tracing::debug!(node_id = %node, duplicate = stored.duplicate, "task dispatched");
+        let next = admit(shared, &message, &submission, sequence, &mut claim).await;
+        // Decided: the room the claim stood for is reserved in the view, or free again.
+        claim.release(false);
+        match next {
+            Ok(Next::Ack) => {
                 if let Err(err) = message.ack().await {
-                    // The dispatch is stored; a redelivered submission is dispatched again
-                    // under the same message id and dropped as a duplicate.
-                    tracing::warn!(error = %err, "failed to acknowledge a placed task");
+                    // What the submission led to is stored; a redelivered submission finds
+                    // it in the record and is dispatched again under the same message id,
+                    // which JetStream drops as a duplicate.
+                    tracing::warn!(error = %err, "failed to acknowledge a submission");
                 }
             }
+            Ok(Next::Later(delay)) => {
+                message.ack_with(AckKind::Nak(delay)).await.ok();
+            }
             Err(err) => {
-                shared.unreserve(&dispatch.msg_id());
-                tracing::warn!(node_id = %node, error = %format!("{err:#}"), "dispatch failed; retrying");
+                tracing::warn!(error = %format!("{err:#}"), "failed to take a submission; retrying");
                 message
                     .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
                     .await
@@ -216,6 +213,161 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, mut clai
     }
     .instrument(span)
     .await
+}
+
+/// What becomes of a submission message.
+enum Next {
+    Ack,
+    /// Back to the queue, to be looked at again after the delay (at once if none).
+    Later(Option<Duration>),
+}
+
+async fn admit(
+    shared: &Shared,
+    message: &jetstream::Message,
+    submission: &TaskSubmission,
+    sequence: u64,
+    claim: &mut Claim,
+) -> anyhow::Result<Next> {
+    for _ in 0..CAS_TRIES {
+        let now = now_ms();
+        let (record, revision) = match shared.records.live(&submission.id).await? {
+            Some(live) => (live.record, Some(live.revision)),
+            None => {
+                // An id submitted before whose task has ended: answer with that task. The
+                // SDK's own ids are new by construction and skip the look.
+                if !submission.fresh_id
+                    && let Some(ended) = shared.records.archived(&submission.id).await?
+                {
+                    answers::answer_existing(shared, &ended, submission.reply_to.as_deref())
+                        .await?;
+                    return Ok(Next::Ack);
+                }
+                (TaskRecord::new(submission.clone(), sequence, now), None)
+            }
+        };
+        match record.state {
+            TaskState::Pending => {}
+            state if state.is_terminal() => {
+                answers::answer_existing(shared, &record, submission.reply_to.as_deref()).await?;
+                return Ok(Next::Ack);
+            }
+            _ if record.submission_seq == sequence => {
+                // The message that placed the task, read again: its placer died before the
+                // acknowledgement. The dispatch goes out again under the same message id.
+                redispatch(shared, &record).await?;
+                return Ok(Next::Ack);
+            }
+            _ => {
+                // The id again, in another message, while the task lives: its submitter gets
+                // the outcome too.
+                let Some(reply_to) = &submission.reply_to else {
+                    return Ok(Next::Ack);
+                };
+                let Some(watched) = record.with_watcher(reply_to) else {
+                    return Ok(Next::Ack);
+                };
+                match shared.records.write(&watched, revision).await {
+                    Ok(_) => return Ok(Next::Ack),
+                    Err(WriteError::Conflict) => continue,
+                    Err(WriteError::Failed(err)) => return Err(err),
+                }
+            }
+        }
+
+        if let Some(timed_out) = record.queue_timed_out(now) {
+            match shared.records.write(&timed_out, revision).await {
+                Ok(_) => {}
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Failed(err)) => return Err(err),
+            }
+            Counters::count(&shared.counters.tasks_timed_out);
+            tracing::info!("task timed out in the queue");
+            settle::finish(shared, &timed_out, Delivery::synthesized(&timed_out)?).await?;
+            return Ok(Next::Ack);
+        }
+        if let Some(not_before) = record.not_before_ms
+            && not_before > now
+        {
+            return Ok(Next::Later(Some(Duration::from_millis(not_before - now))));
+        }
+
+        let next_attempt = record.attempt + 1;
+        let attempt_id = attempt_msg_id(&record.id, next_attempt);
+        let placement = shared.place(
+            &record.task.requirements,
+            attempt_id.clone(),
+            record.task.limits.timeout_ms,
+        );
+        let node = match placement {
+            Placement::Node(node) => node,
+            waiting => {
+                let (reason, delay) = waiting_reason(message, &waiting);
+                if let Some(waiting) = record.waiting(reason, now) {
+                    match shared.records.write(&waiting, revision).await {
+                        Ok(_) | Err(WriteError::Conflict) => {}
+                        Err(WriteError::Failed(err)) => return Err(err),
+                    }
+                }
+                return Ok(Next::Later(delay));
+            }
+        };
+        claim.release(true);
+        let placed = record
+            .placed(&node, sequence, now)
+            .context("a pending record refused its placement")?;
+        match shared.records.write(&placed, revision).await {
+            Ok(_) => {}
+            Err(WriteError::Conflict) => {
+                shared.unreserve(&attempt_id);
+                continue;
+            }
+            Err(WriteError::Failed(err)) => {
+                shared.unreserve(&attempt_id);
+                return Err(err);
+            }
+        }
+        let dispatch = Dispatch {
+            task: placed.task.clone(),
+            attempt: placed.attempt,
+            dispatched_at_ms: now_ms(),
+        };
+        match stored::dispatch(&shared.js, &node, &dispatch).await {
+            Ok(stored) => {
+                if stored.duplicate {
+                    shared.unreserve(&attempt_id);
+                } else {
+                    Counters::count(&shared.counters.tasks_placed);
+                }
+                tracing::debug!(node_id = %node, attempt = placed.attempt, "task dispatched");
+                return Ok(Next::Ack);
+            }
+            Err(err) => {
+                // The record says scheduled; the submission comes back (same sequence) and
+                // is dispatched again.
+                shared.unreserve(&attempt_id);
+                return Err(anyhow::Error::new(err).context("failed to dispatch a task"));
+            }
+        }
+    }
+    Ok(Next::Later(Some(FULL_RETRY)))
+}
+
+/// Sends the dispatch of a scheduled task's current attempt again, to the node the record
+/// names. JetStream drops it if the first one was stored.
+async fn redispatch(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
+    let Some(node) = &record.node_id else {
+        return Ok(());
+    };
+    let dispatch = Dispatch {
+        task: record.task.clone(),
+        attempt: record.attempt,
+        dispatched_at_ms: now_ms(),
+    };
+    stored::dispatch(&shared.js, node, &dispatch)
+        .await
+        .context("failed to dispatch a task again")?;
+    Ok(())
 }
 
 /// What a submission is called in the log when it is terminated.
@@ -230,40 +382,37 @@ const NO_MATCH_RETRY: Duration = Duration::from_secs(2);
 /// label only they have) would fill this replica's window while other nodes sat idle.
 const FULL_RETRY: Duration = Duration::from_millis(500);
 
-/// Chooses a node for the task now and reserves room there, or hands the message back to
-/// the shared queue (`None`): at once while no node is online (this replica pulls again only
-/// once a node has room), after [`FULL_RETRY`] while every node that meets its requirements
-/// is full, after [`NO_MATCH_RETRY`] while none does.
-async fn choose_node(
-    shared: &Shared,
+/// Why a task that could not be placed waits, in words for its record, and how long it
+/// stays in the queue before it is looked at again: at once while no node is online (this
+/// replica pulls again only once a node has room), [`FULL_RETRY`] while every node that
+/// meets its requirements is full, [`NO_MATCH_RETRY`] while none does.
+fn waiting_reason(
     message: &jetstream::Message,
-    submission: &TaskSubmission,
-) -> Option<NodeId> {
-    let placement = shared.place(
-        &submission.requirements,
-        attempt_msg_id(&submission.id, 1),
-        submission.limits.timeout_ms,
-    );
-    let retry = match placement {
-        Placement::Node(node) => return Some(node),
+    placement: &Placement,
+) -> (&'static str, Option<Duration>) {
+    match placement {
         Placement::NoLiveNode => {
             tracing::debug!("no node is online; the task goes back to the queue");
-            None
+            ("no node is online", None)
         }
         Placement::NodesFull => {
             tracing::debug!("every node that can run the task is full; it goes back to the queue");
-            Some(FULL_RETRY)
+            (
+                "every node that meets its requirements is busy",
+                Some(FULL_RETRY),
+            )
         }
-        Placement::NoMatchingNode => {
+        Placement::NoMatchingNode | Placement::Node(_) => {
             let first = message.info().map_or(true, |info| info.delivered <= 1);
             if first {
                 tracing::info!(
                     "no online node meets the task's requirements; it waits in the queue"
                 );
             }
-            Some(NO_MATCH_RETRY)
+            (
+                "unschedulable: no online node meets its requirements",
+                Some(NO_MATCH_RETRY),
+            )
         }
-    };
-    message.ack_with(AckKind::Nak(retry)).await.ok();
-    None
+    }
 }

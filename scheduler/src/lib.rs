@@ -24,20 +24,32 @@
 //!   ran them have room again.
 //! - [`recovery`](crate::recovery): moves work off lost nodes, hands a restarted node's held
 //!   work back at once, and keeps the room accounting honest.
-//! - [`delivery`](crate::delivery): hands stored results to their submitters.
+//! - [`delivery`](crate::delivery): settles stored results against their tasks' records.
+//! - [`settle`](crate::settle): what follows a transition: a retry, or the end (dead
+//!   letter, archive, delivery to submitters).
+//! - [`records`](crate::records): task records, live (KV) and archived (sharded stream).
+//! - [`started`](crate::started): agents' started signals, which mark records running.
+//! - [`tasks`](crate::tasks): status, result, listing and cancel by id; the dead-letter
+//!   stream's listing and requeue.
 //! - [`pull`](crate::pull): what the pulling jobs share.
 
 mod admin;
+mod answers;
 mod binding;
 mod completions;
 pub mod config;
 mod delivery;
+mod dlq;
 mod intake;
 mod nodes;
 mod pull;
+mod records;
 mod recovery;
 mod registration;
 mod service;
+mod settle;
+mod started;
+mod tasks;
 pub mod tokens;
 pub mod view;
 
@@ -86,12 +98,16 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
 
         let (changed, _) = watch::channel(0u64);
         let (synced, _) = watch::channel(false);
+        tasks::apply_retention(&js, &config)
+            .await
+            .context("failed to set the task archive's retention")?;
         let shared = Arc::new(Shared {
             config: config.clone(),
             client: client.clone(),
-            js,
+            js: js.clone(),
             nodes: topology.nodes,
             cluster: topology.cluster,
+            records: records::Records::new(js.clone(), topology.records),
             view: Mutex::new(NodeView::new(config.node_backlog)),
             changed,
             synced,
@@ -114,6 +130,7 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
         // The view first: the endpoints and intake wait for it to be read once.
         tasks.spawn(nodes::watch_nodes(shared.clone(), stop.clone()).in_current_span());
         tasks.spawn(completions::watch_completions(shared.clone(), stop.clone()).in_current_span());
+        tasks.spawn(started::watch_started(shared.clone(), stop.clone()).in_current_span());
         service::start(&service, &shared, &stop, &mut tasks).await?;
         tasks.spawn(intake::intake(shared.clone(), stop.clone()).in_current_span());
         tasks.spawn(delivery::deliver_results(shared.clone(), stop.clone()).in_current_span());
@@ -162,6 +179,8 @@ struct Shared {
     nodes: kv::Store,
     /// `APIARY_CLUSTER`: join tokens and settings.
     cluster: kv::Store,
+    /// Task records, live and archived.
+    records: records::Records,
     view: Mutex<NodeView>,
     /// Bumped on every change to the view (a node came, went, reported, or finished one of
     /// our tasks), so that whoever waits for room looks again.
@@ -225,6 +244,13 @@ impl Shared {
         let _ = tokio::time::timeout(limit, synced.wait_for(|synced| *synced)).await;
     }
 
+    /// The settings the task transitions read.
+    fn policy(&self) -> apiary_proto::lifecycle::Policy {
+        apiary_proto::lifecycle::Policy {
+            max_attempts: self.config.max_attempts,
+        }
+    }
+
     fn heartbeat_interval_ms(&self) -> u64 {
         u64::try_from(self.config.heartbeat_interval.as_millis())
             .unwrap_or(u64::MAX)
@@ -259,6 +285,16 @@ struct Counters {
     tokens_refused: AtomicU64,
     /// Heartbeats dropped as repeats of an earlier one of the same process.
     heartbeats_replayed: AtomicU64,
+    /// Results discarded because they were not the task's current attempt's (a late result
+    /// of a superseded attempt, or one for a task that had ended).
+    results_superseded: AtomicU64,
+    /// Tasks put back in the queue for another attempt (failures and operator moves).
+    tasks_retried: AtomicU64,
+    /// Tasks put in the dead-letter stream.
+    tasks_dead: AtomicU64,
+    tasks_cancelled: AtomicU64,
+    /// Tasks that timed out in the queue.
+    tasks_timed_out: AtomicU64,
 }
 
 /// [`Counters`] as they appear in `$SRV.STATS`.
@@ -275,6 +311,11 @@ struct CountersSnapshot {
     identity_refused: u64,
     tokens_refused: u64,
     heartbeats_replayed: u64,
+    results_superseded: u64,
+    tasks_retried: u64,
+    tasks_dead: u64,
+    tasks_cancelled: u64,
+    tasks_timed_out: u64,
 }
 
 impl Counters {
@@ -296,6 +337,11 @@ impl Counters {
             identity_refused: read(&self.identity_refused),
             tokens_refused: read(&self.tokens_refused),
             heartbeats_replayed: read(&self.heartbeats_replayed),
+            results_superseded: read(&self.results_superseded),
+            tasks_retried: read(&self.tasks_retried),
+            tasks_dead: read(&self.tasks_dead),
+            tasks_cancelled: read(&self.tasks_cancelled),
+            tasks_timed_out: read(&self.tasks_timed_out),
         })
         .unwrap_or_default()
     }

@@ -15,8 +15,11 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::view::{Handover, Placement};
-use crate::{Counters, Shared};
+use crate::delivery::CAS_TRIES;
+use crate::records::WriteError;
+use crate::settle;
+use crate::view::Handover;
+use crate::{Counters, Shared, contention_pause};
 
 /// Hands out again, at once, every task a node's previous process held: the node's consumer
 /// is deleted, and the agent's next pull creates it anew, which delivers everything still in
@@ -178,9 +181,14 @@ async fn recover_node(
     Ok(())
 }
 
-/// Places one task of a lost node elsewhere, or, once it has used up its attempts, stores a
-/// `node_lost` failure as its result. While no other node can take it, it stays where it
-/// is and is looked at again next round.
+/// Moves one task off a lost or drained node, if the dispatch is still the task's current
+/// attempt (a stale one, of a task that has ended or moved on, is dropped):
+///
+/// - from a lost node, the attempt has failed: a `node_lost` result is stored for it and
+///   settled like any result, so the task is retried (a system failure) or, after its last
+///   attempt, dead;
+/// - from a node an operator drains or removed, the task goes back to the queue for a new
+///   attempt that costs it nothing.
 async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Message) {
     let Some(dispatch) = inbound::decode_or_terminate::<Dispatch>(&message, "dispatch").await
     else {
@@ -194,54 +202,12 @@ async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Messa
     );
     async {
         // The node may have come back between the look at the view and now (one late
-        // heartbeat, an uncordon after a drain): then its work stays with it, and no attempt
-        // is spent.
+        // heartbeat, an uncordon after a drain): then its work stays with it.
         let Some(handover) = shared.view().handover(lost, now_ms()) else {
             message.ack_with(AckKind::Nak(None)).await.ok();
             return;
         };
-        // Only a lost node costs the task an attempt: a drain or a removal is the operator's
-        // doing, and a rolling drain across a fleet must not fail the tasks it moves.
-        let moved = if handover == Handover::Lost && dispatch.attempt >= shared.config.max_attempts
-        {
-            let result = node_lost_result(&dispatch, lost);
-            tracing::warn!("task failed: its nodes were lost on every attempt");
-            Counters::count(&shared.counters.tasks_lost);
-            // Its own message id: should the lost node finish after all (it was only cut
-            // off), its real result for this attempt is still stored and delivered too.
-            let msg_id = result.node_lost_msg_id();
-            let subject = subject::node(lost, NodeVerb::Result);
-            stored::publish(&shared.js, subject, &result.task_id, &msg_id, &result)
-                .await
-                .map(drop)
-        } else {
-            let next_attempt = dispatch.attempt + 1;
-            let placement = shared.place(
-                &dispatch.task.requirements,
-                apiary_proto::message::attempt_msg_id(&dispatch.task.id, next_attempt),
-                dispatch.task.limits.timeout_ms,
-            );
-            let Placement::Node(target) = placement else {
-                message
-                    .ack_with(AckKind::Nak(Some(shared.config.heartbeat_interval)))
-                    .await
-                    .ok();
-                return;
-            };
-            let next = Dispatch {
-                task: dispatch.task.clone(),
-                attempt: next_attempt,
-                dispatched_at_ms: now_ms(),
-            };
-            tracing::info!(node_id = %target, "moving a task off a lost node");
-            let stored = stored::dispatch(&shared.js, &target, &next).await;
-            match &stored {
-                Ok(stored) if !stored.duplicate => Counters::count(&shared.counters.tasks_moved),
-                _ => shared.unreserve(&next.msg_id()),
-            }
-            stored.map(drop)
-        };
-        match moved {
+        match move_attempt(shared, lost, &dispatch, handover).await {
             Ok(()) => {
                 if let Err(err) = message.double_ack().await {
                     tracing::warn!(error = %err, "failed to acknowledge a moved task");
@@ -260,8 +226,56 @@ async fn move_dispatch(shared: &Shared, lost: &NodeId, message: jetstream::Messa
     .await
 }
 
-/// The result of a task whose every attempt was lost with its node. Stored on the lost node's
-/// result subject, so it reaches the submitter like any other result.
+async fn move_attempt(
+    shared: &Shared,
+    lost: &NodeId,
+    dispatch: &Dispatch,
+    handover: Handover,
+) -> anyhow::Result<()> {
+    for _ in 0..CAS_TRIES {
+        let Some(live) = shared.records.live(&dispatch.task.id).await? else {
+            tracing::debug!("dropping the dispatch of a task that has ended");
+            return Ok(());
+        };
+        if !live.record.holds(lost, dispatch.attempt) {
+            tracing::debug!("dropping a dispatch of an attempt the task no longer holds");
+            return Ok(());
+        }
+        match handover {
+            Handover::Lost => {
+                let result = node_lost_result(dispatch, lost);
+                tracing::info!("the task's node was lost; its attempt failed");
+                Counters::count(&shared.counters.tasks_lost);
+                // Its own message id: should the lost node finish after all (it was only
+                // cut off), its real result for this attempt is stored too, and settled as
+                // a late result of an attempt the task no longer holds.
+                let msg_id = result.node_lost_msg_id();
+                let subject = subject::node(lost, NodeVerb::Result);
+                stored::publish(&shared.js, subject, &result.task_id, &msg_id, &result).await?;
+                return Ok(());
+            }
+            Handover::Operator => {
+                let moved = live.record.moved(lost, dispatch.attempt, now_ms())?;
+                match shared.records.write(&moved, Some(live.revision)).await {
+                    Ok(_) => {}
+                    Err(WriteError::Conflict) => {
+                        contention_pause().await;
+                        continue;
+                    }
+                    Err(WriteError::Failed(err)) => return Err(err),
+                }
+                tracing::info!("moving a task off a node an operator drains");
+                settle::requeue(shared, &moved).await?;
+                Counters::count(&shared.counters.tasks_moved);
+                return Ok(());
+            }
+        }
+    }
+    anyhow::bail!("the task's record kept changing")
+}
+
+/// The result of an attempt whose node was lost before it finished. Stored on the lost
+/// node's result subject and settled like any other result.
 fn node_lost_result(dispatch: &Dispatch, lost: &NodeId) -> TaskResult {
     let now = now_ms();
     TaskResult {
@@ -272,8 +286,7 @@ fn node_lost_result(dispatch: &Dispatch, lost: &NodeId) -> TaskResult {
             error: TaskError::new(
                 TaskErrorKind::NodeLost,
                 format!(
-                    "the task was placed {} times and each node was lost before it finished; \
-                     the last was {lost}",
+                    "node {lost} was lost while it held attempt {} of the task",
                     dispatch.attempt
                 ),
             ),
@@ -282,5 +295,6 @@ fn node_lost_result(dispatch: &Dispatch, lost: &NodeId) -> TaskResult {
         started_at_ms: now,
         finished_at_ms: now,
         reply_to: dispatch.task.reply_to.clone(),
+        stdout_object: None,
     }
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use apiary_proto::admin::{TokenCreateRequest, TokenList, TokenListRequest, TokenRevokeRequest};
 use apiary_proto::message::{ErrorBody, ErrorCode, NodesListReply, NodesListRequest, Reply};
 use apiary_proto::rpc::{self, Inbound};
-use apiary_proto::subject::{self, NodeVerb, NodesCommand, TokensCommand};
+use apiary_proto::subject::{
+    self, DlqCommand, NodeVerb, NodesCommand, TasksCommand, TokensCommand,
+};
 use apiary_proto::{CodecError, NodeId, now_ms};
 use async_nats::service::Service;
 use serde::Serialize;
@@ -19,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{SYNC_WAIT, Shared, admin, registration, tokens};
+use crate::{SYNC_WAIT, Shared, admin, dlq, registration, tasks, tokens};
 
 /// Adds the endpoints to `service` and answers them on `tasks` until `stop`.
 pub(crate) async fn start(
@@ -73,6 +75,25 @@ pub(crate) async fn start(
             TokensCommand::Create => endpoints.add(tasks, name, subject, create_token).await?,
             TokensCommand::List => endpoints.add(tasks, name, subject, list_tokens).await?,
             TokensCommand::Revoke => endpoints.add(tasks, name, subject, revoke_token).await?,
+        }
+    }
+    for command in TasksCommand::ALL {
+        let name = format!("tasks-{}", command.token());
+        let subject = subject::tasks_command(command);
+        match command {
+            TasksCommand::Status => endpoints.add(tasks, name, subject, tasks::status).await?,
+            TasksCommand::Result => endpoints.add(tasks, name, subject, tasks::result).await?,
+            TasksCommand::List => endpoints.add(tasks, name, subject, tasks::list).await?,
+            TasksCommand::Cancel => endpoints.add(tasks, name, subject, tasks::cancel).await?,
+        }
+    }
+    for command in DlqCommand::ALL {
+        let name = format!("dlq-{}", command.token());
+        let subject = subject::dlq_command(command);
+        match command {
+            DlqCommand::List => endpoints.add(tasks, name, subject, dlq::list).await?,
+            DlqCommand::Show => endpoints.add(tasks, name, subject, dlq::show).await?,
+            DlqCommand::Requeue => endpoints.add(tasks, name, subject, dlq::requeue).await?,
         }
     }
     endpoints

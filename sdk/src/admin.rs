@@ -31,7 +31,7 @@ pub struct NewToken {
 }
 
 impl Client {
-    async fn ask<Req: Serialize, Resp: DeserializeOwned>(
+    pub(crate) async fn ask<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         subject: subject::Subject,
         request: &Req,

@@ -20,6 +20,7 @@
 mod admin;
 mod catch_up;
 mod error;
+mod tasks;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ use apiary_proto::message::{
     Requirements, TaskResult, TaskSubmission,
 };
 use apiary_proto::topology::{self, Topology};
-use apiary_proto::{NodeId, TaskId, now_ms, stored};
+use apiary_proto::{NodeId, now_ms, stored};
 use apiary_proto::{rpc, subject};
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::InfoErrorKind;
@@ -44,7 +45,12 @@ pub use admin::NewToken;
 pub use apiary_proto::admin::{
     Approval, ClusterSettings, NodeAdmin, Schedule, Scheduling, TokenCreated, TokenInfo,
 };
-pub use apiary_proto::message::{TaskError, TaskErrorKind};
+pub use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskRecord, TaskState, Transition};
+pub use apiary_proto::message::{
+    DeadLetter, DlqListReply, DlqListRequest, TaskError, TaskErrorKind, TaskListReply,
+    TaskListRequest, TaskResultReply,
+};
+pub use apiary_proto::{IdError, TaskId};
 pub use error::{Error, TaskFailure};
 
 /// How many recently resolved task ids a client remembers, to tell a repeated result from a
@@ -217,7 +223,7 @@ impl Client {
         lock(&self.inner.routes).duplicates
     }
 
-    async fn topology(&self) -> Result<&Topology, Error> {
+    pub(crate) async fn topology(&self) -> Result<&Topology, Error> {
         self.inner
             .topology
             .get_or_try_init(|| topology::ensure(&self.inner.js))
@@ -256,14 +262,21 @@ impl Client {
 
     /// Submits a task. When this returns, the task is stored in JetStream and will run once a
     /// node for it is available; the handle awaits its result.
+    ///
+    /// A task given its own id ([`Task::id`]) that was submitted before is not run again:
+    /// the handle follows the existing task and resolves with its outcome.
     pub async fn submit(&self, task: Task) -> Result<TaskHandle, Error> {
+        let (id, fresh_id) = match task.id {
+            Some(id) => (id, false),
+            None => (TaskId::generate(), true),
+        };
         let module = match task.module {
             ModuleSource::Bytes(bytes) => self.upload_module(&bytes).await?,
             ModuleSource::Stored(reference) => reference,
         };
         self.topology().await?;
         let submission = TaskSubmission {
-            id: TaskId::generate(),
+            id,
             module,
             input: task.input.into(),
             limits: task.limits,
@@ -271,6 +284,9 @@ impl Client {
             priority: task.priority,
             reply_to: Some(self.inner.inbox.clone()),
             submitted_at_ms: now_ms(),
+            retry: task.retry,
+            queue_timeout_ms: task.queue_timeout_ms,
+            fresh_id,
         };
         let id = submission.id.clone();
         let span =
@@ -284,13 +300,19 @@ impl Client {
         lock(&self.inner.routes).waiters.insert(id.clone(), waiter);
         let handle = TaskHandle {
             id,
-            receiver,
-            routes: self.inner.routes.clone(),
+            receiver: Some(receiver),
+            client: Arc::downgrade(&self.inner),
         };
         async {
-            stored::submission(&self.inner.js, &submission)
+            let stored = stored::submission(&self.inner.js, &submission)
                 .await
                 .map_err(|err| Error::Publish(err.to_string()))?;
+            if stored.duplicate {
+                // Submitted before, inside JetStream's duplicate window: this submission was
+                // dropped, and its reply subject will hear nothing. Follow the existing task.
+                tracing::debug!("the task id was submitted before; following that task");
+                return Ok(TaskHandle::reattached(handle.id.clone(), self.clone()));
+            }
             tracing::debug!("task submitted");
             Ok(handle)
         }
@@ -355,6 +377,9 @@ pub struct Task {
     limits: Limits,
     requirements: Requirements,
     priority: Priority,
+    id: Option<TaskId>,
+    retry: Option<RetryPolicy>,
+    queue_timeout_ms: Option<u64>,
 }
 
 impl Task {
@@ -375,7 +400,32 @@ impl Task {
             limits: Limits::default(),
             requirements: Requirements::default(),
             priority: Priority::default(),
+            id: None,
+            retry: None,
+            queue_timeout_ms: None,
         }
+    }
+
+    /// The task's own id, instead of a generated one: an idempotency key. Submitting an id
+    /// that was submitted before returns the existing task rather than running it again.
+    /// Ids are 1 to 64 of `A-Z a-z 0-9 - _`; see [`TaskId::new`].
+    pub fn id(mut self, id: TaskId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// How failed attempts are retried. Without one, only system failures (a lost node, an
+    /// internal error on the node) are retried, up to the scheduler's default.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// How long the task may wait to be placed before it ends `timed_out`; as long as it
+    /// takes when unset.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
     }
 
     /// The bytes given to the module on stdin.
@@ -406,17 +456,26 @@ impl Task {
     }
 }
 
-/// A submitted task. Await its result with [`TaskHandle::result`].
+/// A submitted task. Await its result with [`TaskHandle::result`], follow it with
+/// [`TaskHandle::watch`], or [`TaskHandle::cancel`] it.
 #[derive(Debug)]
 pub struct TaskHandle {
     id: TaskId,
-    receiver: oneshot::Receiver<TaskResult>,
-    routes: Routes,
+    /// Where the result arrives for a task this client submitted; `None` for a task followed
+    /// through its record ([`Client::task`], a resubmitted id).
+    receiver: Option<oneshot::Receiver<TaskResult>>,
+    /// The client, not kept alive by its handles: a handle that outlives its client reports
+    /// [`Error::Disconnected`].
+    client: std::sync::Weak<Inner>,
 }
 
 impl Drop for TaskHandle {
     fn drop(&mut self) {
-        lock(&self.routes).waiters.remove(&self.id);
+        if self.receiver.is_some()
+            && let Some(inner) = self.client.upgrade()
+        {
+            lock(&inner.routes).waiters.remove(&self.id);
+        }
     }
 }
 
@@ -434,19 +493,72 @@ pub struct TaskOutput {
 }
 
 impl TaskHandle {
+    fn reattached(id: TaskId, client: Client) -> Self {
+        Self {
+            id,
+            receiver: None,
+            client: Arc::downgrade(&client.inner),
+        }
+    }
+
+    fn client(&self) -> Result<Client, Error> {
+        self.client
+            .upgrade()
+            .map(|inner| Client { inner })
+            .ok_or(Error::Disconnected)
+    }
+
     pub fn id(&self) -> &TaskId {
         &self.id
     }
 
+    /// The task's record now: state, attempt, node, reason, history.
+    pub async fn status(&self) -> Result<TaskRecord, Error> {
+        self.client()?.task_status(&self.id).await
+    }
+
+    /// Every change of the task's record from now until it ends.
+    pub fn watch(&self) -> impl futures::Stream<Item = Result<TaskRecord, Error>> + Send + use<> {
+        let client = self.client();
+        let id = self.id.clone();
+        async_stream::try_stream! {
+            let client = client?;
+            let mut changes = std::pin::pin!(client.watch_task(id));
+            while let Some(record) = changes.next().await {
+                yield record?;
+            }
+        }
+    }
+
+    /// Cancels the task; see [`Client::cancel_task`]. The handle then resolves with a
+    /// `cancelled` failure.
+    pub async fn cancel(&self) -> Result<TaskRecord, Error> {
+        self.client()?.cancel_task(&self.id).await
+    }
+
     /// The raw result of the task, whatever its outcome.
     pub async fn report(mut self) -> Result<TaskResult, Error> {
-        (&mut self.receiver).await.map_err(|_| Error::Disconnected)
+        match self.receiver.take() {
+            Some(receiver) => receiver.await.map_err(|_| Error::Disconnected),
+            None => self.client()?.await_result(&self.id).await,
+        }
     }
 
     /// The task's output once it has run; a task that could not run is
     /// [`Error::TaskFailed`], with the failure's kind to match on.
     pub async fn result(self) -> Result<TaskOutput, Error> {
-        into_output(self.report().await?)
+        let client = self.client.clone();
+        let report = self.report().await?;
+        let large = report.stdout_object.is_some();
+        let mut output = into_output(report.clone())?;
+        if large {
+            let client = client
+                .upgrade()
+                .map(|inner| Client { inner })
+                .ok_or(Error::Disconnected)?;
+            output.stdout = client.result_stdout(&report, &output.stdout).await?;
+        }
+        Ok(output)
     }
 
     /// Like [`TaskHandle::result`], giving up after `limit`. The task itself goes on.

@@ -8,11 +8,8 @@ use apiary_harness::{Stack, wasm};
 
 fn options(module: Vec<u8>, input: &str) -> SubmitOptions {
     SubmitOptions {
-        module,
-        input: input.as_bytes().to_vec(),
-        timeout: Duration::from_secs(30),
         wait: Duration::from_secs(30),
-        json: false,
+        ..SubmitOptions::new(module, input.as_bytes().to_vec())
     }
 }
 

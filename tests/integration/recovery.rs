@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use apiary_harness::{PATIENCE, Stack, eventually, sleeping_module, wasm, within};
+use apiary_proto::lifecycle::TaskRecord;
 use apiary_proto::message::{
     Dispatch, ModuleRef, Outcome, TaskErrorKind, TaskResult, TaskSubmission,
 };
@@ -23,14 +24,19 @@ fn dispatch(module: ModuleRef, reply_to: String, attempt: u32) -> Dispatch {
             priority: Default::default(),
             reply_to: Some(reply_to),
             submitted_at_ms: now_ms(),
+            retry: None,
+            queue_timeout_ms: None,
+            fresh_id: true,
         },
         attempt,
         dispatched_at_ms: now_ms(),
     }
 }
 
-/// Crashes `node`'s agent and places `dispatch` on it, as if the scheduler had done so just
-/// before the crash was noticed. Returns the subscription its result will arrive on.
+/// Crashes `node`'s agent and places a task on it, as if the scheduler had done so just
+/// before the crash was noticed: the task's record says it is scheduled there as `attempt`
+/// (every earlier attempt lost with its node), and the dispatch waits in the node's queue.
+/// Returns the subscription its result will arrive on.
 async fn strand_on_crashed_node(stack: &Stack, node: &str, attempt: u32) -> async_nats::Subscriber {
     let agent = stack.spawn_agent_online(node).await;
     agent.crash().await;
@@ -43,13 +49,24 @@ async fn strand_on_crashed_node(stack: &Stack, node: &str, attempt: u32) -> asyn
         .await
         .expect("upload");
     let js = async_nats::jetstream::new(nats);
-    stored::dispatch(
-        &js,
-        &NodeId::new(node).expect("id"),
-        &dispatch(module, inbox, attempt),
-    )
-    .await
-    .expect("stored");
+    let node = NodeId::new(node).expect("id");
+    let dispatch = dispatch(module, inbox, attempt);
+    let mut record = TaskRecord::new(dispatch.task.clone(), 0, now_ms());
+    record.attempt = attempt - 1;
+    record.failures = attempt - 1;
+    let record = record.placed(&node, 0, now_ms()).expect("placed");
+    js.get_key_value(topology::TASK_RECORDS_BUCKET)
+        .await
+        .expect("record bucket")
+        .create(
+            topology::task_record_key(&record.id),
+            apiary_proto::codec::encode(&record).expect("encode"),
+        )
+        .await
+        .expect("record stored");
+    stored::dispatch(&js, &node, &dispatch)
+        .await
+        .expect("stored");
     results
 }
 

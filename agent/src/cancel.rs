@@ -1,0 +1,126 @@
+//! Cancel notices: a scheduler that cancels a placed task tells its node
+//! (`apiary.v1.node.<node>.cancel`, core NATS), and the agent stops the attempt if it runs
+//! here (the sandbox's epoch callback sees the stop within a tick), or skips it should its
+//! dispatch arrive afterwards. The task's record is already `cancelled`, so whatever the run
+//! still reports is a late result the scheduler discards.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use apiary_proto::codec;
+use apiary_proto::message::{CancelAttempt, attempt_msg_id};
+use apiary_proto::subject::{self, NodeVerb};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+
+/// How many cancelled attempts an agent remembers, for dispatches that arrive after their
+/// cancel notice.
+const REMEMBERED: usize = 4096;
+
+/// The stop flags of the attempts running here, and the attempts cancelled lately.
+#[derive(Debug, Default)]
+pub(crate) struct Cancels {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    running: HashMap<String, Arc<AtomicBool>>,
+    cancelled: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Cancels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every critical section is a few map operations that cannot panic halfway.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The stop flag of an attempt starting now; already set if it was cancelled before.
+    pub fn starting(&self, attempt_id: &str) -> Arc<AtomicBool> {
+        let mut inner = self.lock();
+        let stop = Arc::new(AtomicBool::new(inner.cancelled.contains(attempt_id)));
+        inner.running.insert(attempt_id.to_owned(), stop.clone());
+        stop
+    }
+
+    pub fn finished(&self, attempt_id: &str) {
+        self.lock().running.remove(attempt_id);
+    }
+
+    pub fn is_cancelled(&self, attempt_id: &str) -> bool {
+        self.lock().cancelled.contains(attempt_id)
+    }
+
+    /// Stops the attempt if it runs, and remembers it. True if it was running.
+    pub fn cancel(&self, attempt_id: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.cancelled.insert(attempt_id.to_owned()) {
+            inner.order.push_back(attempt_id.to_owned());
+            while inner.order.len() > REMEMBERED {
+                if let Some(oldest) = inner.order.pop_front() {
+                    inner.cancelled.remove(&oldest);
+                }
+            }
+        }
+        match inner.running.get(attempt_id) {
+            Some(stop) => {
+                stop.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Listens for this node's cancel notices until `stop`.
+pub(crate) async fn listen(agent: Arc<Agent>, stop: CancellationToken) {
+    let subject = subject::node(&agent.node_id, NodeVerb::Cancel);
+    let mut notices = match agent.client.subscribe(subject.to_string()).await {
+        Ok(notices) => notices,
+        Err(err) => {
+            tracing::error!(error = %err, "failed to listen for cancel notices");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return,
+            message = notices.next() => message,
+        };
+        let Some(message) = message else { return };
+        let Ok((notice, _)) =
+            codec::decode_message::<CancelAttempt>(message.headers.as_ref(), &message.payload)
+        else {
+            tracing::debug!("ignoring a malformed cancel notice");
+            continue;
+        };
+        let attempt_id = attempt_msg_id(&notice.task_id, notice.attempt);
+        let running = agent.cancels.cancel(&attempt_id);
+        tracing::info!(task_id = %notice.task_id, attempt = notice.attempt, running, "task cancelled");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_stops_a_running_attempt_and_one_that_starts_later() {
+        let cancels = Cancels::default();
+        let running = cancels.starting("t.1");
+        assert!(!running.load(Ordering::Relaxed));
+        assert!(cancels.cancel("t.1"));
+        assert!(running.load(Ordering::Relaxed));
+        cancels.finished("t.1");
+        assert!(!cancels.cancel("t.2"));
+        assert!(cancels.is_cancelled("t.2"));
+        assert!(cancels.starting("t.2").load(Ordering::Relaxed));
+        assert!(!cancels.is_cancelled("t.3"));
+    }
+}

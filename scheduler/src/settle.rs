@@ -1,0 +1,141 @@
+//! What follows a task's transition, carried out the same way whoever made it (a result, a
+//! cancel, a queue timeout, a lost node): retry it, or end it (dead letter, archive, deliver,
+//! purge).
+//!
+//! Every step is idempotent (stored with a message id, or a purge), so a replica that dies
+//! half-way leaves the message that caused it unacknowledged, and whoever reads it again
+//! finds the record already moved ([`Settlement::Repeat`](apiary_proto::lifecycle::Settlement))
+//! and carries out the same steps again.
+
+use anyhow::Context as _;
+use apiary_proto::codec::Encoding;
+use apiary_proto::lifecycle::{Effect, TaskRecord};
+use apiary_proto::{codec, headers, stored, subject};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::{Counters, Shared};
+
+/// The result that submitters receive, as it travels.
+pub(crate) struct Delivery {
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+impl Delivery {
+    /// The stored result message, passed on unchanged.
+    pub fn stored(headers: Option<&HeaderMap>, payload: Bytes) -> Self {
+        Self {
+            headers: headers
+                .cloned()
+                .unwrap_or_else(|| Encoding::MsgPack.headers()),
+            payload,
+        }
+    }
+
+    /// The result of a task that ended without one of its own (cancelled, timed out in the
+    /// queue).
+    pub fn synthesized(record: &TaskRecord) -> anyhow::Result<Self> {
+        let result = record.ended_without_result();
+        let mut headers = Encoding::MsgPack.headers();
+        headers.insert(headers::TASK_ID, record.id.as_str());
+        Ok(Self {
+            headers,
+            payload: codec::encode(&result).context("failed to encode a result")?,
+        })
+    }
+}
+
+/// Carries out `effect` for `record`, as written.
+pub(crate) async fn carry_out(
+    shared: &Shared,
+    record: &TaskRecord,
+    effect: &Effect,
+    delivery: Delivery,
+) -> anyhow::Result<()> {
+    match effect {
+        Effect::Retry { .. } => requeue(shared, record).await,
+        Effect::Finish => finish(shared, record, delivery).await,
+        Effect::Bury => {
+            bury(shared, record).await?;
+            finish(shared, record, delivery).await
+        }
+    }
+}
+
+/// Puts a pending task back in the shared queue for its next attempt. Intake keeps it there
+/// until its `not_before_ms`, so the wait holds no node's slot.
+pub(crate) async fn requeue(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
+    let msg_id = format!("{}.after.{}", record.id, record.attempt);
+    stored::publish(
+        &shared.js,
+        subject::task_submit(),
+        &record.id,
+        &msg_id,
+        &record.task,
+    )
+    .await
+    .context("failed to queue a task again")?;
+    Counters::count(&shared.counters.tasks_retried);
+    Ok(())
+}
+
+/// Ends a task: its final record to the archive, its result to its submitters, its key out
+/// of the live bucket.
+pub(crate) async fn finish(
+    shared: &Shared,
+    record: &TaskRecord,
+    delivery: Delivery,
+) -> anyhow::Result<()> {
+    shared.records.archive(record).await?;
+    deliver(shared, record, &delivery).await;
+    if let Err(err) = shared.records.purge(&record.id).await {
+        // The ended record stays in the live bucket: found first by lookups, which is right,
+        // and costing one key until an operator purges it.
+        tracing::warn!(error = %format!("{err:#}"), "failed to purge an ended task's live record");
+    }
+    Ok(())
+}
+
+/// Puts a dead task in the dead-letter stream, with its whole submission.
+async fn bury(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
+    let msg_id = format!("{}.{}.dead", record.id, record.attempt);
+    stored::publish(
+        &shared.js,
+        subject::task_dead(),
+        &record.id,
+        &msg_id,
+        record,
+    )
+    .await
+    .context("failed to put a dead task in the dead-letter stream")?;
+    Counters::count(&shared.counters.tasks_dead);
+    tracing::warn!(
+        reason = record.reason.as_deref().unwrap_or(""),
+        "task is dead; kept in the dead-letter stream"
+    );
+    Ok(())
+}
+
+/// Publishes the result to every reply subject of the task that the scheduler may publish
+/// to. Core NATS: a submitter that is away misses it, and finds it later by id.
+async fn deliver(shared: &Shared, record: &TaskRecord, delivery: &Delivery) {
+    for reply_to in record.reply_subjects() {
+        if !subject::is_allowed_reply_subject(reply_to, &shared.config.reply_subject_prefixes) {
+            tracing::warn!(reply_to, "not delivering a result to a forbidden subject");
+            continue;
+        }
+        match shared
+            .client
+            .publish_with_headers(
+                reply_to.to_owned(),
+                delivery.headers.clone(),
+                delivery.payload.clone(),
+            )
+            .await
+        {
+            Ok(()) => Counters::count(&shared.counters.results_delivered),
+            Err(err) => tracing::warn!(reply_to, error = %err, "failed to deliver a result"),
+        }
+    }
+}
