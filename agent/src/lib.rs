@@ -136,6 +136,7 @@ pub async fn run_reporting_outbox(
             slots,
             client: client.clone(),
             js: js.clone(),
+            result_objects: topology.result_objects.clone(),
             limits: NodeLimits::from(&config),
             modules,
             sandbox,
@@ -331,6 +332,8 @@ struct Agent {
     slots: u32,
     client: async_nats::Client,
     js: jetstream::Context,
+    /// `APIARY_RESULT_OBJECTS`: outputs too large for a result message.
+    result_objects: async_nats::jetstream::object_store::ObjectStore,
     limits: NodeLimits,
     modules: Arc<ModuleCache>,
     sandbox: Arc<Sandbox>,

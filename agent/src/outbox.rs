@@ -457,13 +457,9 @@ async fn replay_pass(agent: &Agent) -> Result<(), ReplayError> {
         let attempt_id = entry.attempt_id();
         match entry {
             Entry::Waiting { result, kept_at_ms } => {
-                // Fitted again: the server that is back may carry less than the one the
-                // result was fitted to. The connection's limit is unknown (0) until the
-                // server's INFO arrives; publish as it is then.
-                let result = match agent.max_result_bytes() {
-                    0 => result,
-                    max => crate::task::fit_within(result, max),
-                };
+                // Fitted now, to the server that is back: a large output goes to the
+                // result object store first.
+                let result = agent.fit_for_server(result).await?;
                 let stored = stored::result(&agent.js, &result).await?;
                 // A duplicate is stored all the same: an earlier publish of this result
                 // reached the server, only its answer did not reach us.

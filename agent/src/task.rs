@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use apiary_proto::codec;
 use apiary_proto::message::{
-    AttemptStarted, Dispatch, Outcome, TaskError, TaskErrorKind, TaskResult,
+    AttemptStarted, Dispatch, ModuleRef, Outcome, ResultObject, TaskError, TaskErrorKind,
+    TaskResult,
 };
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{now_ms, stored, topology};
@@ -97,7 +98,6 @@ impl Agent {
             reply_to: dispatch.task.reply_to.clone(),
             stdout_object: None,
         };
-        let result = fit_within(result, self.max_result_bytes());
         match &result.outcome {
             Outcome::Completed { exit_code, .. } => {
                 tracing::info!(
@@ -224,9 +224,55 @@ impl Agent {
         if self.outbox.waiting() > 0 {
             return Err(Unpublished::OlderResultsWait);
         }
-        stored::result(&self.js, result).await?;
+        let result = self.fit_for_server(result.clone()).await?;
+        stored::result(&self.js, &result).await?;
         Ok(())
     }
+
+    /// A result the server can carry: as it is when it fits the server's `max_payload`;
+    /// otherwise with stdout moved to the result object store (`stdout_object`, fetched by
+    /// the SDK), and only if it still does not fit (a huge stderr), cut down by
+    /// [`fit_within`]. The limit is unknown (0) until the server's INFO arrives; the result
+    /// goes as it is then.
+    pub(crate) async fn fit_for_server(
+        &self,
+        mut result: TaskResult,
+    ) -> Result<TaskResult, stored::PublishError> {
+        let max = self.max_result_bytes();
+        if max == 0 || encoded_len(&result) <= max {
+            return Ok(result);
+        }
+        let name = format!("{}.stdout", result.msg_id());
+        if let Outcome::Completed { stdout, .. } = &mut result.outcome
+            && !stdout.is_empty()
+            && result.stdout_object.is_none()
+        {
+            let bytes = std::mem::take(stdout).0;
+            let object = ResultObject {
+                sha256: ModuleRef::for_bytes(&bytes).sha256,
+                size: bytes.len() as u64,
+                name,
+            };
+            let mut reader = bytes.as_ref();
+            self.result_objects
+                .put(object.name.as_str(), &mut reader)
+                .await
+                .map_err(|err| stored::PublishError::Publish {
+                    subject: object.name.clone(),
+                    reason: format!("failed to keep a large output in the object store: {err}"),
+                })?;
+            tracing::info!(
+                bytes = object.size,
+                "output too large for a message; kept in the result object store"
+            );
+            result.stdout_object = Some(object);
+        }
+        Ok(fit_within(result, max))
+    }
+}
+
+fn encoded_len(result: &TaskResult) -> usize {
+    codec::encode(result).map_or(usize::MAX, |bytes| bytes.len())
 }
 
 /// Why a result went to the outbox instead of the server.
@@ -245,7 +291,7 @@ enum Unpublished {
 /// separately); publishing that would fail on every retry, so it becomes an output-limit
 /// failure instead, keeping as much of stderr as fits.
 pub(crate) fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult {
-    let size = codec::encode(&result).map_or(usize::MAX, |bytes| bytes.len());
+    let size = encoded_len(&result);
     if size <= max_bytes {
         return result;
     }

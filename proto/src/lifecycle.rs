@@ -261,7 +261,10 @@ pub enum Refused {
 pub enum Settlement {
     /// The result ends the task (or schedules its retry): write `record`, then carry out
     /// `effect`.
-    Apply { record: TaskRecord, effect: Effect },
+    Apply {
+        record: Box<TaskRecord>,
+        effect: Effect,
+    },
     /// This very result was applied before (the record names its sequence): carry out
     /// `effect` again, since whoever applied it may have died before finishing.
     Repeat { effect: Effect },
@@ -630,7 +633,7 @@ impl TaskRecord {
                     next.state = TaskState::Pending;
                     next.push_history(now_ms);
                     return Settlement::Apply {
-                        record: next,
+                        record: Box::new(next),
                         effect: Effect::Retry { not_before_ms },
                     };
                 }
@@ -660,7 +663,7 @@ impl TaskRecord {
         next.result_seq = Some(result_seq);
         next.end(now_ms);
         Settlement::Apply {
-            record: next,
+            record: Box::new(next),
             effect,
         }
     }
@@ -761,7 +764,7 @@ mod tests {
 
     fn applied(settlement: Settlement) -> (TaskRecord, Effect) {
         match settlement {
-            Settlement::Apply { record, effect } => (record, effect),
+            Settlement::Apply { record, effect } => (*record, effect),
             other => panic!("expected the result to apply, got {other:?}"),
         }
     }

@@ -8,10 +8,10 @@ use apiary_proto::lifecycle::TaskRecord;
 use apiary_proto::message::{
     DeadLetter, DlqListReply, DlqListRequest, ErrorBody, ErrorCode, Reply, TaskRef,
 };
-use apiary_proto::{TaskId, codec, headers, now_ms, stored, subject, topology};
+use apiary_proto::{TaskId, codec, now_ms, stored, subject, topology};
 use async_nats::jetstream::consumer::DeliverPolicy;
 
-use crate::records::{WriteError, scan};
+use crate::records::{WriteError, names, scan};
 use crate::tasks::internal;
 use crate::{Counters, Shared};
 
@@ -107,12 +107,7 @@ async fn entry(shared: &Shared, task: &TaskId) -> Result<DeadLetter, ErrorBody> 
         DeliverPolicy::All,
         usize::MAX,
         |message| {
-            let names_task = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(headers::TASK_ID))
-                .is_some_and(|value| value.as_str() == task.as_str());
-            if names_task {
+            if names(message, task) {
                 let sequence = message.info().map_or(0, |info| info.stream_sequence);
                 found = decode(&message.payload, sequence);
             }

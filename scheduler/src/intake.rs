@@ -234,13 +234,19 @@ async fn admit(
         let (record, revision) = match shared.records.live(&submission.id).await? {
             Some(live) => (live.record, Some(live.revision)),
             None => {
-                // An id submitted before whose task has ended: answer with that task. The
-                // SDK's own ids are new by construction and skip the look.
-                if !submission.fresh_id
+                // An id submitted before whose task has ended: answer with that task. An id
+                // the SDK generated is new by construction the first time its message is
+                // read; read again (an acknowledgement was lost, a cancel left it behind),
+                // its task may have ended since.
+                let first_read = message.info().is_ok_and(|info| info.delivered <= 1);
+                if !(submission.fresh_id && first_read)
                     && let Some(ended) = shared.records.archived(&submission.id).await?
                 {
-                    answers::answer_existing(shared, &ended, submission.reply_to.as_deref())
-                        .await?;
+                    // The same message again was answered when its task ended.
+                    if ended.submission_seq != sequence {
+                        answers::answer_existing(shared, &ended, submission.reply_to.as_deref())
+                            .await?;
+                    }
                     return Ok(Next::Ack);
                 }
                 (TaskRecord::new(submission.clone(), sequence, now), None)

@@ -10,12 +10,11 @@ use apiary_proto::message::{
     TaskResultReply, TaskResultRequest,
 };
 use apiary_proto::subject::{self, NodeVerb};
-use apiary_proto::{NodeId, TaskId, codec, headers, now_ms, topology};
-use async_nats::jetstream::consumer::DeliverPolicy;
+use apiary_proto::{NodeId, TaskId, codec, now_ms, topology};
 
 use crate::config::SchedulerConfig;
 use crate::delivery::CAS_TRIES;
-use crate::records::{Found, WriteError, scan};
+use crate::records::{Found, WriteError, names_in, walk_queue};
 use crate::settle::{self, Delivery};
 use crate::{Counters, Shared, contention_pause};
 
@@ -68,6 +67,19 @@ async fn cancel_task(shared: &Shared, task: &TaskId) -> Result<TaskRecord, Error
         let live = match find(shared, task).await? {
             Found::Live(live) => live,
             Found::Archived(record) => return Ok(record),
+            Found::Queued(record) => {
+                // Never looked at: its record is written now, as cancelled, and it leaves
+                // the queue.
+                let cancelled = record
+                    .cancelled(now_ms())
+                    .map_err(|err| internal(err.into()))?;
+                match shared.records.write(&cancelled, None).await {
+                    Ok(_) => {}
+                    Err(WriteError::Conflict) => continue,
+                    Err(WriteError::Failed(err)) => return Err(internal(err)),
+                }
+                return end_cancelled(shared, task, &record, cancelled).await;
+            }
         };
         let cancelled = match live.record.cancelled(now_ms()) {
             Ok(cancelled) => cancelled,
@@ -82,23 +94,36 @@ async fn cancel_task(shared: &Shared, task: &TaskId) -> Result<TaskRecord, Error
             }
             Err(WriteError::Failed(err)) => return Err(internal(err)),
         }
-        Counters::count(&shared.counters.tasks_cancelled);
-        tracing::info!(task_id = %task, was = %live.record.state, "task cancelled");
-        if let (TaskState::Scheduled | TaskState::Running, Some(node)) =
-            (live.record.state, &live.record.node_id)
-        {
-            stop_on_node(shared, node, &live.record).await;
-        }
-        let delivery = Delivery::synthesized(&cancelled).map_err(internal)?;
-        settle::finish(shared, &cancelled, delivery)
-            .await
-            .map_err(internal)?;
-        return Ok(cancelled);
+        return end_cancelled(shared, task, &live.record, cancelled).await;
     }
     Err(ErrorBody::new(
         ErrorCode::Internal,
         "the task's record kept changing; try again",
     ))
+}
+
+/// What follows a cancel that was written: the task's attempt stopped where it runs, its
+/// submissions out of the queue, its end carried out.
+async fn end_cancelled(
+    shared: &Shared,
+    task: &TaskId,
+    was: &TaskRecord,
+    cancelled: TaskRecord,
+) -> Result<TaskRecord, ErrorBody> {
+    Counters::count(&shared.counters.tasks_cancelled);
+    tracing::info!(task_id = %task, was = %was.state, "task cancelled");
+    if let (TaskState::Scheduled | TaskState::Running, Some(node)) = (was.state, &was.node_id) {
+        stop_on_node(shared, node, was).await;
+    }
+    if let Err(err) = shared.records.unqueue(task).await {
+        // Should one come back, intake finds the task ended and does not run it.
+        tracing::warn!(error = %format!("{err:#}"), "failed to take a cancelled task's submissions out of the queue");
+    }
+    let delivery = Delivery::synthesized(&cancelled).map_err(internal)?;
+    settle::finish(shared, &cancelled, delivery)
+        .await
+        .map_err(internal)?;
+    Ok(cancelled)
 }
 
 /// Stops a cancelled task's attempt on its node: tells the agent (which interrupts a
@@ -130,24 +155,12 @@ async fn stop_on_node(shared: &Shared, node: &NodeId, record: &TaskRecord) {
 /// its slots and a backlog, so the scan is short.
 async fn delete_dispatches(shared: &Shared, node: &NodeId, task: &TaskId) -> anyhow::Result<()> {
     let mut sequences = Vec::new();
-    scan(
-        &shared.js,
-        topology::DISPATCH_STREAM,
-        subject::node(node, NodeVerb::Dispatch).to_string(),
-        DeliverPolicy::All,
-        10_000,
-        |message| {
-            let names_task = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(headers::TASK_ID))
-                .is_some_and(|value| value.as_str() == task.as_str());
-            if names_task && let Ok(info) = message.info() {
-                sequences.push(info.stream_sequence);
-            }
-            true
-        },
-    )
+    let queue = subject::node(node, NodeVerb::Dispatch).to_string();
+    walk_queue(&shared.js, topology::DISPATCH_STREAM, &queue, |message| {
+        if names_in(Some(&message.headers), task) {
+            sequences.push(message.sequence);
+        }
+    })
     .await?;
     let stream = shared
         .js

@@ -93,16 +93,18 @@ impl Client {
     ) -> impl Stream<Item = Result<TaskRecord, Error>> + Send + use<> {
         let client = self.clone();
         async_stream::try_stream! {
+            // The bucket is watched before the record is read, so no change between the two
+            // is missed; what the watch repeats is skipped.
+            let records = &client.topology().await?.records;
+            let mut changes = records
+                .watch_with_history(topology::task_record_key(&id))
+                .await
+                .map_err(|err| Error::Transport(format!("failed to watch task {id}: {err}")))?;
             let first = client.task_status(&id).await?;
             let ended = first.state.is_terminal();
             let mut last = Some(progress(&first));
             yield first;
             if !ended {
-                let records = &client.topology().await?.records;
-                let mut changes = records
-                    .watch_with_history(topology::task_record_key(&id))
-                    .await
-                    .map_err(|err| Error::Transport(format!("failed to watch task {id}: {err}")))?;
                 loop {
                     let next = tokio::time::timeout(WATCH_POLL, changes.next()).await;
                     let record = match next {
@@ -117,7 +119,9 @@ impl Client {
                         Ok(None) | Err(_) => client.task_status(&id).await?,
                     };
                     let step = progress(&record);
-                    if last == Some(step) {
+                    // The same record again, or one older than what was shown (the watch's
+                    // first entry can predate the status read).
+                    if last.is_some_and(|last| step == last || step.0 < last.0) {
                         continue;
                     }
                     last = Some(step);
@@ -203,7 +207,8 @@ impl Client {
     }
 }
 
-/// What tells one record from the next in a watch: a change of state, attempt or history.
-fn progress(record: &TaskRecord) -> (TaskState, u32, usize) {
-    (record.state, record.attempt, record.history.len())
+/// What tells one record from the next in a watch: its history grows with every
+/// transition (up to the record's limit), and its state and attempt change.
+fn progress(record: &TaskRecord) -> (usize, u32, TaskState) {
+    (record.history.len(), record.attempt, record.state)
 }

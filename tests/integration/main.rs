@@ -9,5 +9,6 @@ mod outbox;
 mod recovery;
 mod restarts;
 mod sdk;
+mod task_states;
 mod tasks;
 mod wire;

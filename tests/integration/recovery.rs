@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use apiary_harness::{PATIENCE, Stack, eventually, sleeping_module, wasm, within};
-use apiary_proto::lifecycle::TaskRecord;
+use apiary_harness::{PATIENCE, QUIET, Stack, eventually, sleeping_module, wasm, within};
+use apiary_proto::lifecycle::{TaskRecord, TaskState};
 use apiary_proto::message::{
     Dispatch, ModuleRef, Outcome, TaskErrorKind, TaskResult, TaskSubmission,
 };
@@ -96,7 +96,7 @@ async fn work_queued_for_a_dead_node_moves_to_a_live_one() {
 }
 
 #[tokio::test]
-async fn a_task_whose_nodes_keep_dying_fails_with_node_lost() {
+async fn a_task_whose_nodes_keep_dying_is_dead_and_succeeds_once_requeued() {
     let stack = Stack::start().await;
     let _scheduler = stack.spawn_scheduler().await;
     let max_attempts = stack.scheduler_config().max_attempts;
@@ -109,6 +109,92 @@ async fn a_task_whose_nodes_keep_dying_fails_with_node_lost() {
         Outcome::Failed { error, .. } => assert_eq!(error.kind, TaskErrorKind::NodeLost),
         other => panic!("unexpected outcome {other:?}"),
     }
+    let client = stack.client().await;
+    let record = client.task_status(&result.task_id).await.expect("status");
+    assert_eq!(record.state, TaskState::Dead);
+    let dead = client
+        .dead_letter(&result.task_id)
+        .await
+        .expect("in the dead-letter stream");
+    assert_eq!(
+        dead.record.task.input.as_bytes(),
+        b"moved",
+        "kept whole, input and all"
+    );
+
+    // Requeued, it runs on the live node, under the next attempt, and its submitter hears.
+    let requeued = client.requeue_dead(&result.task_id).await.expect("requeue");
+    assert_eq!(requeued.state, TaskState::Pending);
+    let result = next_result(&mut results).await;
+    assert_eq!(result.node_id.as_str(), "node-b");
+    assert_eq!(result.attempt, max_attempts + 1);
+    match result.outcome {
+        Outcome::Completed { stdout, .. } => assert_eq!(stdout.as_bytes(), b"MOVED"),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+    let record = client.task_status(&result.task_id).await.expect("status");
+    assert_eq!(record.state, TaskState::Succeeded);
+    let left = client
+        .dead_letters(&Default::default())
+        .await
+        .expect("dlq ls");
+    assert!(left.entries.is_empty(), "{left:?}");
+}
+
+#[tokio::test]
+async fn a_late_result_of_a_superseded_attempt_is_discarded_and_counted() {
+    let stack = Stack::start().await;
+    let scheduler = stack.spawn_scheduler().await;
+    let mut results = strand_on_crashed_node(&stack, "node-a", 1).await;
+    let _b = stack.spawn_agent_online("node-b").await;
+    let moved = next_result(&mut results).await;
+    assert_eq!((moved.node_id.as_str(), moved.attempt), ("node-b", 2));
+
+    // Node-a was only cut off: it comes back and reports its attempt after all.
+    let late = TaskResult {
+        node_id: NodeId::new("node-a").expect("id"),
+        attempt: 1,
+        outcome: Outcome::Completed {
+            exit_code: 0,
+            stdout: "LATE".into(),
+            stderr: Default::default(),
+        },
+        ..moved.clone()
+    };
+    let js = async_nats::jetstream::new(stack.nats().await);
+    stored::result(&js, &late).await.expect("stored");
+    eventually(PATIENCE, "the late result to be discarded", || async {
+        (stack
+            .scheduler_counters(&scheduler)
+            .await
+            .get("results_superseded")
+            == 1)
+            .then_some(())
+    })
+    .await;
+    // Read until the wire is quiet: the submitter heard one completion.
+    let mut extra = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(QUIET, results.next()).await {
+        extra.push(message);
+    }
+    assert!(
+        extra.is_empty(),
+        "more results reached the submitter: {extra:?}"
+    );
+    let record = stack
+        .client()
+        .await
+        .task_status(&moved.task_id)
+        .await
+        .expect("status");
+    assert_eq!(
+        (
+            record.state,
+            record.attempt,
+            record.node_id.as_ref().map(NodeId::as_str)
+        ),
+        (TaskState::Succeeded, 2, Some("node-b"))
+    );
 }
 
 /// A node that dies in the middle of a task: the task's message stays unacknowledged, comes

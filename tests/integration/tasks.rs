@@ -277,12 +277,11 @@ async fn submit_by_hand(
     }
 }
 
-#[tokio::test]
-async fn output_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
-    let (stack, _running) = Stack::with_one_node().await;
-    // Writes 16 × 64 KiB = 1 MiB to stdout: within the default output limit, but a result
-    // that size cannot cross a server with the default 1 MB max_payload.
-    let module = wat::parse_str(
+/// A module that writes 16 × 64 KiB = 1 MiB to file descriptor `fd`: within the default
+/// output limit, but a result that size cannot cross a server with the default 1 MB
+/// `max_payload`.
+fn writes_a_mebibyte_to(fd: u32) -> Vec<u8> {
+    wat::parse_str(format!(
         r#"(module
              (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
              (memory (export "memory") 2)
@@ -290,13 +289,44 @@ async fn output_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
                (i32.store (i32.const 0) (i32.const 1024))
                (i32.store (i32.const 4) (i32.const 65536))
                (loop $again
-                 (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+                 (drop (call $write (i32.const {fd}) (i32.const 0) (i32.const 1) (i32.const 8)))
                  (local.set $i (i32.add (local.get $i) (i32.const 1)))
-                 (br_if $again (i32.lt_u (local.get $i) (i32.const 16))))))"#,
-    )
-    .expect("wat");
+                 (br_if $again (i32.lt_u (local.get $i) (i32.const 16))))))"#
+    ))
+    .expect("wat")
+}
+
+#[tokio::test]
+async fn output_too_large_for_a_message_travels_through_the_object_store() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = stack.client().await;
+    let handle = client
+        .submit(Task::new(writes_a_mebibyte_to(1)))
+        .await
+        .expect("submit");
+    let id = handle.id().clone();
+    let output = handle
+        .result_within(PATIENCE)
+        .await
+        .expect("the whole output");
+    assert_eq!(output.stdout.len(), 1 << 20);
+    // The result itself names the object; `task result` by id finds it too.
+    let reply = client.task_result(&id).await.expect("result by id");
+    let result = reply.result.expect("the stored result");
+    let object = result.stdout_object.clone().expect("an output object");
+    assert_eq!(object.size, 1 << 20);
+    let stdout = client.result_stdout(&result, &[]).await.expect("fetched");
+    assert_eq!(stdout, output.stdout);
+}
+
+#[tokio::test]
+async fn stderr_too_large_for_the_server_is_a_typed_error_not_a_retry_loop() {
+    let (stack, _running) = Stack::with_one_node().await;
     stack
-        .run_expecting_failure(Task::new(module), TaskErrorKind::OutputLimit)
+        .run_expecting_failure(
+            Task::new(writes_a_mebibyte_to(2)),
+            TaskErrorKind::OutputLimit,
+        )
         .await;
 }
 

@@ -227,6 +227,40 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
 }
 
 #[tokio::test]
+async fn a_submission_with_an_invalid_id_is_answered_with_invalid_task() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let nats = stack.nats().await;
+    let inbox = nats.new_inbox();
+    let mut answers = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    nats.flush().await.expect("flush");
+    let submission = json!({
+        "id": "has.a.dot",
+        "module": {"sha256": "00"},
+        "reply_to": inbox,
+    });
+    let js = async_nats::jetstream::new(nats.clone());
+    js.publish(subject::task_submit(), Bytes::from(submission.to_string()))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let answer = within(PATIENCE, "the refusal", answers.next())
+        .await
+        .expect("an answer");
+    // Answered in kind: a JSON submission gets JSON, shaped as a task result.
+    let refusal: serde_json::Value = serde_json::from_slice(&answer.payload).expect("JSON");
+    assert_eq!(refusal["task_id"], "has.a.dot");
+    assert_eq!(
+        refusal["outcome"]["failed"]["error"]["kind"],
+        "invalid_task"
+    );
+    let message = refusal["outcome"]["failed"]["error"]["message"]
+        .as_str()
+        .expect("a message");
+    assert!(message.contains("'.'"), "{message}");
+}
+
+#[tokio::test]
 async fn malformed_submissions_are_dropped_without_blocking_the_queue() {
     let (stack, _running) = Stack::with_one_node().await;
     let js = async_nats::jetstream::new(stack.nats().await);
