@@ -534,9 +534,22 @@ mod tests {
         }
     }
 
+    /// Opens the outbox in `dir`. A test that reopens it right after dropping it can find
+    /// sled's background flusher of the dropped one still holding the directory's lock (it
+    /// is detached and cannot be joined), so a refused lock is tried again, for a bounded
+    /// time, until the flusher lets go.
     fn open(dir: &Path) -> (Outbox, watch::Receiver<usize>) {
-        let (sender, receiver) = watch::channel(usize::MAX);
-        (Outbox::open(dir, sender).unwrap(), receiver)
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (sender, receiver) = watch::channel(usize::MAX);
+            match Outbox::open(dir, sender) {
+                Ok(outbox) => return (outbox, receiver),
+                Err(OutboxError::InUse { .. }) if std::time::Instant::now() < give_up => {
+                    std::thread::yield_now();
+                }
+                Err(err) => panic!("failed to open the outbox: {err}"),
+            }
+        }
     }
 
     fn waiting_results(outbox: &Outbox) -> Vec<TaskResult> {

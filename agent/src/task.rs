@@ -10,7 +10,7 @@ use std::time::Duration;
 use apiary_proto::codec;
 use apiary_proto::message::{
     AttemptStarted, Dispatch, ModuleRef, Outcome, ResultObject, TaskError, TaskErrorKind,
-    TaskResult,
+    TaskResult, stdout_object_name,
 };
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{now_ms, stored, topology};
@@ -60,13 +60,14 @@ impl Agent {
         let started_at_ms = now_ms();
         let attempt_id = dispatch.msg_id();
         let stop = self.cancels.starting(&attempt_id);
-        self.announce_start(&dispatch, started_at_ms).await;
 
         // Keep the message ours while the task runs: without progress acks JetStream would
         // hand it to someone else after the ack wait.
         let keep_alive = CancellationToken::new();
+        let started = self.start_signal(&dispatch, started_at_ms);
         let progress = AbortOnDropHandle::new(tokio::spawn(send_progress(
             message.clone(),
+            started,
             keep_alive.clone(),
         )));
         let outcome = tokio::select! {
@@ -166,20 +167,18 @@ impl Agent {
             .saturating_sub(HEADER_ROOM)
     }
 
-    /// Tells the cluster the attempt started (core NATS, not waited for: a lost signal only
-    /// leaves the task's record `scheduled` until its result).
-    async fn announce_start(&self, dispatch: &Dispatch, started_at_ms: u64) {
+    /// The signal that tells the cluster an attempt started (core NATS: a lost one only
+    /// leaves the task's record `scheduled` until its result), for [`send_progress`] to send.
+    fn start_signal(&self, dispatch: &Dispatch, started_at_ms: u64) -> StartSignal {
         let started = AttemptStarted {
             task_id: dispatch.task.id.clone(),
             attempt: dispatch.attempt,
             started_at_ms,
         };
-        let Ok(body) = codec::encode(&started) else {
-            return;
-        };
-        let subject = subject::node(&self.node_id, NodeVerb::Started);
-        if let Err(err) = self.client.publish(subject, body).await {
-            tracing::debug!(error = %err, "failed to announce a task's start");
+        StartSignal {
+            client: self.client.clone(),
+            subject: subject::node(&self.node_id, NodeVerb::Started),
+            body: codec::encode(&started).ok(),
         }
     }
 
@@ -202,16 +201,39 @@ impl Agent {
         let sandbox = self.sandbox.clone();
         let input = dispatch.task.input.0.clone();
         let limits = dispatch.task.limits.clone();
-        let stop = stop.clone();
-        tokio::task::spawn_blocking(move || sandbox.run_stoppable(&module, input, &limits, &stop))
-            .await
-            .unwrap_or_else(|err| Outcome::Failed {
+        let timeout_ms = limits.timeout_ms;
+        let thread_stop = stop.clone();
+        let run = tokio::task::spawn_blocking(move || {
+            sandbox.run_stoppable(&module, input, &limits, &thread_stop)
+        });
+        // The sandbox's epoch deadline stops guest code; a guest blocked in a host call (a
+        // long WASI sleep) is past its reach until the call returns. The run's result is
+        // then reported at its deadline all the same, and its thread is told to stop.
+        let backstop = Duration::from_millis(timeout_ms).saturating_add(RUN_BACKSTOP);
+        match tokio::time::timeout(backstop, run).await {
+            Ok(joined) => joined.unwrap_or_else(|err| Outcome::Failed {
                 error: TaskError::new(
                     TaskErrorKind::Internal,
                     format!("the task's thread failed: {err}"),
                 ),
                 stderr: Default::default(),
-            })
+            }),
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    "the run outlived its timeout inside a host call; reported as timed out"
+                );
+                Outcome::Failed {
+                    error: TaskError::new(
+                        TaskErrorKind::Timeout,
+                        format!(
+                            "the task ran longer than its {timeout_ms} ms limit (blocked outside the module)"
+                        ),
+                    ),
+                    stderr: Default::default(),
+                }
+            }
+        }
     }
 
     /// Stores `result` in `APIARY_RESULTS`, unless it belongs in the outbox: while the
@@ -242,7 +264,7 @@ impl Agent {
         if max == 0 || encoded_len(&result) <= max {
             return Ok(result);
         }
-        let name = format!("{}.stdout", result.msg_id());
+        let name = stdout_object_name(&result.task_id, result.attempt);
         if let Outcome::Completed { stdout, .. } = &mut result.outcome
             && !stdout.is_empty()
             && result.stdout_object.is_none()
@@ -274,6 +296,9 @@ impl Agent {
 fn encoded_len(result: &TaskResult) -> usize {
     codec::encode(result).map_or(usize::MAX, |bytes| bytes.len())
 }
+
+/// How long past its timeout a run blocked in a host call is reported as timed out.
+const RUN_BACKSTOP: Duration = Duration::from_secs(1);
 
 /// Why a result went to the outbox instead of the server.
 #[derive(Debug, thiserror::Error)]
@@ -311,8 +336,34 @@ pub(crate) fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult
     result
 }
 
-/// Sends a progress ack every [`topology::PROGRESS_INTERVAL`] until `done`.
-async fn send_progress(message: jetstream::Message, done: CancellationToken) {
+/// How long a run goes before its start is announced. A task that ends sooner goes from
+/// `scheduled` straight to its end: announcing it would cost the cluster a record write per
+/// task for a state nobody could have seen.
+const ANNOUNCE_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// An attempt's started signal, ready to publish.
+struct StartSignal {
+    client: async_nats::Client,
+    subject: subject::Subject,
+    body: Option<bytes::Bytes>,
+}
+
+impl StartSignal {
+    async fn send(self) {
+        let Some(body) = self.body else { return };
+        if let Err(err) = self.client.publish(self.subject, body).await {
+            tracing::debug!(error = %err, "failed to announce a task's start");
+        }
+    }
+}
+
+/// Announces the run's start once it has gone [`ANNOUNCE_AFTER`], then sends a progress ack
+/// every [`topology::PROGRESS_INTERVAL`], until `done`.
+async fn send_progress(message: jetstream::Message, started: StartSignal, done: CancellationToken) {
+    tokio::select! {
+        _ = done.cancelled() => return,
+        _ = tokio::time::sleep(ANNOUNCE_AFTER) => started.send().await,
+    }
     // The first tick one period from now: an interval's immediate first tick still waits for
     // the timer wheel (about a millisecond), which would sit on every task's path.
     let mut ticker = tokio::time::interval_at(

@@ -80,6 +80,7 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
             .await?;
     }
     figures.push(task_latency(&client, &module, options.latency_samples).await?);
+    figures.push(status_latency(&client, &module, options.latency_samples).await?);
     figures.push(
         task_throughput(
             &client,
@@ -188,6 +189,27 @@ async fn task_latency(
         timings.push(started.elapsed());
     }
     Ok(latency("apiary task: submit → result", timings))
+}
+
+/// A task's record by id once it has ended: the lookup reads the live bucket, misses, and
+/// scans the task's archive shard.
+async fn status_latency(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+    samples: usize,
+) -> anyhow::Result<Figure> {
+    let handle = client
+        .submit(Task::stored(module.clone()).input("bench"))
+        .await?;
+    let id = handle.id().clone();
+    handle.result_within(Duration::from_secs(60)).await?;
+    let mut timings = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        client.task_status(&id).await?;
+        timings.push(started.elapsed());
+    }
+    Ok(latency("apiary task status by id (ended)", timings))
 }
 
 async fn task_throughput(

@@ -174,6 +174,34 @@ pub struct Transition {
     pub node_id: Option<NodeId>,
 }
 
+/// The message ids (`Nats-Msg-Id`) of what the lifecycle stores, so that doing a step again
+/// after a crash stores it once.
+pub mod msg_id {
+    use super::TaskRecord;
+    use crate::id::TaskId;
+
+    /// The submission that puts a task back in the queue after `attempt` (a retry, a move).
+    pub fn requeue(task: &TaskId, attempt: u32) -> String {
+        format!("{task}.after.{attempt}")
+    }
+
+    /// The submission that puts a dead task back in the queue from the dead-letter entry at
+    /// `dlq_sequence`.
+    pub fn requeue_dead(task: &TaskId, dlq_sequence: u64) -> String {
+        format!("{task}.requeue.{dlq_sequence}")
+    }
+
+    /// A dead task's dead-letter entry.
+    pub fn dead_letter(record: &TaskRecord) -> String {
+        format!("{}.{}.dead", record.id, record.attempt)
+    }
+
+    /// A task's final record in the archive.
+    pub fn archived(record: &TaskRecord) -> String {
+        format!("{}.{}.{}", record.id, record.attempt, record.state)
+    }
+}
+
 /// The node named in the result of a task that ended before any node held it.
 pub const NO_NODE: &str = "none";
 

@@ -682,6 +682,11 @@ pub struct TaskResult {
     pub stdout_object: Option<ResultObject>,
 }
 
+/// The name of an attempt's stdout in `APIARY_RESULT_OBJECTS`: `<task>.<attempt>.stdout`.
+pub fn stdout_object_name(task: &TaskId, attempt: u32) -> String {
+    format!("{}.stdout", attempt_msg_id(task, attempt))
+}
+
 /// A task's output kept in the result object store because it was too large for a message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultObject {

@@ -198,6 +198,14 @@ pub fn task_record_key(task: &crate::id::TaskId) -> &str {
     task.as_str()
 }
 
+/// The stream under the record bucket, for purging an ended task's key with its subject.
+pub const TASK_RECORDS_STREAM: &str = "KV_APIARY_TASK_RECORDS";
+
+/// The subject a live task's record is stored on (`$KV.APIARY_TASK_RECORDS.<task>`).
+pub fn task_record_subject(task: &crate::id::TaskId) -> String {
+    format!("$KV.{TASK_RECORDS_BUCKET}.{}", task_record_key(task))
+}
+
 pub fn nodes_bucket() -> kv::Config {
     kv::Config {
         bucket: NODES_BUCKET.into(),
@@ -529,6 +537,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn record_subjects_are_the_buckets_own() {
+        let task = crate::id::TaskId::new("t-1").unwrap();
+        assert_eq!(task_record_subject(&task), "$KV.APIARY_TASK_RECORDS.t-1");
+        assert_eq!(TASK_RECORDS_STREAM, format!("KV_{TASK_RECORDS_BUCKET}"));
     }
 
     #[test]

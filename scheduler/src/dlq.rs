@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use apiary_proto::lifecycle::TaskRecord;
+use apiary_proto::lifecycle::{TaskRecord, msg_id};
 use apiary_proto::message::{
     DeadLetter, DlqListReply, DlqListRequest, ErrorBody, ErrorCode, Reply, TaskRef,
 };
@@ -70,7 +70,7 @@ pub(crate) async fn requeue(shared: Arc<Shared>, request: TaskRef) -> Reply<Task
             }
             Err(WriteError::Failed(err)) => return Err(internal(err)),
         }
-        let msg_id = format!("{}.requeue.{}", record.id, entry.sequence);
+        let msg_id = msg_id::requeue_dead(&record.id, entry.sequence);
         stored::publish(
             &shared.js,
             subject::task_submit(),

@@ -229,16 +229,25 @@ async fn admit(
     sequence: u64,
     claim: &mut Claim,
 ) -> anyhow::Result<Next> {
+    // An id the SDK generated, read for the first time, has no record anywhere: the first
+    // look at the bucket is skipped, and creating the record (which fails if it exists
+    // after all) is the check.
+    let first_read = message.info().is_ok_and(|info| info.delivered <= 1);
+    let mut known_new = submission.fresh_id && first_read;
     for _ in 0..CAS_TRIES {
         let now = now_ms();
-        let (record, revision) = match shared.records.live(&submission.id).await? {
+        let live = if std::mem::take(&mut known_new) {
+            None
+        } else {
+            shared.records.live(&submission.id).await?
+        };
+        let (record, revision) = match live {
             Some(live) => (live.record, Some(live.revision)),
             None => {
                 // An id submitted before whose task has ended: answer with that task. An id
                 // the SDK generated is new by construction the first time its message is
                 // read; read again (an acknowledgement was lost, a cancel left it behind),
                 // its task may have ended since.
-                let first_read = message.info().is_ok_and(|info| info.delivered <= 1);
                 if !(submission.fresh_id && first_read)
                     && let Some(ended) = shared.records.archived(&submission.id).await?
                 {

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::lifecycle::TaskRecord;
+use apiary_proto::lifecycle::{TaskRecord, msg_id};
 use apiary_proto::message::{TaskListRequest, TaskResult, TaskSubmission};
 use apiary_proto::{TaskId, codec, headers, stored, subject, topology};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
@@ -126,7 +126,7 @@ impl Records {
     /// Keeps the final record in the archive. De-duplicated, so doing it again after a
     /// crash stores it once.
     pub async fn archive(&self, record: &TaskRecord) -> anyhow::Result<()> {
-        let msg_id = format!("{}.{}.{}", record.id, record.attempt, record.state);
+        let msg_id = msg_id::archived(record);
         stored::publish(
             &self.js,
             subject::task_archive(&record.id),
@@ -144,16 +144,12 @@ impl Records {
     pub async fn purge(&self, task: &TaskId) -> anyhow::Result<()> {
         let stream = self
             .js
-            .get_stream(format!("KV_{}", topology::TASK_RECORDS_BUCKET))
+            .get_stream(topology::TASK_RECORDS_STREAM)
             .await
             .context("failed to open the task record bucket's stream")?;
         stream
             .purge()
-            .filter(format!(
-                "$KV.{}.{}",
-                topology::TASK_RECORDS_BUCKET,
-                topology::task_record_key(task)
-            ))
+            .filter(topology::task_record_subject(task))
             .await
             .context("failed to purge an ended task's record")?;
         Ok(())

@@ -9,7 +9,7 @@
 
 use anyhow::Context as _;
 use apiary_proto::codec::Encoding;
-use apiary_proto::lifecycle::{Effect, TaskRecord};
+use apiary_proto::lifecycle::{Effect, TaskRecord, msg_id};
 use apiary_proto::{codec, headers, stored, subject};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -66,7 +66,7 @@ pub(crate) async fn carry_out(
 /// Puts a pending task back in the shared queue for its next attempt. Intake keeps it there
 /// until its `not_before_ms`, so the wait holds no node's slot.
 pub(crate) async fn requeue(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
-    let msg_id = format!("{}.after.{}", record.id, record.attempt);
+    let msg_id = msg_id::requeue(&record.id, record.attempt);
     stored::publish(
         &shared.js,
         subject::task_submit(),
@@ -99,7 +99,7 @@ pub(crate) async fn finish(
 
 /// Puts a dead task in the dead-letter stream, with its whole submission.
 async fn bury(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
-    let msg_id = format!("{}.{}.dead", record.id, record.attempt);
+    let msg_id = msg_id::dead_letter(record);
     stored::publish(
         &shared.js,
         subject::task_dead(),

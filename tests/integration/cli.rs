@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use apiary_cli::commands::{self, Output, SubmitOptions, TASK_FAILED_EXIT};
-use apiary_harness::{Stack, wasm};
+use apiary_cli::tasks;
+use apiary_harness::{PATIENCE, Stack, wasm};
 
 fn options(module: Vec<u8>, input: &str) -> SubmitOptions {
     SubmitOptions {
@@ -65,6 +66,67 @@ async fn task_submit_json_prints_the_whole_result() {
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(report["outcome"]["completed"]["stdout"], "QUIET");
     assert_eq!(report["node_id"], "node-a");
+}
+
+#[tokio::test]
+async fn a_detached_task_is_followed_by_id_with_status_result_logs_and_ls() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let mut detached = options(wasm("uppercase").to_vec(), "by id");
+    detached.detach = true;
+    let (code, stdout, _) = submit(&stack, detached).await;
+    assert_eq!(code, 0);
+    let id = apiary_proto::TaskId::new(stdout.trim()).expect("the task id, alone");
+
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let mut out = Output {
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    let code = tasks::result(&client, &id, tasks::Wait::Up(PATIENCE), false, &mut out)
+        .await
+        .expect("result");
+    assert_eq!(
+        (code, String::from_utf8(out.stdout).expect("utf-8")),
+        (0, "BY ID".to_owned()),
+        "printed as submit prints it"
+    );
+
+    let mut json = Vec::new();
+    tasks::status(&client, &id, true, &mut json)
+        .await
+        .expect("status");
+    let record: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+    assert_eq!(record["state"], "succeeded");
+    assert_eq!(record["id"], id.as_str());
+
+    let mut logs = Vec::new();
+    tasks::logs(&client, &id, &mut logs).await.expect("logs");
+    assert!(logs.is_empty(), "uppercase writes nothing to stderr");
+
+    let mut table = Vec::new();
+    let filter = apiary_proto::message::TaskListRequest {
+        state: Some(apiary_proto::lifecycle::TaskState::Succeeded),
+        ..Default::default()
+    };
+    tasks::ls(&client, &filter, false, &mut table)
+        .await
+        .expect("ls");
+    let table = String::from_utf8(table).expect("utf-8");
+    let row = table
+        .lines()
+        .find(|line| line.contains(id.as_str()))
+        .unwrap_or_else(|| panic!("{id} missing from\n{table}"));
+    assert!(row.contains("succeeded") && row.contains("node-a"), "{row}");
+
+    // An unknown id is a clear error, not a hang.
+    let unknown = apiary_proto::TaskId::new("no-such-task").expect("id");
+    let err = tasks::status(&client, &unknown, false, &mut Vec::new())
+        .await
+        .expect_err("unknown");
+    assert!(
+        format!("{err:#}").contains("no task no-such-task"),
+        "{err:#}"
+    );
 }
 
 #[tokio::test]
