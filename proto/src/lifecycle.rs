@@ -257,6 +257,9 @@ pub enum Refused {
 }
 
 /// What a stored result does to a task.
+// Only ever a return value, matched once; boxing the record would cost an allocation per
+// result.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Settlement {
     /// The result ends the task (or schedules its retry): write `record`, then carry out
