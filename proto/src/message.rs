@@ -522,7 +522,13 @@ pub enum Priority {
     High,
 }
 
-/// `apiary.v1.tasks.submit` (stream `APIARY_TASKS`): a task as submitted. Published with
+impl Priority {
+    /// Every priority, the highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+}
+
+/// `apiary.v1.tasks.submit[.high|.low]` (stream `APIARY_TASKS`): a task as submitted, on the
+/// subject of its priority ([`crate::subject::task_submit_for`]). Published with
 /// `Nats-Msg-Id` set to the task id, so a retried submit is stored once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskSubmission {

@@ -64,12 +64,19 @@ pub async fn publish<T: Serialize>(
     })
 }
 
-/// Submits a task to `APIARY_TASKS`, de-duplicated by its id.
+/// Submits a task to `APIARY_TASKS`, to the queue of its priority, de-duplicated by its id.
 pub async fn submission(
     js: &jetstream::Context,
     task: &TaskSubmission,
 ) -> Result<Stored, PublishError> {
-    publish(js, subject::task_submit(), &task.id, task.id.as_str(), task).await
+    publish(
+        js,
+        subject::task_submit_for(task.priority),
+        &task.id,
+        task.id.as_str(),
+        task,
+    )
+    .await
 }
 
 /// Places a task on `node` (`APIARY_DISPATCH`), de-duplicated by task and attempt.

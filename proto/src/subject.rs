@@ -12,6 +12,7 @@
 //! | `apiary.v1.node.<node>.started`       | core publish      | agent → scheduler    |
 //! | `apiary.v1.node.<node>.cancel`        | core publish      | scheduler → agent    |
 //! | `apiary.v1.tasks.submit`              | stream `APIARY_TASKS`    | SDK → scheduler   |
+//! | `apiary.v1.tasks.submit.high`, `.low` | stream `APIARY_TASKS`    | SDK → scheduler   |
 //! | `apiary.v1.tasks.<command>`           | request (status, result, ls, cancel) | anyone → scheduler |
 //! | `apiary.v1.tasks.archive.<shard>`     | stream `APIARY_TASK_ARCHIVE` | scheduler → readers |
 //! | `apiary.v1.tasks.dead`                | stream `APIARY_DLQ`      | scheduler → operators |
@@ -29,6 +30,7 @@
 use std::fmt;
 
 use crate::id::NodeId;
+use crate::message::Priority;
 
 /// The root of every apiary subject; the version lets a later protocol run beside this one.
 pub const ROOT: &str = "apiary.v1";
@@ -134,9 +136,29 @@ pub fn node_scope(node: &NodeId) -> Subject {
     Subject(format!("{ROOT}.node.{node}.>"))
 }
 
-/// `apiary.v1.tasks.submit`: where the SDK publishes new tasks (stream `APIARY_TASKS`).
+/// `apiary.v1.tasks.submit`: the queue of normal-priority tasks (stream `APIARY_TASKS`), the
+/// subject every client used before priorities were honoured. A submission published here
+/// whose body asks for another priority is moved to that priority's queue by the scheduler.
 pub fn task_submit() -> Subject {
     Subject(format!("{ROOT}.tasks.submit"))
+}
+
+/// The queue of tasks of `priority` in `APIARY_TASKS`: [`task_submit`] for normal ones,
+/// `apiary.v1.tasks.submit.high` and `apiary.v1.tasks.submit.low` for the others. Each queue
+/// has its own scheduler consumer, so the scheduler chooses which to serve next.
+pub fn task_submit_for(priority: Priority) -> Subject {
+    match priority {
+        Priority::Normal => task_submit(),
+        Priority::High => Subject(format!("{ROOT}.tasks.submit.high")),
+        Priority::Low => Subject(format!("{ROOT}.tasks.submit.low")),
+    }
+}
+
+/// The priority whose queue `subject` is ([`task_submit_for`]); `None` for any other subject.
+pub fn parse_task_submit(subject: &str) -> Option<Priority> {
+    Priority::ALL
+        .into_iter()
+        .find(|priority| task_submit_for(*priority).as_str() == subject)
 }
 
 /// What a client asks about tasks: the last token of `apiary.v1.tasks.<command>`.
@@ -433,6 +455,31 @@ mod tests {
             shard,
             archive_shard(&crate::id::TaskId::new("t-1").unwrap())
         );
+    }
+
+    #[test]
+    fn each_priority_has_its_own_queue() {
+        assert_eq!(
+            task_submit_for(Priority::Normal).as_str(),
+            "apiary.v1.tasks.submit"
+        );
+        assert_eq!(
+            task_submit_for(Priority::High).as_str(),
+            "apiary.v1.tasks.submit.high"
+        );
+        assert_eq!(
+            task_submit_for(Priority::Low).as_str(),
+            "apiary.v1.tasks.submit.low"
+        );
+        for priority in Priority::ALL {
+            assert_eq!(
+                parse_task_submit(task_submit_for(priority).as_str()),
+                Some(priority)
+            );
+        }
+        assert_eq!(parse_task_submit("apiary.v1.tasks.submit.normal"), None);
+        assert_eq!(parse_task_submit("apiary.v1.tasks.submit.urgent"), None);
+        assert_eq!(parse_task_submit("apiary.v1.tasks.status"), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! | name              | kind         | subjects                        | retention                 |
 //! |-------------------|--------------|---------------------------------|---------------------------|
-//! | `APIARY_TASKS`    | stream       | `apiary.v1.tasks.submit`        | work queue                |
+//! | `APIARY_TASKS`    | stream       | `apiary.v1.tasks.submit`, `….submit.high`, `….submit.low` | work queue |
 //! | `APIARY_DISPATCH` | stream       | `apiary.v1.node.*.dispatch`     | work queue                |
 //! | `APIARY_RESULTS`  | stream       | `apiary.v1.node.*.result`       | limits (age, bytes)       |
 //! | `APIARY_NODES`    | KV bucket    | `info.<node>`, `live.<node>`, `admin.<node>` | latest value per key |
@@ -15,13 +15,15 @@
 //! | `APIARY_RESULT_OBJECTS` | object store | outputs too large for a message | 24 h              |
 //!
 //! Every component calls [`ensure`] at start, so whichever starts first creates the topology
-//! and the order in which an operator starts things does not matter.
+//! and the order in which an operator starts things does not matter. A stream made by an
+//! earlier version gets the subjects added since (the priority queues of `APIARY_TASKS`).
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 
 use crate::id::NodeId;
+use crate::message::Priority;
 use crate::subject::{self, NodeVerb};
 
 pub const TASKS_STREAM: &str = "APIARY_TASKS";
@@ -38,9 +40,14 @@ pub const RESULT_OBJECTS_BUCKET: &str = "APIARY_RESULT_OBJECTS";
 /// each run.
 pub const BENCH_STREAM: &str = "APIARY_BENCH_RAW";
 
-/// The durable consumer on `APIARY_TASKS` that every scheduler replica pulls from. Replicas
-/// share it, which is how JetStream spreads the queue across them.
+/// The durable consumer on `APIARY_TASKS` that every scheduler replica pulls normal-priority
+/// tasks from (it was the only one before priorities, and kept its name). Replicas share it,
+/// which is how JetStream spreads the queue across them.
 pub const SCHEDULER_TASKS_CONSUMER: &str = "scheduler";
+/// The consumer of the high-priority queue, shared by the replicas like the normal one.
+pub const SCHEDULER_TASKS_HIGH_CONSUMER: &str = "scheduler-high";
+/// The consumer of the low-priority queue, shared by the replicas like the normal one.
+pub const SCHEDULER_TASKS_LOW_CONSUMER: &str = "scheduler-low";
 /// The durable consumer on `APIARY_RESULTS` that every scheduler replica pulls from.
 pub const SCHEDULER_RESULTS_CONSUMER: &str = "scheduler-results";
 
@@ -92,7 +99,11 @@ pub fn tasks_stream() -> stream::Config {
     stream::Config {
         name: TASKS_STREAM.into(),
         description: Some("apiary: submitted tasks waiting for placement".into()),
-        subjects: vec![subject::task_submit().into()],
+        // One queue per priority, each a fixed subject: a submission to any other subject
+        // is refused by the server rather than stored where no consumer reads it.
+        subjects: [Priority::Normal, Priority::High, Priority::Low]
+            .map(|priority| subject::task_submit_for(priority).into())
+            .to_vec(),
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
@@ -255,17 +266,36 @@ pub fn modules_bucket() -> object_store::Config {
     }
 }
 
-/// The consumer every scheduler replica pulls submitted tasks from. It never gives up on a
-/// task (`max_deliver` unlimited): a task that cannot be placed yet waits in the queue.
+/// The name of the consumer of the queue of `priority` on `APIARY_TASKS`.
+pub fn scheduler_tasks_consumer_name(priority: Priority) -> &'static str {
+    match priority {
+        Priority::High => SCHEDULER_TASKS_HIGH_CONSUMER,
+        Priority::Normal => SCHEDULER_TASKS_CONSUMER,
+        Priority::Low => SCHEDULER_TASKS_LOW_CONSUMER,
+    }
+}
+
+/// The consumer every scheduler replica pulls submitted tasks of `priority` from, filtered to
+/// that priority's subject: a work-queue stream refuses consumers whose filters overlap, so
+/// each queue has exactly one. It never gives up on a task (`max_deliver` unlimited): a task
+/// that cannot be placed yet waits in the queue.
 ///
 /// Tasks that no online node can run wait as pending messages of this consumer (handed back
 /// with a delay), so its pending window is wide: with a narrow one, enough of them would
 /// stop the consumer from delivering tasks that can run. Each replica's own `max_in_flight`
 /// bounds what it actually works on.
-pub fn scheduler_tasks_consumer() -> consumer::pull::Config {
+pub fn scheduler_tasks_consumer(priority: Priority) -> consumer::pull::Config {
+    let class = match priority {
+        Priority::High => "high",
+        Priority::Normal => "normal",
+        Priority::Low => "low",
+    };
     consumer::pull::Config {
-        durable_name: Some(SCHEDULER_TASKS_CONSUMER.into()),
-        description: Some("apiary schedulers: place submitted tasks".into()),
+        durable_name: Some(scheduler_tasks_consumer_name(priority).into()),
+        description: Some(format!(
+            "apiary schedulers: place submitted tasks of {class} priority"
+        )),
+        filter_subject: subject::task_submit_for(priority).into(),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: SCHEDULER_ACK_WAIT,
         max_deliver: -1,
@@ -433,7 +463,8 @@ impl std::fmt::Debug for Topology {
 
 /// Creates every stream and bucket that does not exist yet and opens the KV bucket and object
 /// store. Existing ones are left as they are, so an operator's tuning (replicas, limits)
-/// survives restarts.
+/// survives restarts; only subjects missing from an existing stream (added by a later
+/// version, such as the priority queues of `APIARY_TASKS`) are added to it.
 pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> {
     for (name, config) in [
         (TASKS_STREAM, tasks_stream()),
@@ -445,7 +476,12 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
         ),
         (DLQ_STREAM, dlq_stream()),
     ] {
-        js.get_or_create_stream(config)
+        let wanted = config.subjects.clone();
+        let stream = js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|err| TopologyError::new("stream", name, err))?;
+        add_missing_subjects(js, &stream, &wanted)
             .await
             .map_err(|err| TopologyError::new("stream", name, err))?;
     }
@@ -462,6 +498,29 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
         modules,
         result_objects,
     })
+}
+
+/// Adds to an existing stream those of `wanted` subjects that it lacks, leaving the rest of
+/// its configuration as it is. Every component that starts after an upgrade tries this, and
+/// the first to do it wins; the others find nothing missing.
+async fn add_missing_subjects(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    wanted: &[String],
+) -> Result<(), jetstream::context::UpdateStreamError> {
+    let current = &stream.cached_info().config;
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|subject| !current.subjects.contains(subject))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut updated = current.clone();
+    updated.subjects.extend(missing);
+    js.update_stream(updated).await?;
+    Ok(())
 }
 
 async fn ensure_object_store(
@@ -522,7 +581,8 @@ mod tests {
 
     #[test]
     fn stream_subjects_carry_no_task_ids() {
-        // Stream subjects are fixed or have exactly one wildcard, the node token.
+        // Stream subjects are fixed (the task queues: one per priority, a fixed token) or
+        // have exactly one wildcard, the node token.
         for config in [
             tasks_stream(),
             dispatch_stream(),
@@ -556,6 +616,33 @@ mod tests {
     #[test]
     fn progress_acks_come_well_within_the_ack_wait() {
         assert!(PROGRESS_INTERVAL * 2 < ACK_WAIT);
+    }
+
+    #[test]
+    fn each_priority_queue_has_one_consumer() {
+        let stream = tasks_stream();
+        let mut names = std::collections::BTreeSet::new();
+        for priority in Priority::ALL {
+            let consumer = scheduler_tasks_consumer(priority);
+            // Exactly one of the stream's subjects, and no wildcard: the filters cannot
+            // overlap, which a work-queue stream requires.
+            assert!(
+                stream.subjects.contains(&consumer.filter_subject),
+                "{}",
+                consumer.filter_subject
+            );
+            assert!(!consumer.filter_subject.contains(['*', '>']));
+            assert_eq!(consumer.ack_wait, SCHEDULER_ACK_WAIT);
+            names.insert(consumer.durable_name.unwrap());
+        }
+        assert_eq!(names.len(), 3);
+        assert_eq!(stream.subjects.len(), 3);
+        assert_eq!(
+            scheduler_tasks_consumer(Priority::Normal)
+                .durable_name
+                .as_deref(),
+            Some(SCHEDULER_TASKS_CONSUMER)
+        );
     }
 
     #[test]

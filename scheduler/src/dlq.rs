@@ -54,8 +54,8 @@ pub(crate) async fn show(shared: Arc<Shared>, request: TaskRef) -> Reply<DeadLet
     entry(&shared, &request.id).await.into()
 }
 
-/// `apiary.v1.dlq.requeue`: puts a dead task back in the queue with its failures forgotten,
-/// under the same id, and takes it out of the dead-letter stream.
+/// `apiary.v1.dlq.requeue`: puts a dead task back in the queue of its priority with its
+/// failures forgotten, under the same id, and takes it out of the dead-letter stream.
 pub(crate) async fn requeue(shared: Arc<Shared>, request: TaskRef) -> Reply<TaskRecord> {
     let requeued = async {
         let entry = entry(&shared, &request.id).await?;
@@ -73,7 +73,7 @@ pub(crate) async fn requeue(shared: Arc<Shared>, request: TaskRef) -> Reply<Task
         let msg_id = msg_id::requeue_dead(&record.id, entry.sequence);
         stored::publish(
             &shared.js,
-            subject::task_submit(),
+            subject::task_submit_for(record.task.priority),
             &record.id,
             &msg_id,
             &record.task,

@@ -1,52 +1,86 @@
-//! Intake: pulls submitted tasks from the shared queue while nodes have room for them, places
-//! each on a node, dispatches it there, then acknowledges the submission.
+//! Intake: pulls submitted tasks from the shared queues while nodes have room for them,
+//! places each on a node, dispatches it there, then acknowledges the submission.
 //!
 //! A replica pulls only as many submissions as its nodes have room for (their slots plus a
 //! small backlog, counting this replica's unfinished dispatches; see [`crate::view`]). Work
 //! that has nowhere to go stays in `APIARY_TASKS`, shared by every replica, so it goes to
 //! whichever node has room first, including nodes that register a moment later, instead of
 //! piling onto the first node that appears.
+//!
+//! `APIARY_TASKS` holds one queue per priority, each with its own consumer. A round of pulls
+//! asks the queues for the room there is, shared between them by [`crate::fairness`] (six
+//! high, three normal, one low in every ten while all three have work); a queue found empty
+//! gives its share to the others, so room is never left unused while any queue has work.
+//! These pulls take what the queue has now and end at once ([`fetch_now`]): no request stays
+//! open on one queue, taking its messages, while the replica serves another. When every
+//! queue is empty, intake waits for a submission to be published (a plain subscription on
+//! the three subjects, beside the stream, like [`crate::completions`]), or [`IDLE_TICK`] at
+//! most: a submission handed back with a delay (a task waiting for a node, a retry waiting
+//! out its backoff) or by a stopping replica comes back without a publish. The subscription
+//! costs each replica a second copy of every submission, as completions do of every result;
+//! only its subject is read. It buys what a waiting pull on each queue could not give: a
+//! waiting pull takes whatever arrives, and three of them would take up to three times the
+//! room, or leave messages in requests nobody reads any more.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use apiary_proto::lifecycle::{TaskRecord, TaskState};
-use apiary_proto::message::{Dispatch, TaskSubmission, attempt_msg_id};
+use apiary_proto::message::{Dispatch, Priority, TaskSubmission, attempt_msg_id};
 use apiary_proto::subject;
 use apiary_proto::{codec, inbound, now_ms, stored, topology};
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use futures::{FutureExt as _, StreamExt as _};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::delivery::CAS_TRIES;
-use crate::pull::{PULL_BATCH, PULL_RETRY, Pulled, next_batch, next_pulled, open_consumer};
+use crate::fairness::{FairShare, Queues};
+use crate::pull::{
+    PULL_BATCH, PULL_RETRY, Pull, Pulled, fetch_now, next_batch_within, next_pulled, open_consumer,
+};
 use crate::records::WriteError;
 use crate::settle::{self, Delivery};
 use crate::view::Placement;
 use crate::{Counters, SYNC_WAIT, Shared, answers};
 
+/// The longest an idle intake waits before it looks at the queues again without a publish to
+/// wake it: how late, at most, it sees a submission handed back to a queue (after a delay, or
+/// by a stopping replica).
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// How long intake waits on a queue a submission was just published to, when its pull did
+/// not find it: the plain subscription can hear of a submission a moment before the stream
+/// has stored it.
+const STORE_GRACE: Duration = Duration::from_millis(100);
+
 /// Pulls submitted tasks and places each on a node, up to `max_in_flight` at once and never
-/// more than the nodes have room for.
+/// more than the nodes have room for, taking from the priority queues by their fair share.
 pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyhow::Result<()> {
-    let consumer = open_consumer(
-        &shared.js,
-        topology::TASKS_STREAM,
-        topology::scheduler_tasks_consumer(),
-    )
-    .await?;
+    let queues = TaskQueues::open(&shared.js).await?;
+    let published = Arc::new(Published::default());
+    let mut listening = listen_for_submissions(&shared, published.clone()).await?;
     shared.wait_synced(SYNC_WAIT).await;
 
     let permits = Arc::new(Semaphore::new(shared.config.max_in_flight.max(1)));
-    // Pulled submissions whose placement is not decided yet: they will take room that the
-    // view does not show as taken.
-    let deciding = Arc::new(AtomicU32::new(0));
-    let mut in_flight = JoinSet::new();
-    'pulling: loop {
-        while in_flight.try_join_next().is_some() {}
+    let mut intake = Intake {
+        shared: shared.clone(),
+        queues,
+        // Pulled submissions whose placement is not decided yet: they will take room that
+        // the view does not show as taken.
+        deciding: Arc::new(AtomicU32::new(0)),
+        in_flight: JoinSet::new(),
+        stop: stop.clone(),
+    };
+    let mut fair = FairShare::default();
+    let mut outcome = Ok(());
+    loop {
+        while intake.in_flight.try_join_next().is_some() {}
         // Pull only as many messages as there are free permits. A message this replica has
         // taken is then always being worked on, never waiting unattended in a client-side
         // buffer while its ack wait runs out, which would hand it to another replica.
@@ -54,7 +88,7 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
             _ = stop.cancelled() => break,
             permit = permits.clone().acquire_owned() => permit.context("the permit pool closed")?,
         };
-        let Some(room) = wait_for_room(&shared, &deciding, &stop).await else {
+        let Some(room) = wait_for_room(&shared, &intake.deciding, &stop).await else {
             break;
         };
         let wanted = usize::try_from(room).unwrap_or(usize::MAX).min(PULL_BATCH);
@@ -65,34 +99,53 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
                 Err(_) => break,
             }
         }
-        let mut batch = match next_batch(&consumer, held.len()).await {
-            Ok(batch) => batch,
-            Err(err) => {
-                tracing::warn!(error = %err, "failed to pull submitted tasks; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(PULL_RETRY) => continue,
-                }
-            }
+        // Taken before the round looks, so that a submission published while it looks
+        // wakes the next one.
+        let woken = published.take();
+        let Some(round) = intake.fair_round(&mut fair, &mut held).await else {
+            break;
         };
-        loop {
-            let message = match next_pulled(&mut batch, &stop, "submitted tasks").await {
-                Pulled::Message(message) => message,
-                // The next batch takes the free permits again.
-                Pulled::BatchDone => break,
-                Pulled::Stopped => break 'pulling,
-            };
-            let Some(permit) = held.pop() else { break };
-            let claim = Claim::new(deciding.clone(), shared.clone());
-            let shared = shared.clone();
-            in_flight.spawn(async move {
-                place_submission(&shared, message, claim).await;
-                drop(permit);
-            });
+        if round.took > 0 {
+            // More may be waiting: the next round takes the free permits and room again.
+            continue;
+        }
+        if let Some(err) = round.failed {
+            tracing::warn!(error = %err, "failed to pull submitted tasks; retrying");
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(PULL_RETRY) => continue,
+            }
+        }
+        if let Some(priority) = woken.highest() {
+            // A submission was published to this queue, and the round did not find it:
+            // another replica took it, or the stream has not stored it yet. A short wait on
+            // the queue takes it the moment it is stored.
+            match next_batch_within(intake.queues.get(priority), 1, STORE_GRACE).await {
+                Ok(pull) => {
+                    if intake.take(pull, &mut held).await.is_none() {
+                        break;
+                    }
+                }
+                Err(err) => tracing::debug!(error = %err, "failed to wait on a task queue"),
+            }
+            continue;
+        }
+        // Every queue is empty: the permits go back while intake waits for work.
+        drop(held);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = published.notify.notified() => {}
+            _ = tokio::time::sleep(IDLE_TICK) => {}
+            _ = &mut listening => {
+                outcome = Err(anyhow::anyhow!("the submission subscriptions ended"));
+                break;
+            }
         }
     }
+    listening.abort();
     // Placements under way finish (each takes a dispatch's store and an ack); give them a
     // moment, so that none leaves its submission to wait out the ack wait.
+    let mut in_flight = intake.in_flight;
     let handed_back = tokio::time::timeout(Duration::from_secs(2), async {
         while in_flight.join_next().await.is_some() {}
     })
@@ -100,7 +153,178 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
     if handed_back.is_err() {
         in_flight.abort_all();
     }
-    Ok(())
+    outcome
+}
+
+/// The consumers of the three task queues.
+struct TaskQueues {
+    high: PullConsumer,
+    normal: PullConsumer,
+    low: PullConsumer,
+}
+
+impl TaskQueues {
+    async fn open(js: &jetstream::Context) -> anyhow::Result<Self> {
+        let open = |priority| {
+            open_consumer(
+                js,
+                topology::TASKS_STREAM,
+                topology::scheduler_tasks_consumer(priority),
+            )
+        };
+        // The normal queue's first: an earlier version made it without a filter, and until
+        // it takes its filter the stream refuses the others as overlapping it.
+        let normal = open(Priority::Normal).await?;
+        let high = open(Priority::High).await?;
+        let low = open(Priority::Low).await?;
+        Ok(Self { high, normal, low })
+    }
+
+    fn get(&self, priority: Priority) -> &PullConsumer {
+        match priority {
+            Priority::High => &self.high,
+            Priority::Normal => &self.normal,
+            Priority::Low => &self.low,
+        }
+    }
+}
+
+/// The queues submissions were published to since intake last looked, and a wake-up for an
+/// idle intake. Only the subject of a published submission is read: the message itself is
+/// pulled from the stream.
+#[derive(Default)]
+struct Published {
+    queues: AtomicU8,
+    notify: Notify,
+}
+
+impl Published {
+    fn note(&self, priority: Priority) {
+        self.queues
+            .fetch_or(Queues::NONE.with(priority).bits(), Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+
+    /// The queues published to since the last call. The wake-up those publishes left is
+    /// used up too: the round about to look will see what they published.
+    fn take(&self) -> Queues {
+        let _ = self.notify.notified().now_or_never();
+        Queues::from_bits(self.queues.swap(0, Ordering::AcqRel))
+    }
+}
+
+/// Subscribes to the three submission subjects and notes each publish in `published`, until
+/// the connection closes for good. Read continuously, so that a busy intake does not leave
+/// submissions piling up in the subscription.
+async fn listen_for_submissions(
+    shared: &Shared,
+    published: Arc<Published>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let mut subscriptions = Vec::with_capacity(Priority::ALL.len());
+    for priority in Priority::ALL {
+        subscriptions.push(
+            shared
+                .client
+                .subscribe(subject::task_submit_for(priority))
+                .await
+                .context("failed to subscribe to the submission subjects")?,
+        );
+    }
+    let mut submissions = futures::stream::select_all(subscriptions);
+    Ok(tokio::spawn(
+        async move {
+            while let Some(message) = submissions.next().await {
+                if let Some(priority) = subject::parse_task_submit(message.subject.as_str()) {
+                    published.note(priority);
+                }
+            }
+        }
+        .in_current_span(),
+    ))
+}
+
+/// What the pulling loop keeps from one round to the next.
+struct Intake {
+    shared: Arc<Shared>,
+    queues: TaskQueues,
+    deciding: Arc<AtomicU32>,
+    in_flight: JoinSet<()>,
+    stop: CancellationToken,
+}
+
+/// What one round of pulls gave.
+#[derive(Default)]
+struct Round {
+    took: usize,
+    /// Why a pull failed, if one did.
+    failed: Option<String>,
+}
+
+impl Intake {
+    /// One round: as many submissions as `held` has permits, asked of the queues by their
+    /// fair share. A queue that has fewer than its share sits out the rest of the round, and
+    /// the others are asked for what it did not have, until the permits are used or every
+    /// queue has sat out. `None` when the replica is stopping.
+    async fn fair_round(
+        &mut self,
+        fair: &mut FairShare,
+        held: &mut Vec<OwnedSemaphorePermit>,
+    ) -> Option<Round> {
+        let mut round = Round::default();
+        let mut taking_part = Queues::ALL;
+        while !held.is_empty() && !taking_part.is_empty() {
+            let share = fair.share(held.len(), taking_part);
+            for priority in Priority::ALL {
+                let asked = share.of(priority);
+                if asked == 0 {
+                    continue;
+                }
+                let took = match fetch_now(self.queues.get(priority), asked).await {
+                    Ok(pull) => self.take(pull, held).await?,
+                    Err(err) => {
+                        round.failed = Some(err.to_string());
+                        0
+                    }
+                };
+                round.took += took;
+                if took < asked {
+                    taking_part = taking_part.without(priority);
+                }
+            }
+        }
+        Some(round)
+    }
+
+    /// Reads `pull` to its end, placing each message it brings with one of the `held`
+    /// permits. Returns how many it brought, or `None` when the replica is stopping (the
+    /// pull has then been handed back).
+    async fn take(
+        &mut self,
+        mut pull: Pull,
+        held: &mut Vec<OwnedSemaphorePermit>,
+    ) -> Option<usize> {
+        let mut took = 0;
+        loop {
+            let message = match next_pulled(&mut pull, &self.stop, "submitted tasks").await {
+                Pulled::Message(message) => message,
+                Pulled::BatchDone => return Some(took),
+                Pulled::Stopped => return None,
+            };
+            took += 1;
+            let Some(permit) = held.pop() else {
+                // No pull asks for more messages than there are permits; one that comes
+                // anyway goes back at once rather than wait out its ack wait here.
+                message.ack_with(AckKind::Nak(None)).await.ok();
+                continue;
+            };
+            let claim = Claim::new(self.deciding.clone(), self.shared.clone());
+            let shared = self.shared.clone();
+            self.in_flight.spawn(async move {
+                place_submission(&shared, message, claim).await;
+                drop(permit);
+            });
+        }
+    }
 }
 
 /// Waits until the nodes have room for more of this replica's work than the submissions it
@@ -168,7 +392,7 @@ impl Drop for Claim {
 /// answers with the existing task (an id submitted before). The submission is acknowledged
 /// once that is stored.
 async fn place_submission(shared: &Shared, message: jetstream::Message, mut claim: Claim) {
-    let submission =
+    let mut submission =
         match codec::decode_message::<TaskSubmission>(message.headers.as_ref(), &message.payload) {
             Ok((submission, _)) => submission,
             Err(err) => {
@@ -187,6 +411,18 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, mut clai
     let sequence = message.info().map_or(0, |info| info.stream_sequence);
     let span = tracing::info_span!("task", task_id = %submission.id);
     async move {
+        // The queue a submission was published to is its priority, with one exception: the
+        // normal queue is also where clients that predate the priority queues, and people
+        // writing submissions by hand, publish every task, so one there that asks for
+        // another priority is moved to that priority's queue.
+        match subject::parse_task_submit(message.subject.as_str()) {
+            Some(Priority::Normal) if submission.priority != Priority::Normal => {
+                reroute(shared, &message, &submission, sequence).await;
+                return;
+            }
+            Some(queue) => submission.priority = queue,
+            None => {}
+        }
         let next = admit(shared, &message, &submission, sequence, &mut claim).await;
         // Decided: the room the claim stood for is reserved in the view, or free again.
         claim.release(false);
@@ -213,6 +449,35 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, mut clai
     }
     .instrument(span)
     .await
+}
+
+/// Moves a submission from the normal queue to the queue of the priority its body asks for,
+/// and acknowledges the original once the copy is stored. The copy's message id names the
+/// original (`<task>.priority.<sequence>`): a redelivered original is copied under the same
+/// id, which JetStream drops, while a second submission of the task is still moved.
+async fn reroute(
+    shared: &Shared,
+    message: &jetstream::Message,
+    submission: &TaskSubmission,
+    sequence: u64,
+) {
+    let msg_id = format!("{}.priority.{sequence}", submission.id);
+    let queue = subject::task_submit_for(submission.priority);
+    match stored::publish(&shared.js, queue, &submission.id, &msg_id, submission).await {
+        Ok(_) => {
+            tracing::debug!(priority = ?submission.priority, "submission moved to the queue of its priority");
+            if let Err(err) = message.ack().await {
+                tracing::warn!(error = %err, "failed to acknowledge a moved submission");
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "failed to move a submission to the queue of its priority; retrying");
+            message
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                .await
+                .ok();
+        }
+    }
 }
 
 /// What becomes of a submission message.

@@ -20,6 +20,8 @@
 //! - [`tokens`](crate::tokens): join tokens, stored as hashes.
 //! - [`intake`](crate::intake): pulls submitted tasks while nodes have room, places and
 //!   dispatches them.
+//! - [`fairness`](crate::fairness): how intake shares its pulls between the priority queues
+//!   (6 : 3 : 1, smooth weighted round-robin).
 //! - [`completions`](crate::completions): sees results as they are stored, so the nodes that
 //!   ran them have room again.
 //! - [`recovery`](crate::recovery): moves work off lost nodes, hands a restarted node's held
@@ -40,6 +42,7 @@ mod completions;
 pub mod config;
 mod delivery;
 mod dlq;
+pub mod fairness;
 mod intake;
 mod nodes;
 mod pull;

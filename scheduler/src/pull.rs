@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-/// Most submitted tasks one pull asks for; smaller when fewer permits are free.
+/// Most submitted tasks one round of pulls asks for; smaller when fewer permits are free.
 pub(crate) const PULL_BATCH: usize = 64;
 /// How long one pull request waits for messages before the next is sent; also how long a
 /// stopping replica keeps reading its last one.
@@ -48,13 +48,36 @@ pub(crate) async fn next_batch(
     consumer: &jetstream::consumer::PullConsumer,
     size: usize,
 ) -> Result<Pull, async_nats::Error> {
-    let give_up_at = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GRACE;
+    next_batch_within(consumer, size, PULL_EXPIRES).await
+}
+
+/// [`next_batch`] with a request that expires after `expires`.
+pub(crate) async fn next_batch_within(
+    consumer: &jetstream::consumer::PullConsumer,
+    size: usize,
+    expires: Duration,
+) -> Result<Pull, async_nats::Error> {
+    let give_up_at = tokio::time::Instant::now() + expires + PULL_GRACE;
     let batch = consumer
         .batch()
         .max_messages(size)
-        .expires(PULL_EXPIRES)
+        .expires(expires)
         .messages()
         .await?;
+    Ok(Pull { batch, give_up_at })
+}
+
+/// Asks for up to `size` messages that the consumer has now. The server answers at once,
+/// with what it has (perhaps nothing), and ends the request, so no request stays open to
+/// take messages for a replica that has moved on to another queue.
+pub(crate) async fn fetch_now(
+    consumer: &jetstream::consumer::PullConsumer,
+    size: usize,
+) -> Result<Pull, async_nats::Error> {
+    // The answer takes a round trip; a request that has none by the time a waiting one
+    // would have expired died with its server.
+    let give_up_at = tokio::time::Instant::now() + PULL_EXPIRES;
+    let batch = consumer.fetch().max_messages(size).messages().await?;
     Ok(Pull { batch, give_up_at })
 }
 

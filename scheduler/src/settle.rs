@@ -63,13 +63,13 @@ pub(crate) async fn carry_out(
     }
 }
 
-/// Puts a pending task back in the shared queue for its next attempt. Intake keeps it there
-/// until its `not_before_ms`, so the wait holds no node's slot.
+/// Puts a pending task back in the shared queue of its priority for its next attempt. Intake
+/// keeps it there until its `not_before_ms`, so the wait holds no node's slot.
 pub(crate) async fn requeue(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
     let msg_id = msg_id::requeue(&record.id, record.attempt);
     stored::publish(
         &shared.js,
-        subject::task_submit(),
+        subject::task_submit_for(record.task.priority),
         &record.id,
         &msg_id,
         &record.task,

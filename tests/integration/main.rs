@@ -6,6 +6,7 @@ mod identity;
 mod lifecycle;
 mod nodes;
 mod outbox;
+mod priorities;
 mod recovery;
 mod restarts;
 mod sdk;
