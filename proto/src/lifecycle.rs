@@ -191,6 +191,12 @@ pub mod msg_id {
         format!("{task}.requeue.{dlq_sequence}")
     }
 
+    /// A submission moved from the normal queue to the queue of the priority its body asks
+    /// for; `sequence` is the original's, so a redelivered original is moved once.
+    pub fn rerouted(task: &TaskId, sequence: u64) -> String {
+        format!("{task}.priority.{sequence}")
+    }
+
     /// A dead task's dead-letter entry.
     pub fn dead_letter(record: &TaskRecord) -> String {
         format!("{}.{}.dead", record.id, record.attempt)

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use apiary_proto::lifecycle::{TaskRecord, TaskState};
+use apiary_proto::lifecycle::{TaskRecord, TaskState, msg_id};
 use apiary_proto::message::{Dispatch, Priority, TaskSubmission, attempt_msg_id};
 use apiary_proto::subject;
 use apiary_proto::{codec, inbound, now_ms, stored, topology};
@@ -461,7 +461,7 @@ async fn reroute(
     submission: &TaskSubmission,
     sequence: u64,
 ) {
-    let msg_id = format!("{}.priority.{sequence}", submission.id);
+    let msg_id = msg_id::rerouted(&submission.id, sequence);
     let queue = subject::task_submit_for(submission.priority);
     match stored::publish(&shared.js, queue, &submission.id, &msg_id, submission).await {
         Ok(_) => {
