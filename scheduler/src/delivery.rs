@@ -15,12 +15,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::pull::{PULL_BATCH, PULL_RETRY, Pulled, next_batch, next_pulled, open_consumer};
+use anyhow::Context as _;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use crate::records::WriteError;
 use crate::settle::{self, Delivery};
 use crate::{Counters, Shared, contention_pause};
 
+/// How many results one replica settles at once. Each takes a few round trips to the
+/// server (the record's read and write, the archive); settled one after another they would
+/// cap a replica at a few thousand results a second.
+const SETTLING: usize = 128;
+
 /// Settles each stored result, then acknowledges it. The result stays in `APIARY_RESULTS`
 /// (by age and size limits) for readers that missed it, and the task's record points at it.
+///
+/// Results are pulled only as far as there are free places to settle them, so a result this
+/// replica has taken is always being worked on, never waiting in a buffer while its ack wait
+/// runs out.
 pub(crate) async fn deliver_results(
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -31,28 +43,61 @@ pub(crate) async fn deliver_results(
         topology::scheduler_results_consumer(),
     )
     .await?;
-    loop {
+    let permits = Arc::new(Semaphore::new(SETTLING));
+    let mut settling = JoinSet::new();
+    'pulling: loop {
+        while settling.try_join_next().is_some() {}
+        let first = tokio::select! {
+            _ = stop.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.context("the permit pool closed")?,
+        };
+        let mut held = vec![first];
+        while held.len() < PULL_BATCH {
+            match permits.clone().try_acquire_owned() {
+                Ok(permit) => held.push(permit),
+                Err(_) => break,
+            }
+        }
         let mut batch = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            batch = next_batch(&consumer, PULL_BATCH) => match batch {
+            _ = stop.cancelled() => break,
+            batch = next_batch(&consumer, held.len()) => match batch {
                 Ok(batch) => batch,
                 Err(err) => {
                     tracing::warn!(error = %err, "failed to pull results; retrying");
                     tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
+                        _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(PULL_RETRY) => continue,
                     }
                 }
             },
         };
         loop {
-            match next_pulled(&mut batch, &stop, "results").await {
-                Pulled::Message(message) => deliver_result(&shared, message).await,
+            let message = match next_pulled(&mut batch, &stop, "results").await {
+                Pulled::Message(message) => message,
                 Pulled::BatchDone => break,
-                Pulled::Stopped => return Ok(()),
-            }
+                Pulled::Stopped => break 'pulling,
+            };
+            let Some(permit) = held.pop() else { break };
+            let shared = shared.clone();
+            settling.spawn(
+                async move {
+                    deliver_result(&shared, message).await;
+                    drop(permit);
+                }
+                .in_current_span(),
+            );
         }
     }
+    // Settlements under way finish (each a few round trips); give them a moment, so that
+    // none leaves its result to wait out the ack wait.
+    let finished = tokio::time::timeout(Duration::from_secs(2), async {
+        while settling.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        settling.abort_all();
+    }
+    Ok(())
 }
 
 /// How often a replica tries a record write that keeps colliding with others before it
@@ -103,8 +148,16 @@ async fn settle_result(
     sequence: u64,
 ) -> anyhow::Result<()> {
     let delivery = || Delivery::stored(message.headers.as_ref(), message.payload.clone());
+    // The first try may start from the record as this replica last wrote it (no read);
+    // anything but a write that succeeds is decided again from the bucket.
+    let mut remembered = true;
     for _ in 0..CAS_TRIES {
-        let Some(live) = shared.records.live(&result.task_id).await? else {
+        let live = if std::mem::take(&mut remembered) {
+            shared.records.live_or_remembered(&result.task_id).await?
+        } else {
+            shared.records.live(&result.task_id).await?
+        };
+        let Some(live) = live else {
             // The task has ended (or never had a record: a result published by hand).
             discard(shared, "the task has already ended");
             return Ok(());
@@ -117,6 +170,12 @@ async fn settle_result(
             now_ms(),
         );
         match settlement {
+            Settlement::Superseded | Settlement::Repeat { .. }
+                if shared.records.forget_if_remembered(&result.task_id) =>
+            {
+                // Decided from memory, which may be stale: decide again from the bucket.
+                continue;
+            }
             Settlement::Superseded => {
                 discard(shared, "the attempt is not the task's current one");
                 return Ok(());

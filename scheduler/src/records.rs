@@ -8,6 +8,8 @@
 //! archive's are bounded by the shard count (see ARCHITECTURE.md for the memory this saves).
 //! A lookup by id reads the bucket, then scans the task's archive shard.
 
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -59,15 +61,50 @@ const LIST_SCAN_LIMIT: usize = 100_000;
 /// How long a scan waits for the next message before it takes the stream as read.
 const SCAN_QUIET: Duration = Duration::from_secs(2);
 
+/// How many records a replica remembers as it last wrote them.
+const REMEMBERED: usize = 16_384;
+
 #[derive(Clone)]
 pub(crate) struct Records {
     js: jetstream::Context,
     live: kv::Store,
+    /// The records this replica wrote last, with their revisions: most results are settled
+    /// by the replica that placed their task, which can then write at once instead of
+    /// reading the record first. Only a hint: a write from it fails if the record changed
+    /// since, and any other decision made from it is made again from the bucket.
+    written: Arc<Mutex<lru::LruCache<TaskId, Live>>>,
 }
 
 impl Records {
     pub fn new(js: jetstream::Context, live: kv::Store) -> Self {
-        Self { js, live }
+        Self {
+            js,
+            live,
+            written: Arc::new(Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(REMEMBERED).unwrap_or(NonZeroUsize::MIN),
+            ))),
+        }
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, lru::LruCache<TaskId, Live>> {
+        // Each critical section is one cache operation.
+        self.written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The record as this replica last wrote it, if it remembers it; else as the bucket has
+    /// it. See [`Records::written`] for why it may be stale, and what makes that safe.
+    pub async fn live_or_remembered(&self, task: &TaskId) -> anyhow::Result<Option<Live>> {
+        if let Some(live) = self.remembered().get(task).cloned() {
+            return Ok(Some(live));
+        }
+        self.live(task).await
+    }
+
+    /// Forgets `task`'s record if this replica remembered it; true if it did.
+    pub fn forget_if_remembered(&self, task: &TaskId) -> bool {
+        self.remembered().pop(task).is_some()
     }
 
     /// The live record of `task`, if the task lives (or ended a moment ago and its key is
@@ -95,6 +132,27 @@ impl Records {
 
     /// Writes `record` as new (`revision` `None`) or over the revision read.
     pub async fn write(
+        &self,
+        record: &TaskRecord,
+        revision: Option<u64>,
+    ) -> Result<u64, WriteError> {
+        let written = self.write_unremembered(record, revision).await;
+        match &written {
+            Ok(revision) if !record.state.is_terminal() => {
+                let live = Live {
+                    record: record.clone(),
+                    revision: *revision,
+                };
+                self.remembered().put(record.id.clone(), live);
+            }
+            _ => {
+                self.forget_if_remembered(&record.id);
+            }
+        }
+        written
+    }
+
+    async fn write_unremembered(
         &self,
         record: &TaskRecord,
         revision: Option<u64>,

@@ -14,6 +14,8 @@ use apiary_proto::{codec, headers, stored, subject};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
+use tracing::Instrument as _;
+
 use crate::{Counters, Shared};
 
 /// The result that submitters receive, as it travels.
@@ -80,20 +82,32 @@ pub(crate) async fn requeue(shared: &Shared, record: &TaskRecord) -> anyhow::Res
     Ok(())
 }
 
-/// Ends a task: its final record to the archive, its result to its submitters, its key out
+/// Ends a task: its result to its submitters, its final record to the archive, its key out
 /// of the live bucket.
 pub(crate) async fn finish(
     shared: &Shared,
     record: &TaskRecord,
     delivery: Delivery,
 ) -> anyhow::Result<()> {
-    shared.records.archive(record).await?;
+    // Delivered before it is archived: the final state is already in the bucket, so a
+    // replica that dies between the two leaves the cause unacknowledged, and whoever reads
+    // it again finds the record ended and archives it then (delivering once more).
     deliver(shared, record, &delivery).await;
-    if let Err(err) = shared.records.purge(&record.id).await {
-        // The ended record stays in the live bucket: found first by lookups, which is right,
-        // and costing one key until an operator purges it.
-        tracing::warn!(error = %format!("{err:#}"), "failed to purge an ended task's live record");
-    }
+    shared.records.archive(record).await?;
+    // Tidying, off the path of the acknowledgement: the final state is in the bucket and the
+    // archive already, and a lookup finds either.
+    let records = shared.records.clone();
+    let task = record.id.clone();
+    tokio::spawn(
+        async move {
+            if let Err(err) = records.purge(&task).await {
+                // The ended record stays in the live bucket: found first by lookups, which
+                // is right, and costing one key until an operator purges it.
+                tracing::warn!(error = %format!("{err:#}"), "failed to purge an ended task's live record");
+            }
+        }
+        .in_current_span(),
+    );
     Ok(())
 }
 
