@@ -209,6 +209,50 @@ pub fn task_record_key(task: &crate::id::TaskId) -> &str {
     task.as_str()
 }
 
+/// How long an ended task's record stays in the live bucket before the server removes it
+/// (a per-message TTL, on nats-server 2.11 and later): lookups of tasks that ended this
+/// recently are answered from the bucket, and the bucket's subjects stay the live tasks plus
+/// this long of ended ones.
+pub const TASK_RECORD_LINGER: Duration = Duration::from_secs(60);
+
+/// Lets the record bucket's messages carry their own TTL (`allow_msg_ttl`), where the
+/// server can (2.11 and later): an ended task's record then expires by itself, with no
+/// purge request per task. Returns whether TTLs are on; on older servers records are purged
+/// one by one. Done with the JetStream API's JSON directly, so that the client library needs
+/// no 2.11 feature.
+pub async fn enable_record_ttl(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+) -> Result<bool, TopologyError> {
+    if !client.is_server_compatible(2, 11, 0) {
+        return Ok(false);
+    }
+    let failed = |err: String| TopologyError::new("KV bucket", TASK_RECORDS_BUCKET, err);
+    let info: serde_json::Value = js
+        .request(
+            format!("STREAM.INFO.{TASK_RECORDS_STREAM}"),
+            &serde_json::json!({}),
+        )
+        .await
+        .map_err(|err| failed(err.to_string()))?;
+    let mut config = info
+        .get("config")
+        .cloned()
+        .ok_or_else(|| failed(format!("no stream configuration in {info}")))?;
+    if config.get("allow_msg_ttl") == Some(&serde_json::Value::Bool(true)) {
+        return Ok(true);
+    }
+    config["allow_msg_ttl"] = serde_json::Value::Bool(true);
+    let updated: serde_json::Value = js
+        .request(format!("STREAM.UPDATE.{TASK_RECORDS_STREAM}"), &config)
+        .await
+        .map_err(|err| failed(err.to_string()))?;
+    if let Some(error) = updated.get("error") {
+        return Err(failed(format!("the server refused message TTLs: {error}")));
+    }
+    Ok(true)
+}
+
 /// The stream under the record bucket, for purging an ended task's key with its subject.
 pub const TASK_RECORDS_STREAM: &str = "KV_APIARY_TASK_RECORDS";
 

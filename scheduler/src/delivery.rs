@@ -15,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::pull::{PULL_BATCH, PULL_RETRY, Pulled, next_batch, next_pulled, open_consumer};
-use anyhow::Context as _;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use crate::records::WriteError;
 use crate::settle::{self, Delivery};
 use crate::{Counters, Shared, contention_pause};
+use anyhow::Context as _;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 /// How many results one replica settles at once. Each takes a few round trips to the
 /// server (the record's read and write, the archive); settled one after another they would

@@ -60,7 +60,19 @@ pub(crate) async fn requeue(shared: Arc<Shared>, request: TaskRef) -> Reply<Task
     let requeued = async {
         let entry = entry(&shared, &request.id).await?;
         let record = entry.record.requeued(entry.record.task.clone(), now_ms());
-        match shared.records.write(&record, None).await {
+        // The ended record may still linger in the live bucket: written over, unless the
+        // task lives again.
+        let lingering = match shared.records.live(&request.id).await.map_err(internal)? {
+            Some(live) if !live.record.state.is_terminal() => {
+                return Err(ErrorBody::new(
+                    ErrorCode::BadRequest,
+                    format!("task {} is live again already", request.id),
+                ));
+            }
+            Some(live) => Some(live.revision),
+            None => None,
+        };
+        match shared.records.write(&record, lingering).await {
             Ok(_) => {}
             Err(WriteError::Conflict) => {
                 return Err(ErrorBody::new(

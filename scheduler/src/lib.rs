@@ -104,13 +104,16 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
         tasks::apply_retention(&js, &config)
             .await
             .context("failed to set the task archive's retention")?;
+        let record_ttl = topology::enable_record_ttl(&client, &js)
+            .await
+            .context("failed to let task records expire")?;
         let shared = Arc::new(Shared {
             config: config.clone(),
             client: client.clone(),
             js: js.clone(),
             nodes: topology.nodes,
             cluster: topology.cluster,
-            records: records::Records::new(js.clone(), topology.records),
+            records: records::Records::new(js.clone(), topology.records, record_ttl),
             view: Mutex::new(NodeView::new(config.node_backlog)),
             changed,
             synced,

@@ -17,6 +17,7 @@ use apiary_proto::lifecycle::{TaskRecord, msg_id};
 use apiary_proto::message::{TaskListRequest, TaskResult, TaskSubmission};
 use apiary_proto::{TaskId, codec, headers, stored, subject, topology};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt as _;
@@ -73,13 +74,17 @@ pub(crate) struct Records {
     /// reading the record first. Only a hint: a write from it fails if the record changed
     /// since, and any other decision made from it is made again from the bucket.
     written: Arc<Mutex<lru::LruCache<TaskId, Live>>>,
+    /// Whether an ended record is written with a TTL ([`topology::TASK_RECORD_LINGER`]) and
+    /// expires by itself; otherwise it is purged.
+    ttl: bool,
 }
 
 impl Records {
-    pub fn new(js: jetstream::Context, live: kv::Store) -> Self {
+    pub fn new(js: jetstream::Context, live: kv::Store, ttl: bool) -> Self {
         Self {
             js,
             live,
+            ttl,
             written: Arc::new(Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(REMEMBERED).unwrap_or(NonZeroUsize::MIN),
             ))),
@@ -152,6 +157,11 @@ impl Records {
         written
     }
 
+    /// Whether ended records expire by themselves, so none needs a purge.
+    pub fn expire_by_themselves(&self) -> bool {
+        self.ttl
+    }
+
     async fn write_unremembered(
         &self,
         record: &TaskRecord,
@@ -159,6 +169,12 @@ impl Records {
     ) -> Result<u64, WriteError> {
         let value = codec::encode(record).context("failed to encode a task record")?;
         let key = topology::task_record_key(&record.id);
+        if self.ttl
+            && record.state.is_terminal()
+            && let Some(revision) = revision
+        {
+            return self.write_expiring(record, revision, value).await;
+        }
         match revision {
             None => match self.live.create(key, value).await {
                 Ok(revision) => Ok(revision),
@@ -178,6 +194,40 @@ impl Records {
                     .context("failed to update a task record")
                     .into()),
             },
+        }
+    }
+
+    /// Writes an ended record over `revision` (compare-and-set, as a KV update does) with a
+    /// TTL, so that the server removes it, subject and all, after the linger.
+    async fn write_expiring(
+        &self,
+        record: &TaskRecord,
+        revision: u64,
+        value: bytes::Bytes,
+    ) -> Result<u64, WriteError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            revision.to_string().as_str(),
+        );
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_TTL,
+            topology::TASK_RECORD_LINGER.as_secs().to_string().as_str(),
+        );
+        let ack = self
+            .js
+            .publish_with_headers(topology::task_record_subject(&record.id), headers, value)
+            .await
+            .context("failed to write an ended task's record")?
+            .await;
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(WriteError::Conflict)
+            }
+            Err(err) => Err(anyhow::Error::new(err)
+                .context("failed to write an ended task's record")
+                .into()),
         }
     }
 

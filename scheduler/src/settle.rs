@@ -94,8 +94,12 @@ pub(crate) async fn finish(
     // it again finds the record ended and archives it then (delivering once more).
     deliver(shared, record, &delivery).await;
     shared.records.archive(record).await?;
-    // Tidying, off the path of the acknowledgement: the final state is in the bucket and the
-    // archive already, and a lookup finds either.
+    // On servers with message TTLs the ended record expires by itself (after
+    // `TASK_RECORD_LINGER`). Otherwise it is purged, off the path of the acknowledgement:
+    // the final state is in the bucket and the archive already, and a lookup finds either.
+    if shared.records.expire_by_themselves() {
+        return Ok(());
+    }
     let records = shared.records.clone();
     let task = record.id.clone();
     tokio::spawn(
