@@ -8,12 +8,12 @@ use apiary_proto::lifecycle::{TaskRecord, msg_id};
 use apiary_proto::message::{
     DeadLetter, DlqListReply, DlqListRequest, ErrorBody, ErrorCode, Reply, TaskRef,
 };
-use apiary_proto::{TaskId, codec, now_ms, stored, subject, topology};
+use apiary_proto::{TaskId, codec, now_ms, subject, topology};
 use async_nats::jetstream::consumer::DeliverPolicy;
 
 use crate::records::{WriteError, names, scan};
 use crate::tasks::internal;
-use crate::{Counters, Shared};
+use crate::{Shared, settle};
 
 /// `apiary.v1.dlq.ls`: dead tasks, oldest first, a page at a time.
 pub(crate) async fn list(shared: Arc<Shared>, request: DlqListRequest) -> Reply<DlqListReply> {
@@ -83,17 +83,9 @@ pub(crate) async fn requeue(shared: Arc<Shared>, request: TaskRef) -> Reply<Task
             Err(WriteError::Failed(err)) => return Err(internal(err)),
         }
         let msg_id = msg_id::requeue_dead(&record.id, entry.sequence);
-        stored::publish(
-            &shared.js,
-            subject::task_submit_for(record.task.priority),
-            &record.id,
-            &msg_id,
-            &record.task,
-        )
-        .await
-        .context("failed to queue the task again")
-        .map_err(internal)?;
-        Counters::count(&shared.counters.tasks_retried);
+        settle::queue_again(&shared, &record, &msg_id)
+            .await
+            .map_err(internal)?;
         let stream = shared
             .js
             .get_stream(topology::DLQ_STREAM)

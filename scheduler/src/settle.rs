@@ -68,12 +68,21 @@ pub(crate) async fn carry_out(
 /// Puts a pending task back in the shared queue of its priority for its next attempt. Intake
 /// keeps it there until its `not_before_ms`, so the wait holds no node's slot.
 pub(crate) async fn requeue(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
-    let msg_id = msg_id::requeue(&record.id, record.attempt);
+    queue_again(shared, record, &msg_id::requeue(&record.id, record.attempt)).await
+}
+
+/// Publishes a pending task's submission to the queue of its priority again, under
+/// `msg_id` (so that doing it twice stores it once), and counts it.
+pub(crate) async fn queue_again(
+    shared: &Shared,
+    record: &TaskRecord,
+    msg_id: &str,
+) -> anyhow::Result<()> {
     stored::publish(
         &shared.js,
         subject::task_submit_for(record.task.priority),
         &record.id,
-        &msg_id,
+        msg_id,
         &record.task,
     )
     .await
