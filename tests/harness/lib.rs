@@ -695,6 +695,15 @@ impl Component {
         self.relay.as_ref().expect("a relayed component").hold();
     }
 
+    /// Cuts the component off the server while it goes on running: its connection is
+    /// closed and its reconnections refused until [`Component::release_connection`], as a
+    /// node behind a failed link is.
+    pub fn cut_connection(&self) {
+        let relay = self.relay.as_ref().expect("a relayed component");
+        relay.hold();
+        relay.sever();
+    }
+
     /// Lets the component reconnect after [`Component::hold_connection`].
     pub fn release_connection(&self) {
         self.relay.as_ref().expect("a relayed component").release();

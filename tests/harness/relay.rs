@@ -12,8 +12,8 @@
 //! happens after a server restart.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,8 @@ pub struct Relay {
     url: String,
     cut: CancellationToken,
     held: Arc<AtomicBool>,
+    /// Ends the connections open now, not later ones ([`Relay::sever`]).
+    current: Arc<Mutex<CancellationToken>>,
 }
 
 impl Relay {
@@ -42,11 +44,19 @@ impl Relay {
         let listener = TcpListener::from_std(listener).expect("a tokio relay socket");
         let cut = CancellationToken::new();
         let held = Arc::new(AtomicBool::new(false));
-        tokio::spawn(accept(listener, server, cut.clone(), held.clone()));
+        let current = Arc::new(Mutex::new(cut.child_token()));
+        tokio::spawn(accept(
+            listener,
+            server,
+            cut.clone(),
+            held.clone(),
+            current.clone(),
+        ));
         Self {
             url: format!("nats://{address}"),
             cut,
             held,
+            current,
         }
     }
 
@@ -69,6 +79,17 @@ impl Relay {
         self.held.store(true, Ordering::SeqCst);
     }
 
+    /// Drops the connections open now; later ones are accepted (unless the relay is held),
+    /// as a link that fails and comes back.
+    pub fn sever(&self) {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        current.cancel();
+        *current = self.cut.child_token();
+    }
+
     /// Accepts connections again after [`Relay::hold`].
     pub fn release(&self) {
         self.held.store(false, Ordering::SeqCst);
@@ -80,13 +101,19 @@ async fn accept(
     server: SocketAddr,
     cut: CancellationToken,
     held: Arc<AtomicBool>,
+    current: Arc<Mutex<CancellationToken>>,
 ) {
     while let Ok((inbound, _)) = listener.accept().await {
         if cut.is_cancelled() || held.load(Ordering::SeqCst) {
             drop(inbound);
             continue;
         }
-        tokio::spawn(pipe(inbound, server, cut.clone()));
+        // A child of `cut`: cutting ends it too.
+        let ends = current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        tokio::spawn(pipe(inbound, server, ends));
     }
 }
 

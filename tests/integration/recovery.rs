@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use apiary_harness::{PATIENCE, QUIET, Stack, eventually, sleeping_module, wasm, within};
+use apiary_harness::{
+    PATIENCE, QUIET, Stack, eventually, results_until_quiet, sleeping_module, wasm, within,
+};
 use apiary_proto::lifecycle::{TaskRecord, TaskState};
 use apiary_proto::message::{
     Dispatch, ModuleRef, Outcome, TaskErrorKind, TaskResult, TaskSubmission,
@@ -237,4 +239,78 @@ async fn a_task_running_on_a_node_that_dies_completes_elsewhere() {
     assert_eq!(output.node_id.as_str(), "node-b");
     assert!(output.attempt >= 2);
     assert_eq!(output.stdout.as_ref(), b"slow");
+}
+
+/// A node cut off in the middle of a task finishes it anyway and keeps the result in its
+/// outbox; the cluster moves the task to another node, where it completes. When the first
+/// node comes back, its result for the superseded attempt is stored, then discarded and
+/// counted: the submitter hears one completion, read until the wire is quiet.
+#[tokio::test]
+#[ignore = "slow: waits out the 30 s ack wait; run with --include-ignored"]
+async fn a_node_cut_off_mid_task_comes_back_and_its_late_result_is_discarded() {
+    let stack = Stack::start().await;
+    let scheduler = stack.spawn_scheduler().await;
+    let a = stack.spawn_agent_online("node-a").await;
+    let (client, mut wire) = stack.client_with_inbox("_INBOX.cutoff").await;
+    let handle = client
+        .submit(
+            Task::new(sleeping_module(Duration::from_secs(2)))
+                .input("once")
+                .timeout(Duration::from_secs(120)),
+        )
+        .await
+        .expect("submit");
+    let id = handle.id().clone();
+    eventually(PATIENCE, "node-a to run the task", || async {
+        let record = client.task_status(&id).await.ok()?;
+        (record.state == TaskState::Running).then_some(())
+    })
+    .await;
+
+    a.cut_connection();
+    let _b = stack.spawn_agent_online("node-b").await;
+    // Node-a finishes meanwhile, with nobody to tell: the result waits in its outbox.
+    let mut waiting = a.outbox_waiting();
+    within(
+        PATIENCE,
+        "node-a to keep its result",
+        waiting.wait_for(|n| *n == 1),
+    )
+    .await
+    .expect("the agent runs");
+
+    let output = handle
+        .result_within(topology::ACK_WAIT + PATIENCE)
+        .await
+        .expect("completes on the other node");
+    assert_eq!((output.node_id.as_str(), output.attempt), ("node-b", 2));
+
+    a.release_connection();
+    within(
+        PATIENCE,
+        "node-a to store its kept result",
+        waiting.wait_for(|n| *n == 0),
+    )
+    .await
+    .expect("the agent runs");
+    eventually(PATIENCE, "the late result to be discarded", || async {
+        (stack
+            .scheduler_counters(&scheduler)
+            .await
+            .get("results_superseded")
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let deliveries = results_until_quiet(&mut wire, 1, PATIENCE).await;
+    deliveries.assert_each_exactly_once(1);
+    let record = client.task_status(&id).await.expect("status");
+    assert_eq!(
+        (
+            record.state,
+            record.attempt,
+            record.node_id.as_ref().map(NodeId::as_str)
+        ),
+        (TaskState::Succeeded, 2, Some("node-b"))
+    );
 }
