@@ -274,7 +274,14 @@ impl Records {
             return Ok(Some(Found::Archived(archived)));
         }
         let Some((sequence, submission)) = self.queued(task).await?.pop() else {
-            return Ok(None);
+            // Looked for in the order a task moves through them, it could have moved on
+            // between two looks: its record is created before its submission leaves the
+            // queue, and archived before it leaves the bucket. So once it is not in the
+            // queue, the bucket or the archive has it.
+            if let Some(live) = self.live(task).await? {
+                return Ok(Some(Found::Live(live)));
+            }
+            return Ok(self.archived(task).await?.map(Found::Archived));
         };
         let now = apiary_proto::now_ms();
         let record = TaskRecord::new(submission, sequence, now)
