@@ -10,7 +10,7 @@ use std::time::Duration;
 use apiary_proto::lifecycle::Settlement;
 use apiary_proto::message::TaskResult;
 use apiary_proto::{inbound, now_ms, topology};
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -122,20 +122,10 @@ async fn deliver_result(shared: &Shared, message: jetstream::Message) {
         node_id = %result.node_id,
     );
     async {
-        match settle_result(shared, &message, &result, sequence).await {
-            Ok(()) => {
-                if let Err(err) = message.ack().await {
-                    tracing::warn!(error = %err, "failed to acknowledge a settled result");
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), "failed to settle a result; retrying");
-                message
-                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                    .await
-                    .ok();
-            }
-        }
+        let settled = settle_result(shared, &message, &result, sequence)
+            .await
+            .map_err(|err| format!("{err:#}"));
+        inbound::ack_or_retry(&message, settled, "a result").await;
     }
     .instrument(span)
     .await

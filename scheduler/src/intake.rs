@@ -426,25 +426,16 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, mut clai
         let next = admit(shared, &message, &submission, sequence, &mut claim).await;
         // Decided: the room the claim stood for is reserved in the view, or free again.
         claim.release(false);
+        // A submission read again after a lost acknowledgement finds its consequence in the
+        // record and is dispatched again under the same message id, which JetStream drops.
         match next {
-            Ok(Next::Ack) => {
-                if let Err(err) = message.ack().await {
-                    // What the submission led to is stored; a redelivered submission finds
-                    // it in the record and is dispatched again under the same message id,
-                    // which JetStream drops as a duplicate.
-                    tracing::warn!(error = %err, "failed to acknowledge a submission");
-                }
-            }
             Ok(Next::Later(delay)) => {
                 message.ack_with(AckKind::Nak(delay)).await.ok();
             }
-            Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), "failed to take a submission; retrying");
-                message
-                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                    .await
-                    .ok();
+            Ok(Next::Ack) => {
+                inbound::ack_or_retry(&message, Ok::<(), String>(()), SUBMISSION).await
             }
+            Err(err) => inbound::ack_or_retry(&message, Err(format!("{err:#}")), SUBMISSION).await,
         }
     }
     .instrument(span)
