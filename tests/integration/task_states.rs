@@ -458,3 +458,62 @@ async fn three_replicas_share_the_work_and_one_stopping_loses_nothing() {
         Err(Error::Request(_))
     ));
 }
+
+#[tokio::test]
+async fn an_ended_tasks_record_leaves_the_live_bucket_by_itself() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = stack.client().await;
+    let handle = client
+        .submit(Task::new(wasm("uppercase")).input("short"))
+        .await
+        .expect("submit");
+    let id = handle.id().clone();
+    handle.result_within(PATIENCE).await.expect("the result");
+
+    // The final write carries a per-message TTL (this server is 2.11 or later), so the key
+    // leaves the bucket, subject and all, without a purge; the archive keeps the record.
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let stream = js
+        .get_stream(apiary_proto::topology::TASK_RECORDS_STREAM)
+        .await
+        .expect("the record bucket's stream");
+    let last = eventually(PATIENCE, "the final record to be written", || async {
+        let message = stream
+            .get_last_raw_message_by_subject(&apiary_proto::topology::task_record_subject(&id))
+            .await
+            .ok()?;
+        let (record, _) =
+            codec::decode_message::<apiary_sdk::TaskRecord>(None, &message.payload).ok()?;
+        (record.state == TaskState::Succeeded).then_some(message)
+    })
+    .await;
+    let ttl = last
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_TTL)
+        .map(|value| value.as_str().to_owned());
+    assert_eq!(
+        ttl.as_deref(),
+        Some(
+            apiary_proto::topology::TASK_RECORD_LINGER
+                .as_secs()
+                .to_string()
+                .as_str()
+        )
+    );
+    // Found in the bucket while it lingers, and in the archive for good.
+    assert_eq!(
+        client.task_status(&id).await.expect("status").state,
+        TaskState::Succeeded
+    );
+    let archive = js
+        .get_stream(apiary_proto::topology::TASK_ARCHIVE_STREAM)
+        .await
+        .expect("the archive");
+    let archived = archive
+        .get_last_raw_message_by_subject(subject::task_archive(&id).as_str())
+        .await
+        .expect("archived");
+    let (record, _) =
+        codec::decode_message::<apiary_sdk::TaskRecord>(None, &archived.payload).expect("a record");
+    assert_eq!((record.id, record.state), (id, TaskState::Succeeded));
+}
