@@ -517,3 +517,54 @@ async fn an_ended_tasks_record_leaves_the_live_bucket_by_itself() {
         codec::decode_message::<apiary_sdk::TaskRecord>(None, &archived.payload).expect("a record");
     assert_eq!((record.id, record.state), (id, TaskState::Succeeded));
 }
+
+#[tokio::test]
+async fn cancelling_a_task_no_replica_has_looked_at_ends_it_and_its_record() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let client = stack.client().await;
+    // No node: intake leaves the submission in the queue, unread.
+    let handle = client
+        .submit(Task::new(wasm("uppercase")).input("never"))
+        .await
+        .expect("submit");
+    let id = handle.id().clone();
+    let cancelled = client.cancel_task(&id).await.expect("cancel");
+    assert_eq!(cancelled.state, TaskState::Cancelled);
+    let err = handle
+        .result_within(PATIENCE)
+        .await
+        .expect_err("a cancelled task has no output");
+    assert_eq!(
+        err.task_error_kind(),
+        Some(TaskErrorKind::Cancelled),
+        "{err}"
+    );
+
+    // Its record, written as it ended, leaves the bucket by itself like any ended one.
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let stream = js
+        .get_stream(apiary_proto::topology::TASK_RECORDS_STREAM)
+        .await
+        .expect("the record bucket's stream");
+    let last = stream
+        .get_last_raw_message_by_subject(&apiary_proto::topology::task_record_subject(&id))
+        .await
+        .expect("the final record");
+    assert!(
+        last.headers
+            .get(async_nats::header::NATS_MESSAGE_TTL)
+            .is_some(),
+        "the final record expires"
+    );
+
+    // A node arrives: the task is not dispatched to it.
+    let mut dispatches = stack.dispatch_wire().await;
+    let _agent = stack.spawn_agent_online("node-a").await;
+    while let Ok(Some(message)) = tokio::time::timeout(QUIET * 2, dispatches.next()).await {
+        let (dispatch, _) =
+            codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
+                .expect("a dispatch");
+        assert_ne!(dispatch.task.id, id, "a cancelled task was dispatched");
+    }
+}

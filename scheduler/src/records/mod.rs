@@ -167,11 +167,12 @@ impl Records {
     ) -> Result<u64, WriteError> {
         let value = codec::encode(record).context("failed to encode a task record")?;
         let key = topology::task_record_key(&record.id);
-        if self.ttl
-            && record.state.is_terminal()
-            && let Some(revision) = revision
-        {
-            return self.write_expiring(record, revision, value).await;
+        if self.ttl && record.state.is_terminal() {
+            // A record that ends as it is created (a task cancelled or timed out before any
+            // replica wrote it) expires too: revision 0 asks that the key has none yet.
+            return self
+                .write_expiring(record, revision.unwrap_or(0), value)
+                .await;
         }
         match revision {
             None => match self.live.create(key, value).await {
@@ -195,8 +196,9 @@ impl Records {
         }
     }
 
-    /// Writes an ended record over `revision` (compare-and-set, as a KV update does) with a
-    /// TTL, so that the server removes it, subject and all, after the linger.
+    /// Writes an ended record over `revision` (compare-and-set, as a KV update does; 0 for a
+    /// key that has no value yet, as a KV create does) with a TTL, so that the server removes
+    /// it, subject and all, after the linger.
     async fn write_expiring(
         &self,
         record: &TaskRecord,
