@@ -72,6 +72,19 @@ async fn strand_on_crashed_node(stack: &Stack, node: &str, attempt: u32) -> asyn
     results
 }
 
+/// Waits until `scheduler` has discarded exactly one late result.
+async fn one_late_result_discarded(stack: &Stack, scheduler: &apiary_harness::Component) {
+    eventually(PATIENCE, "the late result to be discarded", || async {
+        (stack
+            .scheduler_counters(scheduler)
+            .await
+            .get("results_superseded")
+            == 1)
+            .then_some(())
+    })
+    .await;
+}
+
 async fn next_result(results: &mut async_nats::Subscriber) -> TaskResult {
     let message = within(PATIENCE, "a result", results.next())
         .await
@@ -165,15 +178,7 @@ async fn a_late_result_of_a_superseded_attempt_is_discarded_and_counted() {
     };
     let js = async_nats::jetstream::new(stack.nats().await);
     stored::result(&js, &late).await.expect("stored");
-    eventually(PATIENCE, "the late result to be discarded", || async {
-        (stack
-            .scheduler_counters(&scheduler)
-            .await
-            .get("results_superseded")
-            == 1)
-            .then_some(())
-    })
-    .await;
+    one_late_result_discarded(&stack, &scheduler).await;
     // Read until the wire is quiet: the submitter heard one completion.
     let mut extra = Vec::new();
     while let Ok(Some(message)) = tokio::time::timeout(QUIET, results.next()).await {
@@ -293,15 +298,7 @@ async fn a_node_cut_off_mid_task_comes_back_and_its_late_result_is_discarded() {
     )
     .await
     .expect("the agent runs");
-    eventually(PATIENCE, "the late result to be discarded", || async {
-        (stack
-            .scheduler_counters(&scheduler)
-            .await
-            .get("results_superseded")
-            == 1)
-            .then_some(())
-    })
-    .await;
+    one_late_result_discarded(&stack, &scheduler).await;
     let deliveries = results_until_quiet(&mut wire, 1, PATIENCE).await;
     deliveries.assert_each_exactly_once(1);
     let record = client.task_status(&id).await.expect("status");

@@ -37,6 +37,38 @@ async fn agent_status(stack: &Stack, node: &str) -> AgentStatus {
     .expect("the agent answers")
 }
 
+/// Reads dispatches until none has come for `quiet`, and counts those of task `id`.
+async fn dispatches_until_quiet(
+    dispatches: &mut async_nats::Subscriber,
+    id: &TaskId,
+    quiet: Duration,
+) -> usize {
+    let mut seen = 0;
+    while let Ok(Some(message)) = tokio::time::timeout(quiet, dispatches.next()).await {
+        let (dispatch, _) =
+            codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
+                .expect("a dispatch");
+        if &dispatch.task.id == id {
+            seen += 1;
+        }
+    }
+    seen
+}
+
+/// The last write of task `id`'s record in the live bucket, headers and all.
+async fn last_record_write(
+    stack: &Stack,
+    id: &TaskId,
+) -> Option<async_nats::jetstream::message::StreamMessage> {
+    async_nats::jetstream::new(stack.nats().await)
+        .get_stream(apiary_proto::topology::TASK_RECORDS_STREAM)
+        .await
+        .expect("the record bucket's stream")
+        .get_last_raw_message_by_subject(&apiary_proto::topology::task_record_subject(id))
+        .await
+        .ok()
+}
+
 /// Waits until task `id`'s record is in `state`, and returns it.
 async fn until_state(
     client: &apiary_sdk::Client,
@@ -167,12 +199,11 @@ async fn cancelling_a_pending_task_means_it_never_runs() {
     let mut config = stack.agent_config("node-attic");
     config.labels = [("zone".to_owned(), "attic".to_owned())].into();
     let _attic = stack.spawn_agent_online_with(config).await;
-    while let Ok(Some(message)) = tokio::time::timeout(QUIET * 2, dispatches.next()).await {
-        let (dispatch, _) =
-            codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
-                .expect("a dispatch");
-        assert_ne!(dispatch.task.id, id, "a cancelled task was dispatched");
-    }
+    assert_eq!(
+        dispatches_until_quiet(&mut dispatches, &id, QUIET * 2).await,
+        0,
+        "a cancelled task was dispatched"
+    );
     assert_eq!(
         client.task_status(&id).await.expect("status").state,
         TaskState::Cancelled
@@ -219,16 +250,11 @@ async fn cancelling_a_running_task_stops_it_on_its_node_and_it_is_not_retried() 
     );
 
     // Nothing is retried: the one dispatch there was is the only one.
-    let mut seen = 0;
-    while let Ok(Some(message)) = tokio::time::timeout(QUIET, dispatches.next()).await {
-        let (dispatch, _) =
-            codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
-                .expect("a dispatch");
-        if dispatch.task.id == id {
-            seen += 1;
-        }
-    }
-    assert_eq!(seen, 1, "dispatches of the cancelled task");
+    assert_eq!(
+        dispatches_until_quiet(&mut dispatches, &id, QUIET).await,
+        1,
+        "dispatches of the cancelled task"
+    );
     let record = client.task_status(&id).await.expect("status");
     assert_eq!((record.state, record.attempt), (TaskState::Cancelled, 1));
 }
@@ -473,15 +499,8 @@ async fn an_ended_tasks_record_leaves_the_live_bucket_by_itself() {
     // The final write carries a per-message TTL (this server is 2.11 or later), so the key
     // leaves the bucket, subject and all, without a purge; the archive keeps the record.
     let js = async_nats::jetstream::new(stack.nats().await);
-    let stream = js
-        .get_stream(apiary_proto::topology::TASK_RECORDS_STREAM)
-        .await
-        .expect("the record bucket's stream");
     let last = eventually(PATIENCE, "the final record to be written", || async {
-        let message = stream
-            .get_last_raw_message_by_subject(&apiary_proto::topology::task_record_subject(&id))
-            .await
-            .ok()?;
+        let message = last_record_write(&stack, &id).await?;
         let (record, _) =
             codec::decode_message::<apiary_sdk::TaskRecord>(None, &message.payload).ok()?;
         (record.state == TaskState::Succeeded).then_some(message)
@@ -542,13 +561,7 @@ async fn cancelling_a_task_no_replica_has_looked_at_ends_it_and_its_record() {
     );
 
     // Its record, written as it ended, leaves the bucket by itself like any ended one.
-    let js = async_nats::jetstream::new(stack.nats().await);
-    let stream = js
-        .get_stream(apiary_proto::topology::TASK_RECORDS_STREAM)
-        .await
-        .expect("the record bucket's stream");
-    let last = stream
-        .get_last_raw_message_by_subject(&apiary_proto::topology::task_record_subject(&id))
+    let last = last_record_write(&stack, &id)
         .await
         .expect("the final record");
     assert!(
@@ -561,10 +574,9 @@ async fn cancelling_a_task_no_replica_has_looked_at_ends_it_and_its_record() {
     // A node arrives: the task is not dispatched to it.
     let mut dispatches = stack.dispatch_wire().await;
     let _agent = stack.spawn_agent_online("node-a").await;
-    while let Ok(Some(message)) = tokio::time::timeout(QUIET * 2, dispatches.next()).await {
-        let (dispatch, _) =
-            codec::decode_message::<Dispatch>(message.headers.as_ref(), &message.payload)
-                .expect("a dispatch");
-        assert_ne!(dispatch.task.id, id, "a cancelled task was dispatched");
-    }
+    assert_eq!(
+        dispatches_until_quiet(&mut dispatches, &id, QUIET * 2).await,
+        0,
+        "a cancelled task was dispatched"
+    );
 }
