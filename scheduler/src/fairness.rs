@@ -96,6 +96,55 @@ impl Queues {
     }
 }
 
+/// Which queues a round asks at all. A queue found with less than it was asked for is taken
+/// to be empty, and left alone until a submission is published to it or `recheck_ms` has
+/// passed (a message handed back with a delay comes back without a publish). Without it,
+/// every round would also ask the queues that have nothing: a pull request, its "no
+/// messages" answer and a short-lived subscription each, per round, at thousands of rounds a
+/// second, all for nothing while one queue has all the work.
+#[derive(Clone, Debug)]
+pub struct EmptyQueues {
+    /// When each queue was last found empty (ms), if it is taken to be empty now.
+    found_empty_at: [Option<u64>; 3],
+    recheck_ms: u64,
+}
+
+impl EmptyQueues {
+    pub fn new(recheck_ms: u64) -> Self {
+        Self {
+            found_empty_at: [None; 3],
+            recheck_ms,
+        }
+    }
+
+    /// The queues worth asking at `now_ms`, given those `published` to since the last look.
+    pub fn worth_asking(&mut self, published: Queues, now_ms: u64) -> Queues {
+        let mut queues = Queues::NONE;
+        for priority in Priority::ALL {
+            let found_empty_at = &mut self.found_empty_at[index(priority)];
+            if published.contains(priority)
+                || found_empty_at.is_some_and(|at| now_ms.saturating_sub(at) >= self.recheck_ms)
+            {
+                *found_empty_at = None;
+            }
+            if found_empty_at.is_none() {
+                queues = queues.with(priority);
+            }
+        }
+        queues
+    }
+
+    /// The queue of `priority` had less than it was asked for at `now_ms`.
+    pub fn found_empty(&mut self, priority: Priority, now_ms: u64) {
+        self.found_empty_at[index(priority)].get_or_insert(now_ms);
+    }
+
+    /// Whether every queue is taken to be empty.
+    pub fn all_empty(&self) -> bool {
+        self.found_empty_at.iter().all(Option::is_some)
+    }
+}
+
 /// How many of the next placements each queue is asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Share([usize; 3]);
@@ -269,6 +318,32 @@ mod tests {
             );
         }
         assert!(served.iter().all(|served| *served > 0), "{served:?}");
+    }
+
+    #[test]
+    fn a_queue_found_empty_is_asked_again_after_a_publish_or_the_recheck() {
+        let mut empty = EmptyQueues::new(250);
+        assert_eq!(empty.worth_asking(Queues::NONE, 0), Queues::ALL);
+        empty.found_empty(HIGH, 10);
+        empty.found_empty(LOW, 10);
+        let normal_only = Queues::NONE.with(NORMAL);
+        assert_eq!(empty.worth_asking(Queues::NONE, 20), normal_only);
+        assert!(!empty.all_empty());
+        // Found empty again later: the first time counts, so the recheck still comes.
+        empty.found_empty(HIGH, 200);
+        // A publish to the low queue brings it back at once.
+        assert_eq!(
+            empty.worth_asking(Queues::NONE.with(LOW), 30),
+            normal_only.with(LOW)
+        );
+        // The high queue is asked again once the recheck is due, publish or not.
+        assert_eq!(empty.worth_asking(Queues::NONE, 259), normal_only.with(LOW));
+        assert_eq!(empty.worth_asking(Queues::NONE, 260), Queues::ALL);
+        for priority in Priority::ALL {
+            empty.found_empty(priority, 300);
+        }
+        assert!(empty.all_empty());
+        assert_eq!(empty.worth_asking(Queues::NONE, 301), Queues::NONE);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::delivery::CAS_TRIES;
-use crate::fairness::{FairShare, Queues};
+use crate::fairness::{EmptyQueues, FairShare, Queues};
 use crate::pull::{
     PULL_BATCH, PULL_RETRY, Pull, Pulled, fetch_now, next_batch_within, next_pulled, open_consumer,
 };
@@ -78,6 +78,7 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
         stop: stop.clone(),
     };
     let mut fair = FairShare::default();
+    let mut empty = EmptyQueues::new(IDLE_TICK.as_millis() as u64);
     let mut outcome = Ok(());
     loop {
         while intake.in_flight.try_join_next().is_some() {}
@@ -102,7 +103,11 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
         // Taken before the round looks, so that a submission published while it looks
         // wakes the next one.
         let woken = published.take();
-        let Some(round) = intake.fair_round(&mut fair, &mut held).await else {
+        let asking = empty.worth_asking(woken, now_ms());
+        let Some(round) = intake
+            .fair_round(&mut fair, &mut empty, asking, &mut held)
+            .await
+        else {
             break;
         };
         if round.took > 0 {
@@ -261,17 +266,19 @@ struct Round {
 }
 
 impl Intake {
-    /// One round: as many submissions as `held` has permits, asked of the queues by their
-    /// fair share. A queue that has fewer than its share sits out the rest of the round, and
+    /// One round: as many submissions as `held` has permits, asked of the queues
+    /// `taking_part` (those not found empty lately, see [`EmptyQueues`]) by their fair
+    /// share. A queue that has fewer than its share sits out the rest of the round, and
     /// the others are asked for what it did not have, until the permits are used or every
     /// queue has sat out. `None` when the replica is stopping.
     async fn fair_round(
         &mut self,
         fair: &mut FairShare,
+        empty: &mut EmptyQueues,
+        mut taking_part: Queues,
         held: &mut Vec<OwnedSemaphorePermit>,
     ) -> Option<Round> {
         let mut round = Round::default();
-        let mut taking_part = Queues::ALL;
         while !held.is_empty() && !taking_part.is_empty() {
             let share = fair.share(held.len(), taking_part);
             for priority in Priority::ALL {
@@ -289,6 +296,7 @@ impl Intake {
                 round.took += took;
                 if took < asked {
                     taking_part = taking_part.without(priority);
+                    empty.found_empty(priority, now_ms());
                 }
             }
         }
