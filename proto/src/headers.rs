@@ -22,3 +22,11 @@ pub const NODE_KEY: &str = "Apiary-Node-Key";
 
 /// The node key's ed25519 signature over the exact body bytes, base64url without padding.
 pub const SIGNATURE: &str = "Apiary-Signature";
+
+/// JetStream KV's header naming what a message of a bucket is: absent (or anything else) for
+/// a value, [`KV_OPERATION_DELETE`] or [`KV_OPERATION_PURGE`] for a key's removal.
+pub const KV_OPERATION: &str = "KV-Operation";
+/// [`KV_OPERATION`] of a delete marker.
+pub const KV_OPERATION_DELETE: &str = "DEL";
+/// [`KV_OPERATION`] of a purge marker.
+pub const KV_OPERATION_PURGE: &str = "PURGE";

@@ -121,6 +121,14 @@ string_id!(
     "task id"
 );
 
+string_id!(
+    /// An application namespace: one KV bucket of the app store and one subject tree of app
+    /// messaging (see [`crate::app`]). One subject token and part of a bucket name, so held
+    /// to the identifier characters.
+    Namespace,
+    "namespace"
+);
+
 impl TaskId {
     /// A fresh, random task id (a NUID: 22 characters, unique without coordination).
     pub fn generate() -> Self {

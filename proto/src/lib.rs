@@ -19,6 +19,7 @@
 //! - [`rpc`] and [`stored`]: request/reply and stored publishes, done the same way everywhere.
 
 pub mod admin;
+pub mod app;
 pub mod codec;
 pub mod headers;
 pub mod id;
@@ -35,7 +36,7 @@ pub mod subject;
 pub mod topology;
 
 pub use codec::{CodecError, Encoding};
-pub use id::{IdError, NodeId, TaskId};
+pub use id::{IdError, Namespace, NodeId, TaskId};
 pub use payload::Payload;
 
 /// Where every apiary component looks for NATS unless told otherwise (`APIARY_NATS_URL`), and

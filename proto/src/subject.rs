@@ -29,7 +29,7 @@
 
 use std::fmt;
 
-use crate::id::NodeId;
+use crate::id::{Namespace, NodeId};
 use crate::message::Priority;
 
 /// The root of every apiary subject; the version lets a later protocol run beside this one.
@@ -382,8 +382,35 @@ pub fn is_allowed_reply_subject(subject: &str, allowed_prefixes: &[String]) -> b
         })
 }
 
+/// The subject of `topic` in a namespace's messaging: `apiary.v1.app.<namespace>.<topic>`.
+/// The topic (or topic filter) must have passed [`crate::app::check_topic`] (or
+/// [`crate::app::check_topic_filter`]): the namespace's tokens come first, so no topic can
+/// reach another namespace's subjects.
+pub fn app_topic(namespace: &Namespace, topic: &str) -> String {
+    format!("{ROOT}.app.{namespace}.{topic}")
+}
+
+/// The topic of a subject of `namespace`'s messaging: the inverse of [`app_topic`].
+pub fn parse_app_topic<'a>(namespace: &Namespace, subject: &'a str) -> Option<&'a str> {
+    subject
+        .strip_prefix(ROOT)?
+        .strip_prefix(".app.")?
+        .strip_prefix(namespace.as_str())?
+        .strip_prefix('.')
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn app_topics_live_under_their_namespace() {
+        let chat = Namespace::new("chat").unwrap();
+        let subject = app_topic(&chat, "room.1");
+        assert_eq!(subject, "apiary.v1.app.chat.room.1");
+        assert_eq!(parse_app_topic(&chat, &subject), Some("room.1"));
+        let other = Namespace::new("chatter").unwrap();
+        assert_eq!(parse_app_topic(&chat, &app_topic(&other, "room.1")), None);
+    }
+
     use super::*;
 
     fn node_id(name: &str) -> NodeId {

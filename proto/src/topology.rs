@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 
-use crate::id::NodeId;
+use crate::app::{MAX_HISTORY, StoreSettings};
+use crate::id::{Namespace, NodeId};
 use crate::message::Priority;
 use crate::subject::{self, NodeVerb};
 
@@ -154,6 +155,42 @@ pub fn task_records_bucket() -> kv::Config {
         bucket: TASK_RECORDS_BUCKET.into(),
         description: "apiary: records of tasks that have not ended".into(),
         history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The prefix of every app-store bucket; the namespace follows it.
+pub const APP_BUCKET_PREFIX: &str = "APIARY_KV_";
+
+/// The bucket of a namespace's app store. One bucket per namespace, so that a namespace's
+/// settings are its bucket's, and server permissions can fence a tenant to its own bucket's
+/// subjects (`$KV.APIARY_KV_<namespace>.>`) and stream (`KV_APIARY_KV_<namespace>`).
+pub fn app_bucket_name(namespace: &Namespace) -> String {
+    format!("{APP_BUCKET_PREFIX}{namespace}")
+}
+
+/// The namespace of an app-store bucket name, if it is one.
+pub fn parse_app_bucket_name(bucket: &str) -> Option<Namespace> {
+    Namespace::new(bucket.strip_prefix(APP_BUCKET_PREFIX)?).ok()
+}
+
+/// The configuration of a namespace's app-store bucket.
+pub fn app_bucket(namespace: &Namespace, settings: &StoreSettings) -> kv::Config {
+    kv::Config {
+        bucket: app_bucket_name(namespace),
+        description: format!("apiary: app store of namespace {namespace}"),
+        history: i64::from(settings.history.clamp(1, MAX_HISTORY)),
+        max_age: settings
+            .ttl_ms
+            .map(Duration::from_millis)
+            .unwrap_or_default(),
+        max_value_size: settings
+            .max_value_size
+            .map_or(-1, |size| i32::try_from(size).unwrap_or(i32::MAX)),
+        max_bytes: settings
+            .max_bytes
+            .map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX)),
         storage: stream::StorageType::File,
         ..Default::default()
     }

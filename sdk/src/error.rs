@@ -56,3 +56,66 @@ pub struct TaskFailure {
     /// What the module wrote to stderr before it failed.
     pub stderr: Bytes,
 }
+
+/// An error of one family of operations (the app store's, messaging's), shaped like
+/// async-nats's errors: a kind to match on, a message, and the original cause as
+/// [`std::error::Error::source`].
+pub struct OpError<K> {
+    kind: K,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl<K: Copy> OpError<K> {
+    pub(crate) fn new(kind: K, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn with_source(
+        kind: K,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// What went wrong, to match on.
+    pub fn kind(&self) -> K {
+        self.kind
+    }
+}
+
+impl<K: std::fmt::Debug> std::fmt::Debug for OpError<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl<K> std::fmt::Display for OpError<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl<K: std::fmt::Debug> std::error::Error for OpError<K> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}

@@ -20,6 +20,7 @@
 mod admin;
 mod catch_up;
 mod error;
+mod kv;
 mod tasks;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -51,7 +52,8 @@ pub use apiary_proto::message::{
     TaskListRequest, TaskResultReply,
 };
 pub use apiary_proto::{IdError, TaskId};
-pub use error::{Error, TaskFailure};
+pub use error::{Error, OpError, TaskFailure};
+pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettings};
 
 /// How many recently resolved task ids a client remembers, to tell a repeated result from a
 /// result for a handle that was dropped.
