@@ -175,6 +175,22 @@ pub fn parse_app_bucket_name(bucket: &str) -> Option<Namespace> {
     Namespace::new(bucket.strip_prefix(APP_BUCKET_PREFIX)?).ok()
 }
 
+/// The subject of a key (or, with wildcards, a key filter) in a namespace's bucket:
+/// `$KV.APIARY_KV_<namespace>.<key>`. The key must have passed [`crate::app::check_key`]
+/// (a filter, [`crate::app::KeyPrefix::parse`]).
+pub fn app_key_subject(namespace: &Namespace, key: &str) -> String {
+    format!("$KV.{}.{key}", app_bucket_name(namespace))
+}
+
+/// The key of a subject of a namespace's bucket: the inverse of [`app_key_subject`].
+pub fn parse_app_key_subject<'a>(namespace: &Namespace, subject: &'a str) -> Option<&'a str> {
+    subject
+        .strip_prefix("$KV.")?
+        .strip_prefix(APP_BUCKET_PREFIX)?
+        .strip_prefix(namespace.as_str())?
+        .strip_prefix('.')
+}
+
 /// The configuration of a namespace's app-store bucket.
 pub fn app_bucket(namespace: &Namespace, settings: &StoreSettings) -> kv::Config {
     kv::Config {
@@ -634,6 +650,20 @@ async fn ensure_bucket(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn app_keys_are_subjects_of_their_namespaces_bucket_only() {
+        let shop = Namespace::new("shop").unwrap();
+        let subject = app_key_subject(&shop, "cart.alice");
+        assert_eq!(subject, "$KV.APIARY_KV_shop.cart.alice");
+        assert_eq!(parse_app_key_subject(&shop, &subject), Some("cart.alice"));
+        let shops = Namespace::new("shops").unwrap();
+        assert_eq!(
+            parse_app_key_subject(&shop, &app_key_subject(&shops, "x")),
+            None
+        );
+        assert_eq!(parse_app_bucket_name(&app_bucket_name(&shop)), Some(shop));
+    }
+
     use super::*;
 
     #[test]

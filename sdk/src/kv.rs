@@ -417,7 +417,7 @@ impl Kv {
             .stream
             .create_consumer(jetstream::consumer::pull::Config {
                 deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-                filter_subject: format!("{}{}", self.store.prefix, prefix.filter),
+                filter_subject: topology::app_key_subject(&self.namespace, &prefix.filter),
                 headers_only: true,
                 ack_policy: jetstream::consumer::AckPolicy::None,
                 inactive_threshold: std::time::Duration::from_secs(30),
@@ -441,7 +441,8 @@ impl Kv {
                 let message = message.map_err(&failed)?;
                 got += 1;
                 pending = message.info().map_or(0, |info| info.pending);
-                let Some(key) = message.subject.as_str().strip_prefix(&self.store.prefix) else {
+                let Some(key) = topology::parse_app_key_subject(&self.namespace, &message.subject)
+                else {
                     continue;
                 };
                 let deleted = message
