@@ -115,9 +115,13 @@ impl Agent {
         match self.publish_result(&result).await {
             Ok(()) => {
                 self.completed.fetch_add(1, Ordering::Relaxed);
-                if let Err(err) = message.double_ack().await {
-                    // The result is stored; a redelivery would run the task again and the
-                    // duplicate result would be dropped by its message id.
+                // A plain ack, not one the server confirms: the result is stored, so an ack
+                // that is lost costs only a redelivery after the ack wait, whose run's result
+                // is dropped by its message id. Waiting for a confirmation would hold the
+                // slot for one more round trip per task, and the server sends this node
+                // nothing new before it has processed the ack anyway (its consumer allows
+                // `slots` unacknowledged dispatches).
+                if let Err(err) = message.ack().await {
                     tracing::warn!(error = %format!("{err:#}"), "failed to acknowledge a finished task");
                 }
             }
