@@ -191,6 +191,46 @@ pub fn parse_app_key_subject<'a>(namespace: &Namespace, subject: &'a str) -> Opt
         .strip_prefix('.')
 }
 
+/// The prefix of every app-messaging stream; the namespace follows it.
+pub const APP_TOPICS_STREAM_PREFIX: &str = "APIARY_TOPICS_";
+
+/// How long a durable topic's messages wait for their subscribers at most.
+pub const APP_TOPICS_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most a namespace's durable topics keep, oldest dropped first: bounded, so that a
+/// runaway publisher cannot fill the store the task streams share. The server reserves it.
+pub const APP_TOPICS_MAX_BYTES: i64 = 128 << 20;
+
+/// The stream behind a namespace's durable subscribers: every topic of the namespace, kept
+/// for [`APP_TOPICS_MAX_AGE`] (or [`APP_TOPICS_MAX_BYTES`]), so that a durable subscriber
+/// that was away finds what was published meanwhile.
+pub fn app_topics_stream(namespace: &Namespace) -> stream::Config {
+    stream::Config {
+        name: format!("{APP_TOPICS_STREAM_PREFIX}{namespace}"),
+        description: Some(format!("apiary: durable topics of namespace {namespace}")),
+        subjects: vec![subject::app_topic(namespace, ">")],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: APP_TOPICS_MAX_AGE,
+        max_bytes: APP_TOPICS_MAX_BYTES,
+        ..Default::default()
+    }
+}
+
+/// A durable subscriber `name` of a namespace's topics matching `filter_subject`: acked one
+/// by one, redelivered after 30 s unacknowledged, from the messages published after it was
+/// first made.
+pub fn app_durable_consumer(name: &str, filter_subject: String) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        filter_subject,
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
 /// The configuration of a namespace's app-store bucket.
 pub fn app_bucket(namespace: &Namespace, settings: &StoreSettings) -> kv::Config {
     kv::Config {

@@ -21,6 +21,7 @@ mod admin;
 mod catch_up;
 mod error;
 mod kv;
+mod pubsub;
 mod tasks;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -54,6 +55,9 @@ pub use apiary_proto::message::{
 pub use apiary_proto::{IdError, TaskId};
 pub use error::{Error, OpError, TaskFailure};
 pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettings};
+pub use pubsub::{
+    DurableMessage, DurableSubscription, PubSub, PubSubError, PubSubErrorKind, TopicMessage,
+};
 
 /// How many recently resolved task ids a client remembers, to tell a repeated result from a
 /// result for a handle that was dropped.

@@ -5,6 +5,7 @@ mod app_store;
 mod cli;
 mod identity;
 mod lifecycle;
+mod messaging;
 mod nodes;
 mod outbox;
 mod priorities;
