@@ -2,6 +2,7 @@
 //! the private `nats-server` launcher ([`broker`]), the local stack of `apiary dev` ([`dev`]),
 //! the benchmarks of `apiary bench` ([`bench`]) and the tables it prints ([`output`]).
 
+pub mod app;
 pub mod bench;
 pub mod broker;
 pub mod commands;

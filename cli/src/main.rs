@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use apiary_bin_support::LogFormat;
+use apiary_cli::app::{self, KvCommand};
 use apiary_cli::commands::{self, Output, SubmitOptions};
 use apiary_cli::tasks;
 use apiary_proto::admin::Approval;
@@ -57,6 +58,28 @@ enum Command {
     /// Read or change the cluster's settings.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// The app store: a namespace's keys and values.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Publish a message on a topic of a namespace.
+    Pub {
+        namespace: String,
+        topic: String,
+        /// The message; without it, stdin is read.
+        message: Option<String>,
+    },
+    /// Print the messages published on topics of a namespace (`*` and a last `>` match
+    /// tokens).
+    Sub {
+        namespace: String,
+        topic: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// One JSON object per message, with its topic.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the task path next to raw NATS on the same server.
     Bench {
         /// Start a private local stack (nats-server, scheduler, agent) and measure that,
@@ -438,6 +461,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("revoked join token {}", info.id);
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kv(command) => {
+            let client = commands::connect(&cli.server).await?;
+            let out = &mut std::io::stdout();
+            app::kv(&client, command, &mut std::io::stdin(), out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pub {
+            namespace,
+            topic,
+            message,
+        } => {
+            let client = commands::connect(&cli.server).await?;
+            let message = match message {
+                Some(message) => message.into_bytes(),
+                None => read_input(Some(std::path::Path::new("-")))?,
+            };
+            app::publish(&client, &namespace, &topic, message.into()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sub {
+            namespace,
+            topic,
+            count,
+            json,
+        } => {
+            let client = commands::connect(&cli.server).await?;
+            let out = &mut std::io::stdout();
+            app::subscribe(&client, &namespace, &topic, count, json, out).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::Settings { approval, json }) => {

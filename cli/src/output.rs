@@ -173,6 +173,21 @@ pub fn token_table(tokens: &[TokenInfo], now_ms: u64) -> String {
     table.to_string()
 }
 
+/// A plain table of text cells under `header`, for listings with no special columns.
+pub fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    table.to_string()
+}
+
+/// How long ago `then_ms` was, as of `now_ms`, in words (`3m ago`).
+pub fn time_ago(then_ms: u64, now_ms: u64) -> String {
+    ago(then_ms, now_ms)
+}
+
 /// The task table of `apiary task ls`.
 pub fn task_table(tasks: &[TaskRecord], now_ms: u64) -> String {
     let mut table = Table::new();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use apiary_cli::commands::{self, Output, SubmitOptions, TASK_FAILED_EXIT};
 use apiary_cli::tasks;
-use apiary_harness::{PATIENCE, Stack, wasm};
+use apiary_harness::{PATIENCE, Stack, wasm, within};
 
 fn options(module: Vec<u8>, input: &str) -> SubmitOptions {
     SubmitOptions {
@@ -214,4 +214,176 @@ async fn tokens_create_prints_the_token_last_and_an_agent_joins_with_it() {
         shown.contains(&summary.info.public_key),
         "the key is shown whole:\n{shown}"
     );
+}
+
+/// Runs `apiary kv …` as the binary does, with `stdin` as its standard input; returns what
+/// it printed, or its error.
+async fn kv_command(stack: &Stack, args: &[&str], stdin: &[u8]) -> anyhow::Result<String> {
+    use clap::Parser as _;
+    #[derive(clap::Parser)]
+    struct Kv {
+        #[command(subcommand)]
+        command: apiary_cli::app::KvCommand,
+    }
+    let command = Kv::try_parse_from(std::iter::once("kv").chain(args.iter().copied()))
+        .expect("the arguments parse")
+        .command;
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let mut out = Vec::new();
+    apiary_cli::app::kv(&client, command, &mut &stdin[..], &mut out).await?;
+    Ok(String::from_utf8(out).expect("utf-8"))
+}
+
+fn kv_error_kind(err: &anyhow::Error) -> apiary_sdk::KvErrorKind {
+    err.downcast_ref::<apiary_sdk::KvError>()
+        .unwrap_or_else(|| panic!("not an app-store error: {err:#}"))
+        .kind()
+}
+
+#[tokio::test]
+async fn kv_commands_put_get_list_page_swap_and_delete() {
+    let stack = Stack::start().await;
+    let run = |args: &'static [&'static str]| kv_command(&stack, args, b"");
+
+    let revision: u64 = run(&["put", "shop", "cart.alice", "1 apple"])
+        .await
+        .expect("put")
+        .trim()
+        .parse()
+        .expect("put prints the revision");
+    kv_command(&stack, &["put", "shop", "cart.bob"], b"from stdin")
+        .await
+        .expect("put from stdin");
+    assert_eq!(
+        run(&["get", "shop", "cart.alice"]).await.expect("get"),
+        "1 apple"
+    );
+    assert_eq!(
+        run(&["get", "shop", "cart.bob"]).await.expect("get"),
+        "from stdin"
+    );
+
+    let entry: serde_json::Value = serde_json::from_str(
+        &run(&["get", "shop", "cart.alice", "--json"])
+            .await
+            .expect("get"),
+    )
+    .expect("JSON");
+    assert_eq!(entry["value"], "1 apple");
+    assert_eq!(entry["revision"], revision);
+    assert_eq!(entry["operation"], "PUT");
+
+    let err = run(&["create", "shop", "cart.alice", "2 apples"])
+        .await
+        .expect_err("the key exists");
+    assert_eq!(kv_error_kind(&err), apiary_sdk::KvErrorKind::AlreadyExists);
+    let stale = revision.to_string();
+    let err = kv_command(
+        &stack,
+        &["update", "shop", "cart.bob", "x", "--revision", &stale],
+        b"",
+    )
+    .await
+    .expect_err("cart.bob is past that revision");
+    assert_eq!(kv_error_kind(&err), apiary_sdk::KvErrorKind::Conflict);
+    kv_command(
+        &stack,
+        &[
+            "update",
+            "shop",
+            "cart.alice",
+            "3 apples",
+            "--revision",
+            &stale,
+        ],
+        b"",
+    )
+    .await
+    .expect("update at the latest revision");
+
+    run(&["put", "shop", "stock.pears", "12"])
+        .await
+        .expect("put");
+    assert_eq!(
+        run(&["ls", "shop"]).await.expect("ls"),
+        "cart.alice\ncart.bob\nstock.pears\n"
+    );
+    let keys: Vec<String> =
+        serde_json::from_str(&run(&["ls", "shop", "cart.", "--json"]).await.expect("ls"))
+            .expect("JSON");
+    assert_eq!(keys, ["cart.alice", "cart.bob"]);
+    let page: serde_json::Value = serde_json::from_str(
+        &run(&["ls", "shop", "--limit", "2", "--json"])
+            .await
+            .expect("ls"),
+    )
+    .expect("JSON");
+    assert_eq!(page["entries"].as_array().expect("entries").len(), 2);
+    assert_eq!(page["next"], "cart.bob");
+    let rest: serde_json::Value = serde_json::from_str(
+        &run(&[
+            "ls", "shop", "--limit", "2", "--after", "cart.bob", "--json",
+        ])
+        .await
+        .expect("ls"),
+    )
+    .expect("JSON");
+    assert_eq!(rest["entries"][0]["key"], "stock.pears");
+    assert_eq!(rest["next"], serde_json::Value::Null);
+
+    let history: serde_json::Value = serde_json::from_str(
+        &run(&["history", "shop", "cart.alice", "--json"])
+            .await
+            .expect("history"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        history[0]["value"], "3 apples",
+        "the namespace keeps one value"
+    );
+
+    run(&["del", "shop", "cart.alice"]).await.expect("del");
+    let err = run(&["get", "shop", "cart.alice"])
+        .await
+        .expect_err("deleted");
+    assert_eq!(kv_error_kind(&err), apiary_sdk::KvErrorKind::NotFound);
+    let err = run(&["get", "shop", "a..b"])
+        .await
+        .expect_err("an invalid key");
+    assert_eq!(kv_error_kind(&err), apiary_sdk::KvErrorKind::InvalidKey);
+}
+
+#[tokio::test]
+async fn sub_prints_each_message_and_exits_after_count() {
+    let stack = Stack::start().await;
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let subscriber = client.clone();
+    let listening = tokio::spawn(async move {
+        let mut out = Vec::new();
+        apiary_cli::app::subscribe(&subscriber, "chat", "rooms.>", Some(2), true, &mut out)
+            .await
+            .expect("sub");
+        String::from_utf8(out).expect("utf-8")
+    });
+    // Published until the subscriber has its two: it may not be listening yet at first.
+    let printed = within(PATIENCE, "sub to print two messages", async {
+        let mut n = 0;
+        loop {
+            if listening.is_finished() {
+                break listening.await.expect("the subscriber");
+            }
+            n += 1;
+            apiary_cli::app::publish(&client, "chat", "rooms.lobby", format!("hi {n}").into())
+                .await
+                .expect("pub");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let lines: Vec<serde_json::Value> = printed
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{printed}");
+    assert!(lines.iter().all(|line| line["topic"] == "rooms.lobby"));
 }
