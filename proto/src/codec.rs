@@ -2,8 +2,10 @@
 //!
 //! Components write MessagePack (compact, with field names so that old and new versions read
 //! each other). Every subject also accepts JSON, recognised by a `Content-Type:
-//! application/json` header or by a body whose first non-blank byte is `{`. That byte cannot
-//! start any apiary MessagePack message, since those are all maps (0x80–0x8f, 0xde, 0xdf).
+//! application/json` header or by a body whose first non-blank byte starts a JSON value
+//! (`{`, and `[`, `"`, `n`, `t`, `f`, `-` or a digit, so that `null` or `[]` is refused as
+//! JSON). None of those bytes can start an apiary MessagePack message, since those are all
+//! maps (0x80–0x8f, 0xde, 0xdf).
 //! A reply is written in the encoding of its request, so `nats req … '{…}'` gets JSON back.
 
 use std::fmt;
@@ -67,7 +69,8 @@ impl Encoding {
             }
         }
         match payload.iter().find(|b| !b.is_ascii_whitespace()) {
-            None | Some(b'{') => Encoding::Json,
+            None => Encoding::Json,
+            Some(first) if starts_json_value(*first) => Encoding::Json,
             Some(_) => Encoding::MsgPack,
         }
     }
@@ -114,6 +117,17 @@ impl Encoding {
             reason,
         })
     }
+}
+
+/// Whether `byte` can start a JSON value: an object, and also what is not one (`null`, an
+/// array, a string, a number, `true`, `false`), so that such a body is refused as the JSON
+/// it is rather than as garbled MessagePack. In MessagePack each of these bytes is a whole
+/// message holding one small integer, which no apiary message is.
+fn starts_json_value(byte: u8) -> bool {
+    matches!(
+        byte,
+        b'{' | b'[' | b'"' | b'n' | b't' | b'f' | b'-' | b'0'..=b'9'
+    )
 }
 
 /// Detects the encoding of a received message and decodes it, returning the encoding too so
@@ -193,6 +207,33 @@ mod tests {
         .unwrap();
         assert_eq!(bytes[0], 0x82, "a fixmap of two entries");
         assert!(bytes.windows(4).any(|w| w == b"name"));
+    }
+
+    #[test]
+    fn json_that_is_not_an_object_is_refused_as_json() {
+        for body in [
+            &b"null"[..],
+            b"[]",
+            b" [1, 2]",
+            b"\"text\"",
+            b"42",
+            b"-1",
+            b"true",
+            b"false",
+        ] {
+            assert_eq!(Encoding::detect(None, body), Encoding::Json, "{body:?}");
+            let err = decode_message::<Sample>(None, body).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    CodecError::Decode {
+                        encoding: Encoding::Json,
+                        ..
+                    }
+                ),
+                "{body:?}: {err}"
+            );
+        }
     }
 
     #[test]
