@@ -173,17 +173,21 @@ pub async fn run_reporting_outbox(
         let status_agent = agent.clone();
         let status_info = info.clone();
         let status = AbortOnDropHandle::new(tokio::spawn(
-            rpc::serve(status_endpoint, move |_, _: AgentStatusRequest| {
-                let reply = Reply::Ok(AgentStatus {
-                    info: status_info.clone(),
-                    metrics: status_agent.metrics(),
-                    started_at_ms,
-                    heartbeat_interval_ms: status_agent
-                        .heartbeat_interval_ms
-                        .load(Ordering::Relaxed),
-                });
-                std::future::ready(reply)
-            })
+            rpc::serve(
+                agent.client.clone(),
+                status_endpoint,
+                move |_, _: AgentStatusRequest| {
+                    let reply = Reply::Ok(AgentStatus {
+                        info: status_info.clone(),
+                        metrics: status_agent.metrics(),
+                        started_at_ms,
+                        heartbeat_interval_ms: status_agent
+                            .heartbeat_interval_ms
+                            .load(Ordering::Relaxed),
+                    });
+                    std::future::ready(reply)
+                },
+            )
             .in_current_span(),
         ));
 

@@ -145,7 +145,7 @@ pub struct Inbound {
 /// each (MessagePack or JSON), calls `handler` with the node named in the subject, and
 /// replies in the request's encoding. A request that cannot be decoded gets a `bad_request`
 /// reply, never silence.
-pub async fn serve<Req, Resp, H, Fut>(endpoint: Endpoint, handler: H)
+pub async fn serve<Req, Resp, H, Fut>(client: async_nats::Client, endpoint: Endpoint, handler: H)
 where
     Req: DeserializeOwned,
     Resp: Serialize,
@@ -153,6 +153,7 @@ where
     Fut: Future<Output = Reply<Resp>>,
 {
     serve_inbound(
+        client,
         endpoint,
         |inbound: Inbound, request: Result<Req, CodecError>| {
             let handled = request.map(|request| handler(inbound.node.clone(), request));
@@ -176,8 +177,16 @@ pub fn malformed<T>(inbound: &Inbound, err: &CodecError) -> Reply<T> {
 /// [`serve`] for handlers that see the whole [`Inbound`] request and the outcome of decoding
 /// it, and may choose not to answer (`None`): a message that fails its signature check is
 /// dropped, not answered, whatever its body holds.
-pub async fn serve_inbound<Req, Resp, H, Fut>(mut endpoint: Endpoint, handler: H)
-where
+///
+/// A refusal is answered with its body (`{"error": …}`, in the request's encoding, with the
+/// micro error headers), then once more through the service library's error path, headers
+/// only, which is the one way to have `$SRV.STATS` count it in `num_errors` and show it as
+/// `last_error`. A requester takes the first answer; the second goes nowhere.
+pub async fn serve_inbound<Req, Resp, H, Fut>(
+    client: async_nats::Client,
+    mut endpoint: Endpoint,
+    handler: H,
+) where
     Req: DeserializeOwned,
     Resp: Serialize,
     H: Fn(Inbound, Result<Req, CodecError>) -> Fut,
@@ -198,8 +207,25 @@ where
         let Some(reply) = handler(inbound, decoded).await else {
             continue;
         };
-        let sent = match encode_reply(encoding, &reply) {
-            Ok((headers, body)) => request.respond_with_headers(Ok(body), headers).await,
+        let refusal = match &reply {
+            Reply::Error(error) => Some(async_nats::service::error::Error {
+                status: error.message.clone(),
+                code: usize::from(error.code.status()),
+            }),
+            Reply::Ok(_) => None,
+        };
+        let encoded = encode_reply(encoding, &reply);
+        drop(reply);
+        let sent = match encoded {
+            Ok((headers, body)) => match (refusal, message.reply.clone()) {
+                (Some(refusal), Some(reply_to)) => {
+                    match client.publish_with_headers(reply_to, headers, body).await {
+                        Ok(()) => request.respond(Err(refusal)).await,
+                        Err(err) => Err(err),
+                    }
+                }
+                _ => request.respond_with_headers(Ok(body), headers).await,
+            },
             Err(err) => {
                 tracing::error!(error = %err, "failed to encode a reply");
                 continue;

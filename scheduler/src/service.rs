@@ -144,7 +144,9 @@ impl Endpoints<'_> {
     {
         let endpoint = self.endpoint(name, subject).await?;
         let shared = self.shared.clone();
-        let serving = rpc::serve(endpoint, move |_, request| handler(shared.clone(), request));
+        let serving = rpc::serve(self.shared.client.clone(), endpoint, move |_, request| {
+            handler(shared.clone(), request)
+        });
         tasks.spawn(until_stopped(self.stop.clone(), serving).in_current_span());
         Ok(())
     }
@@ -165,9 +167,11 @@ impl Endpoints<'_> {
     {
         let endpoint = self.endpoint(name, subject).await?;
         let shared = self.shared.clone();
-        let serving = rpc::serve_inbound(endpoint, move |inbound, request| {
-            handler(shared.clone(), inbound, request)
-        });
+        let serving = rpc::serve_inbound(
+            self.shared.client.clone(),
+            endpoint,
+            move |inbound, request| handler(shared.clone(), inbound, request),
+        );
         tasks.spawn(until_stopped(self.stop.clone(), serving).in_current_span());
         Ok(())
     }

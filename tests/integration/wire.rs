@@ -184,6 +184,52 @@ async fn the_scheduler_answers_the_micro_protocol() {
 }
 
 #[tokio::test]
+async fn refusals_are_counted_in_the_micro_stats_and_still_carry_their_body() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    // A body that is JSON but not an object: refused as JSON, with its body.
+    let reply = within(
+        PATIENCE,
+        "a refusal",
+        nats.request(
+            subject::nodes_list().to_string(),
+            Bytes::from_static(b"null"),
+        ),
+    )
+    .await
+    .expect("answered");
+    let value: Value = serde_json::from_slice(&reply.payload).expect("a JSON body");
+    assert_eq!(value["error"]["code"], "bad_request", "{value}");
+    let message = value["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("JSON"), "{message}");
+
+    let stats = within(
+        PATIENCE,
+        "stats",
+        nats.request("$SRV.STATS.apiary-scheduler", Bytes::new()),
+    )
+    .await
+    .expect("stats");
+    let stats: Value = serde_json::from_slice(&stats.payload).expect("JSON");
+    let list = stats["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|endpoint| endpoint["subject"] == subject::nodes_list().as_str())
+        .expect("the nodes-list endpoint")
+        .clone();
+    assert_eq!(list["num_requests"], 1, "{list}");
+    assert_eq!(list["num_errors"], 1, "{list}");
+    assert!(
+        list["last_error"]
+            .as_str()
+            .is_some_and(|error| error.contains("400")),
+        "{list}"
+    );
+}
+
+#[tokio::test]
 async fn a_hand_written_json_submission_runs_and_answers_in_json() {
     let (stack, _running) = Stack::with_one_node().await;
     let client = stack.client().await;
