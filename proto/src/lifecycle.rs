@@ -261,6 +261,10 @@ pub struct TaskRecord {
     /// message read again is told apart from a resubmission of the id.
     #[serde(default)]
     pub submission_seq: u64,
+    /// Whether the submission came as JSON: its outcome is then delivered as JSON too,
+    /// though results are stored in MessagePack.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub json_replies: bool,
     /// More reply subjects to deliver the outcome to: submitters who resubmitted the id while
     /// the task ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -382,6 +386,7 @@ impl TaskRecord {
             result_seq: None,
             applied_result_seq: None,
             submission_seq,
+            json_replies: false,
             watchers: Vec::new(),
             task,
             history: Vec::new(),

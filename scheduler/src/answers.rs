@@ -101,11 +101,13 @@ pub(crate) async fn refuse_submission(shared: &Shared, message: &jetstream::Mess
 }
 
 /// Answers a submission of an id whose task has ended with that task's outcome: the stored
-/// result when it is still there, or the record's own account of how it ended.
+/// result when it is still there, or the record's own account of how it ended, in the
+/// asking submission's `encoding`.
 pub(crate) async fn answer_existing(
     shared: &Shared,
     record: &TaskRecord,
     reply_to: Option<&str>,
+    encoding: Encoding,
 ) -> anyhow::Result<()> {
     tracing::info!(state = %record.state, "the id was submitted before; answering with that task");
     let Some(reply_to) = reply_to else {
@@ -125,7 +127,8 @@ pub(crate) async fn answer_existing(
             return Ok(());
         }
         None => Delivery::synthesized(record)?,
-    };
+    }
+    .in_encoding(encoding)?;
     shared
         .client
         .publish_with_headers(reply_to.to_owned(), delivery.headers, delivery.payload)

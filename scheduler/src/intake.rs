@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use apiary_proto::codec::Encoding;
 use apiary_proto::lifecycle::{TaskRecord, TaskState, msg_id};
 use apiary_proto::message::{Dispatch, Priority, TaskSubmission, attempt_msg_id};
 use apiary_proto::subject;
@@ -400,9 +401,9 @@ impl Drop for Claim {
 /// answers with the existing task (an id submitted before). The submission is acknowledged
 /// once that is stored.
 async fn place_submission(shared: &Shared, message: jetstream::Message, mut claim: Claim) {
-    let mut submission =
+    let (mut submission, encoding) =
         match codec::decode_message::<TaskSubmission>(message.headers.as_ref(), &message.payload) {
-            Ok((submission, _)) => submission,
+            Ok(decoded) => decoded,
             Err(err) => {
                 answers::refuse_submission(shared, &message, &err.to_string()).await;
                 inbound::terminate(&message, SUBMISSION, &err.to_string()).await;
@@ -431,7 +432,15 @@ async fn place_submission(shared: &Shared, message: jetstream::Message, mut clai
             Some(queue) => submission.priority = queue,
             None => {}
         }
-        let next = admit(shared, &message, &submission, sequence, &mut claim).await;
+        let next = admit(
+            shared,
+            &message,
+            &submission,
+            encoding,
+            sequence,
+            &mut claim,
+        )
+        .await;
         // Decided: the room the claim stood for is reserved in the view, or free again.
         claim.release(false);
         // A submission read again after a lost acknowledgement finds its consequence in the
@@ -490,6 +499,7 @@ async fn admit(
     shared: &Shared,
     message: &jetstream::Message,
     submission: &TaskSubmission,
+    encoding: Encoding,
     sequence: u64,
     claim: &mut Claim,
 ) -> anyhow::Result<Next> {
@@ -517,18 +527,26 @@ async fn admit(
                 {
                     // The same message again was answered when its task ended.
                     if ended.submission_seq != sequence {
-                        answers::answer_existing(shared, &ended, submission.reply_to.as_deref())
-                            .await?;
+                        answers::answer_existing(
+                            shared,
+                            &ended,
+                            submission.reply_to.as_deref(),
+                            encoding,
+                        )
+                        .await?;
                     }
                     return Ok(Next::Ack);
                 }
-                (TaskRecord::new(submission.clone(), sequence, now), None)
+                let mut record = TaskRecord::new(submission.clone(), sequence, now);
+                record.json_replies = encoding == Encoding::Json;
+                (record, None)
             }
         };
         match record.state {
             TaskState::Pending => {}
             state if state.is_terminal() => {
-                answers::answer_existing(shared, &record, submission.reply_to.as_deref()).await?;
+                answers::answer_existing(shared, &record, submission.reply_to.as_deref(), encoding)
+                    .await?;
                 return Ok(Next::Ack);
             }
             _ if record.submission_seq == sequence => {

@@ -10,6 +10,7 @@
 use anyhow::Context as _;
 use apiary_proto::codec::Encoding;
 use apiary_proto::lifecycle::{Effect, TaskRecord, msg_id};
+use apiary_proto::message::TaskResult;
 use apiary_proto::{codec, headers, stored, subject};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -32,6 +33,35 @@ impl Delivery {
                 .cloned()
                 .unwrap_or_else(|| Encoding::MsgPack.headers()),
             payload,
+        }
+    }
+
+    /// This delivery in `encoding`. Results are stored in MessagePack; a submitter that wrote
+    /// JSON (an operator with the `nats` CLI, a program in another language) reads JSON.
+    pub fn in_encoding(self, encoding: Encoding) -> anyhow::Result<Self> {
+        let stored = Encoding::detect(Some(&self.headers), &self.payload);
+        if stored == encoding {
+            return Ok(self);
+        }
+        let result: TaskResult = stored
+            .decode(&self.payload)
+            .context("failed to read a result to deliver")?;
+        let mut headers = self.headers;
+        headers.insert(headers::CONTENT_TYPE, encoding.content_type());
+        Ok(Self {
+            headers,
+            payload: encoding
+                .encode(&result)
+                .context("failed to encode a result to deliver")?,
+        })
+    }
+
+    /// The encoding a record's submitter wrote, which its outcome is delivered in.
+    pub fn encoding_for(record: &TaskRecord) -> Encoding {
+        if record.json_replies {
+            Encoding::Json
+        } else {
+            Encoding::MsgPack
         }
     }
 
@@ -101,7 +131,7 @@ pub(crate) async fn finish(
     // Delivered before it is archived: the final state is already in the bucket, so a
     // replica that dies between the two leaves the cause unacknowledged, and whoever reads
     // it again finds the record ended and archives it then (delivering once more).
-    deliver(shared, record, &delivery).await;
+    deliver(shared, record, delivery).await;
     shared.records.archive(record).await?;
     // On servers with message TTLs the ended record expires by itself (after
     // `TASK_RECORD_LINGER`). Otherwise it is purged, off the path of the acknowledgement:
@@ -146,7 +176,14 @@ async fn bury(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
 
 /// Publishes the result to every reply subject of the task that the scheduler may publish
 /// to. Core NATS: a submitter that is away misses it, and finds it later by id.
-async fn deliver(shared: &Shared, record: &TaskRecord, delivery: &Delivery) {
+async fn deliver(shared: &Shared, record: &TaskRecord, delivery: Delivery) {
+    let delivery = match delivery.in_encoding(Delivery::encoding_for(record)) {
+        Ok(delivery) => delivery,
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "failed to deliver a result");
+            return;
+        }
+    };
     for reply_to in record.reply_subjects() {
         if !subject::is_allowed_reply_subject(reply_to, &shared.config.reply_subject_prefixes) {
             tracing::warn!(reply_to, "not delivering a result to a forbidden subject");

@@ -258,18 +258,29 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
     let message = within(PATIENCE, "the result", results.next())
         .await
         .expect("result");
-    // Results are stored in MessagePack; the content type says so.
-    let (result, _) = apiary_proto::codec::decode_message::<apiary_proto::message::TaskResult>(
-        message.headers.as_ref(),
-        &message.payload,
-    )
-    .expect("a task result");
-    match result.outcome {
-        apiary_proto::message::Outcome::Completed { stdout, .. } => {
-            assert_eq!(stdout.as_bytes(), b"SHOUT THIS");
-        }
-        other => panic!("unexpected outcome {other:?}"),
-    }
+    // Results are stored in MessagePack, and answer a JSON submission in JSON, as
+    // `nats sub` shows it.
+    let content_type = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(headers::CONTENT_TYPE))
+        .map(|value| value.as_str().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let result: Value = serde_json::from_slice(&message.payload).expect("a JSON result");
+    assert_eq!(result["task_id"], "by-hand-1");
+    assert_eq!(result["outcome"]["completed"]["stdout"], "SHOUT THIS", "{result}");
+
+    // The same id again, after the task ended: answered with that task, in JSON too.
+    js.publish(subject::task_submit(), Bytes::from(submission.to_string()))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let again = within(PATIENCE, "the earlier task's result", results.next())
+        .await
+        .expect("result");
+    let again: Value = serde_json::from_slice(&again.payload).expect("a JSON result");
+    assert_eq!(again["outcome"]["completed"]["stdout"], "SHOUT THIS", "{again}");
 }
 
 #[tokio::test]
