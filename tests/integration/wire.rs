@@ -268,7 +268,10 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
     assert_eq!(content_type.as_deref(), Some("application/json"));
     let result: Value = serde_json::from_slice(&message.payload).expect("a JSON result");
     assert_eq!(result["task_id"], "by-hand-1");
-    assert_eq!(result["outcome"]["completed"]["stdout"], "SHOUT THIS", "{result}");
+    assert_eq!(
+        result["outcome"]["completed"]["stdout"], "SHOUT THIS",
+        "{result}"
+    );
 
     // The same id again, after the task ended: answered with that task, in JSON too.
     js.publish(subject::task_submit(), Bytes::from(submission.to_string()))
@@ -280,7 +283,10 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
         .await
         .expect("result");
     let again: Value = serde_json::from_slice(&again.payload).expect("a JSON result");
-    assert_eq!(again["outcome"]["completed"]["stdout"], "SHOUT THIS", "{again}");
+    assert_eq!(
+        again["outcome"]["completed"]["stdout"], "SHOUT THIS",
+        "{again}"
+    );
 }
 
 #[tokio::test]
@@ -418,4 +424,110 @@ async fn agents_answer_the_micro_protocol_and_report_their_status() {
     assert_eq!(status["ok"]["info"]["node_id"], "node-b", "{status}");
     assert_eq!(status["ok"]["metrics"]["slots"], 2);
     assert_eq!(status["ok"]["heartbeat_interval_ms"], 200);
+}
+
+/// A program in another language uses the app store and messaging with a plain NATS client
+/// and JSON, and meets the SDK's view of the same namespace.
+#[tokio::test]
+async fn a_plain_client_uses_the_app_store_and_topics_without_the_sdk() {
+    let stack = Stack::start().await;
+    let nats = stack.nats().await;
+    let sdk = stack.client().await;
+
+    // The bucket, made through the JetStream API as `nats kv add APIARY_KV_plain` does (the
+    // SDK makes the same on first use).
+    let config = json!({
+        "name": "KV_APIARY_KV_plain",
+        "subjects": ["$KV.APIARY_KV_plain.>"],
+        "max_msgs_per_subject": 1,
+        "discard": "new",
+        "allow_direct": true,
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "storage": "file",
+        "num_replicas": 1,
+    });
+    let created = within(
+        PATIENCE,
+        "the bucket",
+        nats.request(
+            "$JS.API.STREAM.CREATE.KV_APIARY_KV_plain",
+            Bytes::from(config.to_string()),
+        ),
+    )
+    .await
+    .expect("answered");
+    let created: Value = serde_json::from_slice(&created.payload).expect("JSON");
+    assert!(created.get("error").is_none(), "{created}");
+
+    // A put is a publish on the key's subject, acknowledged by JetStream.
+    let put = within(
+        PATIENCE,
+        "the put's ack",
+        nats.request(
+            "$KV.APIARY_KV_plain.greeting.en",
+            Bytes::from_static(b"{\"text\":\"hello\"}"),
+        ),
+    )
+    .await
+    .expect("acked");
+    let put: Value = serde_json::from_slice(&put.payload).expect("JSON ack");
+    assert_eq!(put["stream"], "KV_APIARY_KV_plain", "{put}");
+
+    // The SDK reads it, and writes one the plain client reads with a direct get.
+    let kv = sdk.kv("plain").await.expect("the namespace");
+    #[derive(serde::Deserialize, PartialEq, Debug)]
+    struct Greeting {
+        text: String,
+    }
+    assert_eq!(
+        kv.get_json::<Greeting>("greeting.en").await.expect("get"),
+        Greeting {
+            text: "hello".into()
+        }
+    );
+    kv.put("greeting.fr", "bonjour").await.expect("put");
+    let got = within(
+        PATIENCE,
+        "a direct get",
+        nats.request(
+            "$JS.API.DIRECT.GET.KV_APIARY_KV_plain",
+            Bytes::from(json!({"last_by_subj": "$KV.APIARY_KV_plain.greeting.fr"}).to_string()),
+        ),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(got.payload, "bonjour");
+
+    // Topics are plain subjects: the SDK hears the plain client, and the other way round.
+    let pubsub = sdk.pubsub("plain").expect("the namespace");
+    let mut sdk_hears = pubsub.subscribe("news.*").await.expect("subscribe");
+    let mut plain_hears = nats
+        .subscribe(subject::app_topic(
+            &"plain".parse().expect("a namespace"),
+            "replies",
+        ))
+        .await
+        .expect("subscribe");
+    sdk.nats().flush().await.expect("flushed");
+    nats.flush().await.expect("flushed");
+    nats.publish(
+        "apiary.v1.app.plain.news.today",
+        Bytes::from_static(b"{\"n\":1}"),
+    )
+    .await
+    .expect("publish");
+    let heard = within(PATIENCE, "the SDK to hear it", sdk_hears.next())
+        .await
+        .expect("a message");
+    assert_eq!(
+        (heard.topic.as_str(), heard.payload.as_ref()),
+        ("news.today", &b"{\"n\":1}"[..])
+    );
+    pubsub.publish("replies", "ok").await.expect("publish");
+    let heard = within(PATIENCE, "the plain client to hear it", plain_hears.next())
+        .await
+        .expect("a message");
+    assert_eq!(heard.subject.as_str(), "apiary.v1.app.plain.replies");
+    assert_eq!(heard.payload, "ok");
 }
