@@ -16,7 +16,7 @@ use apiary_proto::message::NodeStatus;
 use apiary_proto::message::{Priority, TaskListRequest};
 use apiary_proto::{NodeId, TaskId};
 use apiary_sdk::{DlqListRequest, NewToken};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -79,6 +79,11 @@ enum Command {
         /// One JSON object per message, with its topic.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script: `apiary completions bash > /etc/bash_completion.d/apiary`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Measure the task path next to raw NATS on the same server.
     Bench {
@@ -463,6 +468,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completions { shell } => {
+            // Generated into memory: the generator panics on a failed write, and a closed
+            // pipe (`| head`) is an ordinary error here.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "apiary", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .context("failed to write the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Kv(command) => {
             let client = commands::connect(&cli.server).await?;
             let out = &mut std::io::stdout();
@@ -663,6 +677,44 @@ fn read_input(input: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
         }
         Some(path) => {
             std::fs::read(path).with_context(|| format!("failed to read input {}", path.display()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_cover_every_shell_and_the_new_commands() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "apiary", &mut script);
+            let script = String::from_utf8(script).expect("utf-8");
+            for word in ["kv", "history", "pub", "sub", "completions", "task"] {
+                assert!(script.contains(word), "{shell:?} lacks {word}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_usage_error_exits_with_status_2() {
+        for args in [
+            &["apiary", "kv", "nonsense"][..],
+            &["apiary", "kv", "update", "ns", "key", "value"],
+            &["apiary", "completions", "tcsh"],
+        ] {
+            let err = Cli::try_parse_from(args).expect_err("a usage error");
+            assert_eq!(err.exit_code(), 2, "{args:?}");
         }
     }
 }
