@@ -11,8 +11,6 @@ use bytes::Bytes;
 /// Everything that can go wrong between the SDK and the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to connect to NATS at {url}: {reason}")]
-    Connect { url: String, reason: String },
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error("failed to upload the module: {0}")]

@@ -19,6 +19,7 @@
 
 mod admin;
 mod catch_up;
+mod connect;
 mod error;
 mod kv;
 mod pubsub;
@@ -53,6 +54,7 @@ pub use apiary_proto::message::{
     TaskListRequest, TaskResultReply,
 };
 pub use apiary_proto::{IdError, TaskId};
+pub use connect::{ConnectError, ConnectErrorKind, ConnectOptions};
 pub use error::{Error, OpError, TaskFailure};
 pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettings};
 pub use pubsub::{
@@ -174,26 +176,22 @@ impl Drop for Inner {
 }
 
 impl Client {
-    /// Connects to the NATS server(s) at `url` (comma-separated for several).
-    pub async fn connect(url: &str) -> Result<Self, Error> {
-        let nats = async_nats::ConnectOptions::new()
-            .name("apiary-sdk")
-            .connect(url)
-            .await
-            .map_err(|err| Error::Connect {
-                url: url.to_owned(),
-                reason: err.to_string(),
-            })?;
-        Self::from_nats(nats).await
+    /// Connects to the NATS server(s) at `url` (comma-separated for several), without
+    /// credentials; [`ConnectOptions`] sets credentials, TLS and timeouts.
+    pub async fn connect(url: &str) -> Result<Self, ConnectError> {
+        ConnectOptions::new(url).connect().await
     }
 
     /// Uses an existing NATS connection (with the application's own credentials and options).
-    pub async fn from_nats(nats: async_nats::Client) -> Result<Self, Error> {
+    pub async fn from_nats(nats: async_nats::Client) -> Result<Self, ConnectError> {
         let inbox = nats.new_inbox();
-        let subscription = nats
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|err| Error::Transport(format!("failed to subscribe to {inbox}: {err}")))?;
+        let subscription = nats.subscribe(inbox.clone()).await.map_err(|err| {
+            ConnectError::with_source(
+                ConnectErrorKind::Setup,
+                format!("failed to subscribe to the result inbox {inbox}"),
+                err,
+            )
+        })?;
         let routes: Routes = Arc::default();
         let js = jetstream::new(nats.clone());
         let router = tokio::spawn(route_results(subscription, routes.clone()));

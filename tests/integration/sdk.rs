@@ -50,3 +50,77 @@ async fn a_result_stored_while_the_client_was_cut_off_still_reaches_its_handle()
     assert_eq!(output.stdout, "MISSED");
     assert_eq!(client.duplicate_results(), 0);
 }
+
+#[tokio::test]
+async fn connect_options_authenticate_and_each_failure_has_its_kind() {
+    use apiary_cli::broker::{BrokerOptions, NatsServer};
+    use apiary_sdk::{ConnectErrorKind, ConnectOptions};
+    use std::time::Duration;
+
+    // Users with passwords; a connection without credentials is `anon` (the harness's own
+    // readiness check connects that way).
+    let server = NatsServer::start(BrokerOptions {
+        port: 0,
+        config: Some(
+            r#"
+            jetstream { max_memory_store: 64MB, max_file_store: 256MB }
+            accounts {
+                APP {
+                    jetstream: enabled
+                    users: [ {user: app, password: s3cret}, {user: anon, password: unused} ]
+                }
+            }
+            no_auth_user: anon
+            "#
+            .to_owned(),
+        ),
+    })
+    .await
+    .expect("nats-server starts");
+
+    let client = ConnectOptions::new(server.url())
+        .user_password("app", "s3cret")
+        .name("connect-test")
+        .connect()
+        .await
+        .expect("the right password connects");
+    let kv = client.kv("auth").await.expect("and the client works");
+    kv.put("k", "v").await.expect("put");
+
+    let err = ConnectOptions::new(server.url())
+        .user_password("app", "wrong")
+        .connect()
+        .await
+        .expect_err("a wrong password");
+    assert_eq!(err.kind(), ConnectErrorKind::Authentication, "{err}");
+
+    let err = ConnectOptions::new(server.url())
+        .credentials_file("/nonexistent/app.creds")
+        .connect()
+        .await
+        .expect_err("a missing creds file");
+    assert_eq!(err.kind(), ConnectErrorKind::Credentials, "{err}");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept"
+    );
+
+    // A port nothing listens on: taken from a listener that is then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    let err = ConnectOptions::new(format!("nats://127.0.0.1:{port}"))
+        .connection_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .expect_err("nobody listens");
+    assert_eq!(err.kind(), ConnectErrorKind::Unreachable, "{err}");
+
+    let err = ConnectOptions::new("nats://[not-an-address")
+        .connect()
+        .await
+        .expect_err("an invalid address");
+    assert_eq!(err.kind(), ConnectErrorKind::InvalidAddress, "{err}");
+}
