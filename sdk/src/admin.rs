@@ -23,6 +23,7 @@ use crate::{Client, Error, REQUEST_TIMEOUT};
 /// A join token to create.
 #[derive(Clone, Debug, Default)]
 pub struct NewToken {
+    /// What the token is for, as `tokens ls` shows it.
     pub description: String,
     /// How long it admits new nodes; forever when `None`.
     pub ttl: Option<Duration>,

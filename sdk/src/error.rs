@@ -11,23 +11,35 @@ use bytes::Bytes;
 /// Everything that can go wrong between the SDK and the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The cluster's streams and buckets could not be reached or set up.
     #[error(transparent)]
     Topology(#[from] TopologyError),
+    /// The module could not be put in the module store.
     #[error("failed to upload the module: {0}")]
     ModuleUpload(String),
+    /// The submission was not stored.
     #[error("failed to submit the task: {0}")]
     Publish(String),
+    /// The connection failed an operation.
     #[error("NATS error: {0}")]
     Transport(String),
+    /// A request to the scheduler failed or was refused.
     #[error(transparent)]
     Request(#[from] RequestError),
+    /// A message could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
     /// The task ran (or tried to) and failed; see [`TaskFailure::error`]'s `kind`.
     #[error(transparent)]
     TaskFailed(Box<TaskFailure>),
+    /// No result came within the time the caller gave.
     #[error("no result for task {task_id} within {limit:?}")]
-    TimedOut { task_id: TaskId, limit: Duration },
+    TimedOut {
+        /// The task.
+        task_id: TaskId,
+        /// How long the caller waited.
+        limit: Duration,
+    },
     /// The client's connection machinery stopped before the result came.
     #[error("the client stopped before the result arrived")]
     Disconnected,
@@ -47,9 +59,13 @@ impl Error {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("task {task_id} failed on node {node_id}: {error}")]
 pub struct TaskFailure {
+    /// The task.
     pub task_id: TaskId,
+    /// The node of the attempt that failed last.
     pub node_id: NodeId,
+    /// Which attempt that was.
     pub attempt: u32,
+    /// What went wrong, with its typed kind.
     pub error: TaskError,
     /// What the module wrote to stderr before it failed.
     pub stderr: Bytes,

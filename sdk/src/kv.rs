@@ -58,8 +58,11 @@ fn transport(what: &str, err: impl std::error::Error + Send + Sync + 'static) ->
 /// What a change to a key was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvOperation {
+    /// A value was written.
     Put,
+    /// The value was deleted (its history stays).
     Delete,
+    /// The key and its history were purged.
     Purge,
 }
 
@@ -67,11 +70,15 @@ pub enum KvOperation {
 /// compares against).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvEntry {
+    /// The key.
     pub key: String,
+    /// The value (empty for a delete or purge).
     pub value: Bytes,
+    /// The revision: the bucket's sequence number of this write.
     pub revision: u64,
     /// When it was written (server time).
     pub created: time::OffsetDateTime,
+    /// What the write was.
     pub operation: KvOperation,
 }
 

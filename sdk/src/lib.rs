@@ -17,6 +17,8 @@
 //! the client, the scheduler and any node. Modules are uploaded once to the cluster's module
 //! store, named by their SHA-256, and later submits of the same module send only the name.
 
+#![warn(missing_docs)]
+
 mod admin;
 mod catch_up;
 mod connect;
@@ -30,12 +32,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apiary_proto::codec;
-use apiary_proto::message::{
-    Limits, ModuleRef, NodeSummary, NodesListReply, NodesListRequest, Outcome, Priority,
-    Requirements, TaskResult, TaskSubmission,
-};
+use apiary_proto::message::{NodesListReply, NodesListRequest, TaskSubmission};
 use apiary_proto::topology::{self, Topology};
-use apiary_proto::{NodeId, now_ms, stored};
+use apiary_proto::{now_ms, stored};
 use apiary_proto::{rpc, subject};
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::InfoErrorKind;
@@ -48,12 +47,14 @@ pub use admin::NewToken;
 pub use apiary_proto::admin::{
     Approval, ClusterSettings, NodeAdmin, Schedule, Scheduling, TokenCreated, TokenInfo,
 };
+pub use apiary_proto::inventory::Inventory;
 pub use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskRecord, TaskState, Transition};
 pub use apiary_proto::message::{
-    DeadLetter, DlqListReply, DlqListRequest, TaskError, TaskErrorKind, TaskListReply,
-    TaskListRequest, TaskResultReply,
+    DeadLetter, DlqListReply, DlqListRequest, Limits, ModuleRef, NodeInfo, NodeMetrics, NodeStatus,
+    NodeSummary, Outcome, Priority, Requirements, ResultObject, TaskError, TaskErrorKind,
+    TaskListReply, TaskListRequest, TaskResult, TaskResultReply,
 };
-pub use apiary_proto::{IdError, TaskId};
+pub use apiary_proto::{IdError, NodeId, Payload, TaskId};
 pub use connect::{ConnectError, ConnectErrorKind, ConnectOptions};
 pub use error::{Error, OpError, TaskFailure};
 pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettings};
@@ -438,6 +439,7 @@ impl Task {
         self
     }
 
+    /// What the task may use: time, memory, output, fuel.
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
@@ -449,6 +451,7 @@ impl Task {
         self
     }
 
+    /// What a node must have to run the task: cores, memory, GPUs, labels, architecture.
     pub fn requirements(mut self, requirements: Requirements) -> Self {
         self.requirements = requirements;
         self
@@ -489,13 +492,21 @@ impl Drop for TaskHandle {
 /// What a task printed and how it exited.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskOutput {
+    /// The task.
     pub task_id: TaskId,
+    /// The node that ran the attempt that finished.
     pub node_id: NodeId,
+    /// Which attempt that was (1 for the first).
     pub attempt: u32,
+    /// The module's exit code (0 for a `_start` that returned).
     pub exit_code: i32,
+    /// What the module wrote to stdout.
     pub stdout: Bytes,
+    /// What the module wrote to stderr.
     pub stderr: Bytes,
+    /// When the run started (the node's clock, ms since the Unix epoch).
     pub started_at_ms: u64,
+    /// When the run finished (the node's clock).
     pub finished_at_ms: u64,
 }
 
@@ -515,6 +526,7 @@ impl TaskHandle {
             .ok_or(Error::Disconnected)
     }
 
+    /// The task's id.
     pub fn id(&self) -> &TaskId {
         &self.id
     }

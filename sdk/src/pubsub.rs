@@ -50,7 +50,9 @@ pub enum PubSubErrorKind {
 pub struct TopicMessage {
     /// The topic, without the namespace's prefix.
     pub topic: String,
+    /// The message's bytes.
     pub payload: Bytes,
+    /// The message's headers, if it has any.
     pub headers: Option<HeaderMap>,
     /// Where a request wants its answer ([`PubSub::respond`]); `None` for a plain publish.
     pub reply: Option<Subject>,
@@ -308,6 +310,7 @@ impl DurableSubscription {
 
 /// A message of a durable subscriber, delivered until it is acknowledged.
 pub struct DurableMessage {
+    /// The message.
     pub message: TopicMessage,
     delivery: jetstream::Message,
 }
