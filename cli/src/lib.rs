@@ -7,5 +7,6 @@ pub mod bench;
 pub mod broker;
 pub mod commands;
 pub mod dev;
+pub mod modules;
 pub mod output;
 pub mod tasks;

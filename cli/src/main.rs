@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use apiary_bin_support::LogFormat;
 use apiary_cli::app::{self, KvCommand};
 use apiary_cli::commands::{self, Output, SubmitOptions};
+use apiary_cli::modules::{self, ModuleCommand};
 use apiary_cli::tasks;
 use apiary_proto::admin::Approval;
 use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskState};
@@ -61,6 +62,9 @@ enum Command {
     /// The app store: a namespace's keys and values.
     #[command(subcommand)]
     Kv(KvCommand),
+    /// The cluster's module store.
+    #[command(subcommand)]
+    Module(ModuleCommand),
     /// Publish a message on a topic of a namespace.
     Pub {
         namespace: String,
@@ -475,6 +479,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "apiary", &mut script);
             std::io::Write::write_all(&mut std::io::stdout(), &script)
                 .context("failed to write the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Module(command) => {
+            let client = commands::connect(&cli.server).await?;
+            modules::module(&client, command, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Kv(command) => {

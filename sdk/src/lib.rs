@@ -24,6 +24,7 @@ mod catch_up;
 mod connect;
 mod error;
 mod kv;
+mod modules;
 mod pubsub;
 mod tasks;
 
@@ -37,7 +38,6 @@ use apiary_proto::topology::{self, Topology};
 use apiary_proto::{now_ms, stored};
 use apiary_proto::{rpc, subject};
 use async_nats::jetstream;
-use async_nats::jetstream::object_store::InfoErrorKind;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use tokio::sync::{OnceCell, oneshot};
@@ -58,6 +58,7 @@ pub use apiary_proto::{IdError, NodeId, Payload, TaskId};
 pub use connect::{ConnectError, ConnectErrorKind, ConnectOptions};
 pub use error::{Error, OpError, TaskFailure};
 pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettings};
+pub use modules::{ModuleError, ModuleErrorKind, ModuleInfo, Modules, module_ref};
 pub use pubsub::{
     DurableMessage, DurableSubscription, PubSub, PubSubError, PubSubErrorKind, TopicMessage,
 };
@@ -237,32 +238,12 @@ impl Client {
     }
 
     /// Puts a module in the cluster's module store (once; later calls with the same bytes only
-    /// compute the digest) and returns its reference.
+    /// compute the digest) and returns its reference. The same as `modules().put(module)`.
     pub async fn upload_module(&self, module: &[u8]) -> Result<ModuleRef, Error> {
-        let reference = ModuleRef::for_bytes(module);
-        if lock(&self.inner.uploaded).contains(&reference.sha256) {
-            return Ok(reference);
-        }
-        let store = &self.topology().await?.modules;
-        let present = match store.info(&reference.sha256).await {
-            // The object store records the digest of what it holds, so a matching digest means
-            // these very bytes are there.
-            Ok(info) => info.digest == reference.object_store_digest(),
-            Err(err) if err.kind() == InfoErrorKind::NotFound => false,
-            Err(err) => return Err(Error::ModuleUpload(err.to_string())),
-        };
-        if !present {
-            // Absent, or other bytes under this module's name (a botched hand upload): write
-            // the real ones, which agents will accept.
-            let mut reader = module;
-            store
-                .put(reference.sha256.as_str(), &mut reader)
-                .await
-                .map_err(|err| Error::ModuleUpload(err.to_string()))?;
-            tracing::debug!(module = %reference.sha256, size = module.len(), "module uploaded");
-        }
-        lock(&self.inner.uploaded).insert(reference.sha256.clone());
-        Ok(reference)
+        self.modules()
+            .put(module)
+            .await
+            .map_err(|err| Error::ModuleUpload(err.to_string()))
     }
 
     /// Submits a task to the queue of its priority. When this returns, the task is stored in

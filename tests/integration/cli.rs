@@ -387,3 +387,52 @@ async fn sub_prints_each_message_and_exits_after_count() {
     assert_eq!(lines.len(), 2, "{printed}");
     assert!(lines.iter().all(|line| line["topic"] == "rooms.lobby"));
 }
+
+#[tokio::test]
+async fn module_push_ls_and_rm() {
+    use apiary_cli::modules::{ModuleCommand, module};
+
+    let stack = Stack::start().await;
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let dir = tempfile::tempdir().expect("a directory");
+    let path = dir.path().join("uppercase.wasm");
+    std::fs::write(&path, wasm("uppercase")).expect("write the module");
+
+    let mut out = Vec::new();
+    module(&client, ModuleCommand::Push { path }, &mut out)
+        .await
+        .expect("push");
+    let digest = String::from_utf8(out).expect("utf-8").trim().to_owned();
+    assert_eq!(digest.len(), 64, "{digest}");
+
+    let mut out = Vec::new();
+    module(&client, ModuleCommand::Ls { json: true }, &mut out)
+        .await
+        .expect("ls");
+    let listed: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+    assert_eq!(listed[0]["sha256"], digest.as_str());
+
+    let mut out = Vec::new();
+    module(
+        &client,
+        ModuleCommand::Rm {
+            sha256: digest.clone(),
+        },
+        &mut out,
+    )
+    .await
+    .expect("rm");
+    let err = module(
+        &client,
+        ModuleCommand::Rm { sha256: digest },
+        &mut Vec::new(),
+    )
+    .await
+    .expect_err("already removed");
+    assert_eq!(
+        err.downcast_ref::<apiary_sdk::ModuleError>()
+            .expect("a module error")
+            .kind(),
+        apiary_sdk::ModuleErrorKind::NotFound
+    );
+}

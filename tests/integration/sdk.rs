@@ -124,3 +124,56 @@ async fn connect_options_authenticate_and_each_failure_has_its_kind() {
         .expect_err("an invalid address");
     assert_eq!(err.kind(), ConnectErrorKind::InvalidAddress, "{err}");
 }
+
+#[tokio::test]
+async fn the_module_store_puts_once_lists_gets_checked_bytes_and_removes() {
+    use apiary_sdk::{ModuleErrorKind, module_ref};
+
+    let stack = Stack::start().await;
+    let client = stack.client().await;
+    let modules = client.modules();
+    let bytes = wasm("uppercase");
+    let reference = modules.put(&bytes).await.expect("put");
+    assert_eq!(reference, modules.put(&bytes).await.expect("put again"));
+    let listed = modules.ls().await.expect("ls");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].sha256.as_str(), listed[0].size),
+        (reference.sha256.as_str(), bytes.len() as u64)
+    );
+    assert_eq!(modules.get(&reference).await.expect("get"), bytes);
+
+    // Other bytes under the module's name, as a botched hand upload leaves them.
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let store = js
+        .get_object_store(apiary_proto::topology::MODULES_BUCKET)
+        .await
+        .expect("the module store");
+    store
+        .put(reference.sha256.as_str(), &mut &b"not the module"[..])
+        .await
+        .expect("overwrite");
+    assert_eq!(
+        modules.get(&reference).await.expect_err("corrupt").kind(),
+        ModuleErrorKind::Corrupt
+    );
+
+    modules.rm(&reference).await.expect("rm");
+    assert!(modules.ls().await.expect("ls").is_empty());
+    assert_eq!(
+        modules.rm(&reference).await.expect_err("gone").kind(),
+        ModuleErrorKind::NotFound
+    );
+    assert_eq!(
+        modules.get(&reference).await.expect_err("gone").kind(),
+        ModuleErrorKind::NotFound
+    );
+    assert_eq!(
+        module_ref("not-a-digest").expect_err("invalid").kind(),
+        ModuleErrorKind::InvalidDigest
+    );
+    // A fresh client puts it back (this one remembers it was stored).
+    let again = stack.client().await;
+    again.modules().put(&bytes).await.expect("put after rm");
+    assert_eq!(again.modules().ls().await.expect("ls").len(), 1);
+}
