@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 mod admin;
+mod batch;
 mod catch_up;
 mod connect;
 mod error;
@@ -55,6 +56,7 @@ pub use apiary_proto::message::{
     TaskListReply, TaskListRequest, TaskResult, TaskResultReply,
 };
 pub use apiary_proto::{IdError, NodeId, Payload, TaskId};
+pub use batch::BatchItem;
 pub use connect::{ConnectError, ConnectErrorKind, ConnectOptions};
 pub use error::{Error, OpError, TaskFailure};
 pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettings};

@@ -177,3 +177,30 @@ async fn the_module_store_puts_once_lists_gets_checked_bytes_and_removes() {
     again.modules().put(&bytes).await.expect("put after rm");
     assert_eq!(again.modules().ls().await.expect("ls").len(), 1);
 }
+
+#[tokio::test]
+async fn a_batch_yields_every_task_once_as_it_ends() {
+    use futures::StreamExt as _;
+
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = stack.client().await;
+    let module = wasm("uppercase");
+    let tasks: Vec<Task> = (0..40)
+        .map(|n| Task::new(module.clone()).input(format!("item {n}")))
+        .collect();
+    let items: Vec<_> = within(
+        PATIENCE,
+        "the whole batch",
+        client.submit_batch(tasks, 6).collect::<Vec<_>>(),
+    )
+    .await;
+    let mut seen = vec![false; 40];
+    for item in items {
+        assert!(!seen[item.index], "task {} came twice", item.index);
+        seen[item.index] = true;
+        let output = item.outcome.expect("the task ran");
+        assert_eq!(output.stdout, format!("ITEM {}", item.index));
+        assert_eq!(Some(&output.task_id), item.id.as_ref());
+    }
+    assert!(seen.iter().all(|seen| *seen), "every task came back");
+}
