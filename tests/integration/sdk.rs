@@ -194,7 +194,7 @@ async fn a_batch_yields_every_task_once_as_it_ends() {
         client.submit_batch(tasks, 6).collect::<Vec<_>>(),
     )
     .await;
-    let mut seen = vec![false; 40];
+    let mut seen = [false; 40];
     for item in items {
         assert!(!seen[item.index], "task {} came twice", item.index);
         seen[item.index] = true;
