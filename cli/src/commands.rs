@@ -58,8 +58,18 @@ impl SubmitOptions {
 
 /// Connects to the cluster at `server`, with a message that says how to point elsewhere.
 pub async fn connect(server: &str) -> anyhow::Result<Client> {
-    Client::connect(server).await.with_context(|| {
-        format!("cannot reach the cluster at {server} (set --server or APIARY_NATS_URL)")
+    connect_with(apiary_sdk::ConnectOptions::new(server), server).await
+}
+
+/// Connects with `options`, naming `server` and what to change in the message if it fails.
+pub async fn connect_with(
+    options: apiary_sdk::ConnectOptions,
+    server: &str,
+) -> anyhow::Result<Client> {
+    options.connect().await.with_context(|| {
+        format!(
+            "cannot reach the cluster at {server} (set --server, APIARY_NATS_URL or a context in ~/.config/apiary/context.toml)"
+        )
     })
 }
 

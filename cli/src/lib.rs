@@ -6,6 +6,7 @@ pub mod app;
 pub mod bench;
 pub mod broker;
 pub mod commands;
+pub mod context;
 pub mod dev;
 pub mod modules;
 pub mod output;

@@ -26,9 +26,16 @@ use clap::{CommandFactory as _, Parser, Subcommand};
     about = "Distributed WebAssembly compute over NATS"
 )]
 struct Cli {
-    /// The NATS server of the cluster.
-    #[arg(long, global = true, env = "APIARY_NATS_URL", default_value = apiary_proto::DEFAULT_NATS_URL)]
-    server: String,
+    /// The NATS server(s) of the cluster, comma-separated (default: the context's, else
+    /// nats://127.0.0.1:4222).
+    #[arg(long, global = true, env = "APIARY_NATS_URL")]
+    server: Option<String>,
+    /// A `.creds` file to authenticate with (default: the context's).
+    #[arg(long, global = true, env = "APIARY_CREDS")]
+    creds: Option<PathBuf>,
+    /// The context to use from ~/.config/apiary/context.toml (default: its `current`).
+    #[arg(long, global = true, env = "APIARY_CONTEXT")]
+    context: Option<String>,
     /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -378,15 +385,20 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let connection = Connection {
+        server: cli.server.clone(),
+        creds: cli.creds.clone(),
+        context: cli.context.clone(),
+    };
     match cli.command {
         Command::Dev { port } => {
             let shutdown = apiary_bin_support::shutdown_on_signal();
             apiary_cli::dev::run(port, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Task(command) => task(&cli.server, command).await,
+        Command::Task(command) => task(connect(&connection).await?, command).await,
         Command::Dlq(command) => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             let out = &mut std::io::stdout();
             match command {
                 DlqCommand::Ls {
@@ -430,7 +442,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stack.stop().await?;
                 figures?
             } else {
-                apiary_cli::bench::run(&cli.server, &options).await?
+                apiary_cli::bench::run(
+                    &selected_context(&connection)?
+                        .server_for_messages(connection.server.as_deref()),
+                    &options,
+                )
+                .await?
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
@@ -440,12 +457,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Nodes(command) => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             nodes(&client, command).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tokens(command) => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             let out = &mut std::io::stdout();
             match command {
                 TokensCommand::Create {
@@ -482,12 +499,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Module(command) => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             modules::module(&client, command, &mut std::io::stdout()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Kv(command) => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             let out = &mut std::io::stdout();
             app::kv(&client, command, &mut std::io::stdin(), out).await?;
             Ok(ExitCode::SUCCESS)
@@ -497,7 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             topic,
             message,
         } => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             let message = match message {
                 Some(message) => message.into_bytes(),
                 None => read_input(Some(std::path::Path::new("-")))?,
@@ -511,13 +528,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             count,
             json,
         } => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             let out = &mut std::io::stdout();
             app::subscribe(&client, &namespace, &topic, count, json, out).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::Settings { approval, json }) => {
-            let client = commands::connect(&cli.server).await?;
+            let client = connect(&connection).await?;
             let settings = match approval {
                 Some(approval) => client.set_approval(approval).await,
                 None => client.cluster_settings().await,
@@ -534,8 +551,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn task(server: &str, command: TaskCommand) -> anyhow::Result<ExitCode> {
-    let client = commands::connect(server).await?;
+/// What the command line says about where to connect.
+struct Connection {
+    server: Option<String>,
+    creds: Option<PathBuf>,
+    context: Option<String>,
+}
+
+/// The context the command line selects (`--context`, else the file's current one).
+fn selected_context(cli: &Connection) -> anyhow::Result<apiary_cli::context::Context> {
+    match apiary_cli::context::default_path() {
+        Some(path) => apiary_cli::context::load(&path, cli.context.as_deref()),
+        None if cli.context.is_some() => {
+            anyhow::bail!("no context file: neither XDG_CONFIG_HOME nor HOME is set")
+        }
+        None => Ok(apiary_cli::context::Context::default()),
+    }
+}
+
+/// Connects as the command line says: flags over the environment over the context.
+async fn connect(cli: &Connection) -> anyhow::Result<apiary_sdk::Client> {
+    let context = selected_context(cli)?;
+    let options = context.options(cli.server.as_deref(), cli.creds.as_deref());
+    commands::connect_with(options, &context.server_for_messages(cli.server.as_deref())).await
+}
+
+async fn task(client: apiary_sdk::Client, command: TaskCommand) -> anyhow::Result<ExitCode> {
     // Unlocked handles: log lines from other threads go to stderr meanwhile.
     let mut out = Output {
         stdout: std::io::stdout(),

@@ -117,12 +117,11 @@ impl<K: std::fmt::Debug> std::fmt::Debug for OpError<K> {
     }
 }
 
+/// The message only: the cause is [`std::error::Error::source`], which reports that walk
+/// the chain (`anyhow`'s `{:#}`) print after it, so printing it here too would say it twice.
 impl<K> std::fmt::Display for OpError<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
-        }
+        f.write_str(&self.message)
     }
 }
 
