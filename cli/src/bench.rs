@@ -5,7 +5,9 @@
 //! stream (sequential, for latency; pipelined, for throughput). apiary: a task's round trip
 //! from `submit` to result (sequential), and task throughput with many tasks in flight. A task
 //! crosses the bus several times (submit, dispatch, result, delivery), so its round trip is a
-//! multiple of the raw figures; the ratio is what to watch.
+//! multiple of the raw figures; the ratio is what to watch. `apiary bench kv` and `apiary
+//! bench pubsub` ([`crate::bench_app`]) put the app store and messaging beside raw KV and
+//! core NATS the same way.
 
 use std::time::{Duration, Instant};
 
@@ -238,7 +240,7 @@ async fn task_throughput(
     ))
 }
 
-fn latency(name: &str, mut timings: Vec<Duration>) -> Figure {
+pub(crate) fn latency(name: &str, mut timings: Vec<Duration>) -> Figure {
     timings.sort_unstable();
     let percentile = |p: f64| -> Option<f64> {
         let last = timings.len().checked_sub(1)?;
@@ -253,7 +255,7 @@ fn latency(name: &str, mut timings: Vec<Duration>) -> Figure {
     }
 }
 
-fn throughput(name: &str, count: usize, elapsed: Duration) -> Figure {
+pub(crate) fn throughput(name: &str, count: usize, elapsed: Duration) -> Figure {
     Figure {
         name: name.to_owned(),
         p50_us: None,
@@ -295,6 +297,21 @@ pub fn report(figures: &[Figure]) -> String {
             "\ntask throughput = {:.1}% of raw JetStream publish throughput",
             100.0 * task / raw
         );
+    }
+    // The app store and messaging rows come in pairs, `raw X` beside `apiary X`.
+    for figure in figures {
+        let Some(what) = figure.name.strip_prefix("apiary ") else {
+            continue;
+        };
+        let Some(raw) = figures.iter().find(|f| f.name == format!("raw {what}")) else {
+            continue;
+        };
+        if let (Some(apiary), Some(raw)) = (figure.p50_us, raw.p50_us) {
+            out += &format!("\n{what}: p50 = {:.2} × raw", apiary / raw);
+        }
+        if let (Some(apiary), Some(raw)) = (figure.per_second, raw.per_second) {
+            out += &format!("\n{what}: rate = {:.2} × raw", apiary / raw);
+        }
     }
     out
 }

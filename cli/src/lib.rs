@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_app;
 pub mod broker;
 pub mod commands;
 pub mod context;

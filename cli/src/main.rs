@@ -96,8 +96,13 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Measure the task path next to raw NATS on the same server.
+    /// Measure the task path (or the app store, or messaging) next to raw NATS on the same
+    /// server, in the same run.
     Bench {
+        /// What to measure: `tasks`, `kv` (the app store beside raw KV) or `pubsub`
+        /// (messaging beside core NATS).
+        #[arg(value_enum, default_value = "tasks")]
+        what: BenchTarget,
         /// Start a private local stack (nats-server, scheduler, agent) and measure that,
         /// instead of the cluster at --server.
         #[arg(long)]
@@ -118,6 +123,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What `apiary bench` measures.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BenchTarget {
+    Tasks,
+    Kv,
+    Pubsub,
 }
 
 #[derive(Debug, Subcommand)]
@@ -418,6 +431,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
+            what,
             local,
             samples,
             count,
@@ -436,16 +450,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 in_flight,
                 module: module.into(),
             };
+            let measure = |url: String| {
+                let options = options.clone();
+                async move {
+                    match what {
+                        BenchTarget::Tasks => apiary_cli::bench::run(&url, &options).await,
+                        BenchTarget::Kv => apiary_cli::bench_app::kv(&url, &options).await,
+                        BenchTarget::Pubsub => apiary_cli::bench_app::pubsub(&url, &options).await,
+                    }
+                }
+            };
             let figures = if local {
                 let stack = apiary_cli::dev::DevStack::start(0).await?;
-                let figures = apiary_cli::bench::run(stack.url(), &options).await;
+                let figures = measure(stack.url().to_owned()).await;
                 stack.stop().await?;
                 figures?
             } else {
-                apiary_cli::bench::run(
-                    &selected_context(&connection)?
+                measure(
+                    selected_context(&connection)?
                         .server_for_messages(connection.server.as_deref()),
-                    &options,
                 )
                 .await?
             };

@@ -436,3 +436,42 @@ async fn module_push_ls_and_rm() {
         apiary_sdk::ModuleErrorKind::NotFound
     );
 }
+
+#[tokio::test]
+async fn bench_kv_and_pubsub_print_each_apiary_row_beside_its_raw_one() {
+    let stack = Stack::start().await;
+    let options = apiary_cli::bench::BenchOptions {
+        latency_samples: 5,
+        throughput_count: 50,
+        in_flight: 8,
+        module: Default::default(),
+    };
+    for figures in [
+        apiary_cli::bench_app::kv(stack.url(), &options)
+            .await
+            .expect("bench kv"),
+        apiary_cli::bench_app::pubsub(stack.url(), &options)
+            .await
+            .expect("bench pubsub"),
+    ] {
+        let apiary_rows: Vec<_> = figures
+            .iter()
+            .filter_map(|figure| figure.name.strip_prefix("apiary "))
+            .collect();
+        assert!(!apiary_rows.is_empty());
+        for what in apiary_rows {
+            assert!(
+                figures
+                    .iter()
+                    .any(|figure| figure.name == format!("raw {what}")),
+                "no raw row beside apiary {what}"
+            );
+        }
+        for figure in &figures {
+            let measured = figure.p50_us.or(figure.per_second).unwrap_or(0.0);
+            assert!(measured > 0.0, "{figure:?}");
+        }
+        let report = apiary_cli::bench::report(&figures);
+        assert!(report.contains("× raw"), "{report}");
+    }
+}

@@ -1,0 +1,261 @@
+//! `apiary bench kv` and `apiary bench pubsub`: the app store and app messaging, next to raw
+//! async-nats KV and core publish/subscribe on the same server in the same run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use apiary_sdk::Client;
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt as _;
+
+use crate::bench::{BenchOptions, Figure, latency, throughput};
+
+/// The value size of every KV and messaging figure.
+const VALUE: &[u8] = &[b'v'; 128];
+/// The raw KV baseline's bucket, made for the run and removed after it.
+const RAW_BUCKET: &str = "APIARY_BENCH_RAW_KV";
+/// The namespace the apiary figures use, removed after the run.
+const NAMESPACE: &str = "bench";
+/// How many subscribers the fan-out figures feed.
+const FAN_OUT: usize = 4;
+
+/// Put and get latency and throughput, raw KV beside the app store.
+pub async fn kv(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let client = Client::connect(url).await.context("failed to connect")?;
+    let js = jetstream::new(client.nats().clone());
+    let _ = js.delete_key_value(RAW_BUCKET).await;
+    let raw = js
+        .create_key_value(kv::Config {
+            bucket: RAW_BUCKET.into(),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("failed to make the raw bucket")?;
+    let store = client.kv(NAMESPACE).await?;
+    let samples = options.latency_samples;
+    let value = Bytes::from_static(VALUE);
+
+    let mut figures = Vec::new();
+    let mut timings = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let started = Instant::now();
+        raw.put(format!("k{}", n % 64), value.clone()).await?;
+        timings.push(started.elapsed());
+    }
+    figures.push(latency("raw KV put", timings));
+    let mut timings = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let started = Instant::now();
+        store.put(&format!("k{}", n % 64), value.clone()).await?;
+        timings.push(started.elapsed());
+    }
+    figures.push(latency("apiary KV put", timings));
+    let mut timings = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let started = Instant::now();
+        raw.get(format!("k{}", n % 64)).await?;
+        timings.push(started.elapsed());
+    }
+    figures.push(latency("raw KV get", timings));
+    let mut timings = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let started = Instant::now();
+        store.get(&format!("k{}", n % 64)).await?;
+        timings.push(started.elapsed());
+    }
+    figures.push(latency("apiary KV get", timings));
+
+    let count = options.throughput_count;
+    let in_flight = options.in_flight.max(1);
+    let started = Instant::now();
+    run_all(count, in_flight, |n| {
+        let raw = raw.clone();
+        let value = value.clone();
+        async move {
+            raw.put(format!("k{}", n % 1024), value)
+                .await
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
+    figures.push(throughput(
+        &format!("raw KV puts, {in_flight} in flight"),
+        count,
+        started.elapsed(),
+    ));
+    let started = Instant::now();
+    run_all(count, in_flight, |n| {
+        let store = store.clone();
+        let value = value.clone();
+        async move {
+            store
+                .put(&format!("k{}", n % 1024), value)
+                .await
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
+    figures.push(throughput(
+        &format!("apiary KV puts, {in_flight} in flight"),
+        count,
+        started.elapsed(),
+    ));
+    let started = Instant::now();
+    run_all(count, in_flight, |n| {
+        let raw = raw.clone();
+        async move {
+            raw.get(format!("k{}", n % 1024))
+                .await
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
+    figures.push(throughput(
+        &format!("raw KV gets, {in_flight} in flight"),
+        count,
+        started.elapsed(),
+    ));
+    let started = Instant::now();
+    run_all(count, in_flight, |n| {
+        let store = store.clone();
+        async move {
+            store
+                .get(&format!("k{}", n % 1024))
+                .await
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await?;
+    figures.push(throughput(
+        &format!("apiary KV gets, {in_flight} in flight"),
+        count,
+        started.elapsed(),
+    ));
+
+    let _ = js.delete_key_value(RAW_BUCKET).await;
+    let _ = js
+        .delete_key_value(apiary_proto::topology::app_bucket_name(
+            &NAMESPACE.parse().expect("a valid namespace"),
+        ))
+        .await;
+    Ok(figures)
+}
+
+/// Publish-to-receive latency and fan-out to four subscribers, raw core NATS beside app
+/// messaging.
+pub async fn pubsub(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let client = Client::connect(url).await.context("failed to connect")?;
+    let nats = client.nats().clone();
+    let topics = client.pubsub(NAMESPACE)?;
+    let samples = options.latency_samples;
+    let value = Bytes::from_static(VALUE);
+    let mut figures = Vec::new();
+
+    let mut raw_sub = nats.subscribe("bench.raw.latency").await?;
+    nats.flush().await?;
+    let mut timings = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        nats.publish("bench.raw.latency", value.clone()).await?;
+        raw_sub.next().await.context("the raw subscription ended")?;
+        timings.push(started.elapsed());
+    }
+    figures.push(latency("raw publish → receive", timings));
+    drop(raw_sub);
+
+    let mut app_sub = topics.subscribe("latency").await?;
+    nats.flush().await?;
+    let mut timings = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        topics.publish("latency", value.clone()).await?;
+        app_sub.next().await.context("the subscription ended")?;
+        timings.push(started.elapsed());
+    }
+    figures.push(latency("apiary publish → receive", timings));
+    drop(app_sub);
+
+    let count = options.throughput_count;
+    let raw_subs =
+        futures::future::try_join_all((0..FAN_OUT).map(|_| nats.subscribe("bench.raw.fanout")))
+            .await?;
+    nats.flush().await?;
+    let started = Instant::now();
+    let receiving = receive_all(raw_subs, count);
+    for _ in 0..count {
+        nats.publish("bench.raw.fanout", value.clone()).await?;
+    }
+    nats.flush().await?;
+    receiving.await??;
+    figures.push(throughput(
+        &format!("raw fan-out to {FAN_OUT} (deliveries)"),
+        count * FAN_OUT,
+        started.elapsed(),
+    ));
+
+    let mut app_subs = Vec::new();
+    for _ in 0..FAN_OUT {
+        app_subs.push(topics.subscribe("fanout").await?);
+    }
+    nats.flush().await?;
+    let started = Instant::now();
+    let receiving = receive_all(app_subs, count);
+    for _ in 0..count {
+        topics.publish("fanout", value.clone()).await?;
+    }
+    nats.flush().await?;
+    receiving.await??;
+    figures.push(throughput(
+        &format!("apiary fan-out to {FAN_OUT} (deliveries)"),
+        count * FAN_OUT,
+        started.elapsed(),
+    ));
+    Ok(figures)
+}
+
+/// Runs `operation(0..count)` with at most `in_flight` at once.
+async fn run_all<F, Fut>(count: usize, in_flight: usize, operation: F) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut running = futures::stream::iter(0..count)
+        .map(operation)
+        .buffer_unordered(in_flight);
+    while let Some(done) = running.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// Reads `count` messages from each subscription, in the background; fails after a minute
+/// (the server dropped messages for a slow consumer).
+fn receive_all<S>(
+    subscriptions: Vec<S>,
+    count: usize,
+) -> tokio::task::JoinHandle<anyhow::Result<()>>
+where
+    S: futures::Stream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let all = subscriptions
+            .into_iter()
+            .map(|mut subscription| async move {
+                for _ in 0..count {
+                    if subscription.next().await.is_none() {
+                        return;
+                    }
+                }
+            });
+        tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(all))
+            .await
+            .map(drop)
+            .context("the subscribers did not get every message within a minute")
+    })
+}
