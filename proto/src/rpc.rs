@@ -20,13 +20,13 @@ use crate::headers;
 use crate::id::NodeId;
 use crate::identity::{self, KeyPair};
 use crate::message::{ErrorBody, ErrorCode, Reply};
-use crate::subject::{self, Subject};
+use crate::subject::{self, NodeVerb, Subject};
 
 /// Why a request got no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// Nobody listens on the subject: no scheduler (or other responder) is running.
-    #[error("no responders on {subject}: is the service running?")]
+    #[error("nobody answered on {subject}: is {} running?", responder_of(subject))]
     NoResponders { subject: String },
     #[error("no reply on {subject} within {timeout:?}")]
     TimedOut { subject: String, timeout: Duration },
@@ -40,6 +40,15 @@ pub enum RequestError {
     /// The responder answered with a refusal.
     #[error("request refused: {0}")]
     Refused(ErrorBody),
+}
+
+/// Who answers requests on `subject`, for the hint when nobody does: a node's agent for its
+/// status, a scheduler replica for everything else.
+fn responder_of(subject: &str) -> String {
+    match subject::parse_node_subject(subject) {
+        Some((node, NodeVerb::Status)) => format!("apiary-agent on node {node}"),
+        _ => "apiary-scheduler".to_owned(),
+    }
 }
 
 /// Sends `request` to `subject` and decodes the [`Reply`].
@@ -241,6 +250,25 @@ pub async fn serve_inbound<Req, Resp, H, Fut>(
 mod tests {
     use super::*;
     use crate::message::ErrorCode;
+
+    #[test]
+    fn nobody_answering_names_who_should_have() {
+        let scheduler = RequestError::NoResponders {
+            subject: "apiary.v1.nodes.list".into(),
+        };
+        assert_eq!(
+            scheduler.to_string(),
+            "nobody answered on apiary.v1.nodes.list: is apiary-scheduler running?"
+        );
+        let agent = RequestError::NoResponders {
+            subject: "apiary.v1.node.pi-1.status".into(),
+        };
+        assert!(
+            agent
+                .to_string()
+                .ends_with("is apiary-agent on node pi-1 running?")
+        );
+    }
 
     #[test]
     fn refusals_carry_micro_error_headers() {
