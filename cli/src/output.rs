@@ -6,11 +6,44 @@ use apiary_proto::admin::TokenInfo;
 use apiary_proto::lifecycle::TaskRecord;
 use apiary_proto::message::NodeSummary;
 use comfy_table::presets::NOTHING;
-use comfy_table::{Cell, CellAlignment, Table};
+use apiary_proto::lifecycle::TaskState;
+use apiary_proto::message::NodeStatus;
+use comfy_table::{Cell, CellAlignment, Color, Table};
+
+/// A table that styles its cells only for a person: comfy-table colours only when stdout is
+/// a terminal, and here not even then if `NO_COLOR` is set (no-color.org).
+fn new_table() -> Table {
+    let mut table = Table::new();
+    if std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty()) {
+        table.force_no_tty();
+    }
+    table
+}
+
+/// The colour of a node's status: green online, red offline, grey once it has left.
+fn status_color(status: NodeStatus) -> Color {
+    match status {
+        NodeStatus::Online => Color::Green,
+        NodeStatus::Offline => Color::Red,
+        NodeStatus::Left => Color::DarkGrey,
+    }
+}
+
+/// The colour of a task's state: green succeeded, red for every failure, yellow cancelled,
+/// cyan while it is placed or running, plain while it waits.
+fn state_color(state: TaskState) -> Color {
+    match state {
+        TaskState::Succeeded => Color::Green,
+        TaskState::Failed | TaskState::TimedOut | TaskState::Dead => Color::Red,
+        TaskState::Cancelled => Color::Yellow,
+        TaskState::Scheduled | TaskState::Running => Color::Cyan,
+        TaskState::Pending => Color::Reset,
+    }
+}
 
 /// The node table of `apiary nodes ls`, as of `now_ms`.
 pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
-    let mut table = Table::new();
+    let mut table = new_table();
     table.load_preset(NOTHING).set_header(vec![
         "NODE",
         "STATUS",
@@ -31,7 +64,7 @@ pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
         let metrics = node.metrics.as_ref();
         table.add_row(vec![
             Cell::new(&info.node_id),
-            Cell::new(node.status),
+            Cell::new(node.status).fg(status_color(node.status)),
             Cell::new(node.scheduling),
             Cell::new(&info.hostname),
             Cell::new(&info.arch),
@@ -136,7 +169,7 @@ pub fn node_detail(node: &NodeSummary, now_ms: u64) -> String {
 
 /// The token table of `apiary tokens ls`.
 pub fn token_table(tokens: &[TokenInfo], now_ms: u64) -> String {
-    let mut table = Table::new();
+    let mut table = new_table();
     table.load_preset(NOTHING).set_header(vec![
         "ID",
         "DESCRIPTION",
@@ -175,7 +208,7 @@ pub fn token_table(tokens: &[TokenInfo], now_ms: u64) -> String {
 
 /// A plain table of text cells under `header`, for listings with no special columns.
 pub fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
-    let mut table = Table::new();
+    let mut table = new_table();
     table.load_preset(NOTHING).set_header(header.to_vec());
     for row in rows {
         table.add_row(row);
@@ -190,7 +223,7 @@ pub fn time_ago(then_ms: u64, now_ms: u64) -> String {
 
 /// The task table of `apiary task ls`.
 pub fn task_table(tasks: &[TaskRecord], now_ms: u64) -> String {
-    let mut table = Table::new();
+    let mut table = new_table();
     table.load_preset(NOTHING).set_header(vec![
         "TASK",
         "STATE",
@@ -204,7 +237,7 @@ pub fn task_table(tasks: &[TaskRecord], now_ms: u64) -> String {
     for task in tasks {
         table.add_row(vec![
             Cell::new(&task.id),
-            Cell::new(task.state),
+            Cell::new(task.state).fg(state_color(task.state)),
             Cell::new(task.attempt).set_alignment(CellAlignment::Right),
             Cell::new(task.node_id.as_ref().map_or("-", |node| node.as_str())),
             Cell::new(format!("{:?}", task.task.priority).to_lowercase()),
