@@ -9,6 +9,7 @@ pub mod broker;
 pub mod commands;
 pub mod context;
 pub mod dev;
+pub mod map;
 pub mod modules;
 pub mod output;
 pub mod tasks;

@@ -177,6 +177,23 @@ enum TaskCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         queue_timeout: Option<Duration>,
     },
+    /// Run a module once per line of input (a file, or `-` for stdin), with at most
+    /// --in-flight tasks at once, and print the outputs in input order. Exits 1 if any
+    /// task failed.
+    Map {
+        module: PathBuf,
+        /// The inputs, one per line.
+        #[arg(long, default_value = "-")]
+        lines: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// The longest each task may run.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// One JSON object per task as it ends (index, task id, stdout or error).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a task's record: state, attempt, node, reason, history.
     Status {
         id: TaskId,
@@ -647,6 +664,35 @@ async fn task(client: apiary_sdk::Client, command: TaskCommand) -> anyhow::Resul
             };
             let code = commands::task_submit(&client, options, &mut out).await?;
             Ok(ExitCode::from(code))
+        }
+        TaskCommand::Map {
+            module,
+            lines,
+            in_flight,
+            timeout,
+            json,
+        } => {
+            let text = read_input(Some(&lines))?;
+            let inputs = text
+                .split(|byte| *byte == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect();
+            let options = apiary_cli::map::MapOptions {
+                module: std::fs::read(&module)
+                    .with_context(|| format!("failed to read module {}", module.display()))?,
+                inputs,
+                in_flight,
+                timeout,
+                json,
+                progress: true,
+            };
+            let failed = apiary_cli::map::map(&client, options, &mut out.stdout).await?;
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         TaskCommand::Status { id, json } => {
             tasks::status(&client, &id, json, &mut out.stdout).await?;

@@ -35,7 +35,17 @@ pub async fn module(
         ModuleCommand::Push { path } => {
             let bytes = std::fs::read(&path)
                 .with_context(|| format!("failed to read module {}", path.display()))?;
-            let reference = modules.put(&bytes).await?;
+            // A spinner on stderr while the module goes up (hidden when stderr is not a
+            // terminal): the object store takes it in chunks, without progress to report.
+            let spinner = indicatif::ProgressBar::new_spinner().with_message(format!(
+                "uploading {} ({} bytes)",
+                path.display(),
+                bytes.len()
+            ));
+            spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+            let reference = modules.put(&bytes).await;
+            spinner.finish_and_clear();
+            let reference = reference?;
             writeln!(out, "{}", reference.sha256)?;
         }
         ModuleCommand::Ls { json } => {

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use apiary_proto::admin::TokenInfo;
 use apiary_proto::lifecycle::TaskRecord;
-use apiary_proto::message::NodeSummary;
-use comfy_table::presets::NOTHING;
 use apiary_proto::lifecycle::TaskState;
 use apiary_proto::message::NodeStatus;
+use apiary_proto::message::NodeSummary;
+use comfy_table::presets::NOTHING;
 use comfy_table::{Cell, CellAlignment, Color, Table};
 
 /// A table that styles its cells only for a person: comfy-table colours only when stdout is

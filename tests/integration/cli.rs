@@ -475,3 +475,48 @@ async fn bench_kv_and_pubsub_print_each_apiary_row_beside_its_raw_one() {
         assert!(report.contains("× raw"), "{report}");
     }
 }
+
+#[tokio::test]
+async fn task_map_prints_every_output_in_input_order() {
+    use apiary_cli::map::{MapOptions, map};
+
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = commands::connect(stack.url()).await.expect("connect");
+    let inputs: Vec<Vec<u8>> = (0..25).map(|n| format!("line {n}").into_bytes()).collect();
+    let options = MapOptions {
+        module: wasm("uppercase").to_vec(),
+        inputs: inputs.clone(),
+        in_flight: 4,
+        timeout: Duration::from_secs(10),
+        json: false,
+        progress: false,
+    };
+    let mut out = Vec::new();
+    let failed = within(PATIENCE, "the map", map(&client, options.clone(), &mut out))
+        .await
+        .expect("map");
+    assert_eq!(failed, 0);
+    let expected: String = (0..25).map(|n| format!("LINE {n}\n")).collect();
+    assert_eq!(String::from_utf8(out).expect("utf-8"), expected);
+
+    let mut out = Vec::new();
+    let json = MapOptions {
+        json: true,
+        ..options
+    };
+    within(PATIENCE, "the map", map(&client, json, &mut out))
+        .await
+        .expect("map");
+    let mut indexes: Vec<u64> = String::from_utf8(out)
+        .expect("utf-8")
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            let index = value["index"].as_u64().expect("an index");
+            assert_eq!(value["stdout"], format!("LINE {index}"));
+            index
+        })
+        .collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, (0..25).collect::<Vec<_>>());
+}
