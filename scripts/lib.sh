@@ -13,7 +13,7 @@ REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
 TOOLS_DIR="$REPO_ROOT/.tools"
 
 # The oldest nats-server apiary supports: async-nats cannot create KV buckets on 2.9, and
-# Debian 12 still ships 2.9.10. Keep in step with MIN_SERVER_VERSION in cli/src/broker.rs.
+# Debian 12 still ships 2.9.10. Keep in step with MIN_SERVER_VERSION in broker/src/lib.rs.
 NATS_MIN_MAJOR=2
 NATS_MIN_MINOR=10
 

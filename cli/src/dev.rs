@@ -15,7 +15,7 @@ use apiary_scheduler::SchedulerConfig;
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerOptions, DEV_CONFIG, NatsServer};
+use apiary_broker::{BrokerOptions, DEV_CONFIG, NatsServer};
 
 /// How long the stack may take to have a node online.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,11 +1,12 @@
 //! The `apiary` command line, as a library so that the integration tests reuse its pieces:
-//! the private `nats-server` launcher ([`broker`]), the local stack of `apiary dev` ([`dev`]),
-//! the benchmarks of `apiary bench` ([`bench`]) and the tables it prints ([`output`]).
+//! the local stack of `apiary dev` ([`dev`]), the commands ([`commands`], [`tasks`], [`app`],
+//! [`modules`], [`map`]), the benchmarks of `apiary bench` ([`bench`], [`bench_app`]) and
+//! the tables it prints ([`output`]). The private `nats-server` launcher is its own crate,
+//! `apiary-broker`, which the tests use without the CLI.
 
 pub mod app;
 pub mod bench;
 pub mod bench_app;
-pub mod broker;
 pub mod commands;
 pub mod context;
 pub mod dev;

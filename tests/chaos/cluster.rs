@@ -498,7 +498,7 @@ fn describe(status: ExitStatus) -> String {
 
 /// The binary of `nats-server`: `NATS_SERVER_BIN`, else the one on `PATH`.
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
-    apiary_cli::broker::NatsServer::binary().map_err(anyhow::Error::from)
+    apiary_broker::NatsServer::binary().map_err(anyhow::Error::from)
 }
 
 /// The directory the driver's own binary lives in (`target/<profile>`), where cargo also put

@@ -19,7 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use apiary_agent::AgentConfig;
-use apiary_cli::broker::{BrokerOptions, DEV_CONFIG, NatsServer};
+use apiary_broker::{BrokerOptions, DEV_CONFIG, NatsServer};
 use apiary_proto::message::{NodeLiveness, NodeRecord, NodeState, TaskResult};
 use apiary_proto::topology::NodeKey;
 use apiary_proto::{Encoding, NodeId, topology};

@@ -53,7 +53,7 @@ async fn a_result_stored_while_the_client_was_cut_off_still_reaches_its_handle()
 
 #[tokio::test]
 async fn connect_options_authenticate_and_each_failure_has_its_kind() {
-    use apiary_cli::broker::{BrokerOptions, NatsServer};
+    use apiary_broker::{BrokerOptions, NatsServer};
     use apiary_sdk::{ConnectErrorKind, ConnectOptions};
     use std::time::Duration;
 
