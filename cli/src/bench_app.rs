@@ -37,106 +37,69 @@ pub async fn kv(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>
     let samples = options.latency_samples;
     let value = Bytes::from_static(VALUE);
 
-    let mut figures = Vec::new();
-    let mut timings = Vec::with_capacity(samples);
-    for n in 0..samples {
-        let started = Instant::now();
-        raw.put(format!("k{}", n % 64), value.clone()).await?;
-        timings.push(started.elapsed());
-    }
-    figures.push(latency("raw KV put", timings));
-    let mut timings = Vec::with_capacity(samples);
-    for n in 0..samples {
-        let started = Instant::now();
-        store.put(&format!("k{}", n % 64), value.clone()).await?;
-        timings.push(started.elapsed());
-    }
-    figures.push(latency("apiary KV put", timings));
-    let mut timings = Vec::with_capacity(samples);
-    for n in 0..samples {
-        let started = Instant::now();
-        raw.get(format!("k{}", n % 64)).await?;
-        timings.push(started.elapsed());
-    }
-    figures.push(latency("raw KV get", timings));
-    let mut timings = Vec::with_capacity(samples);
-    for n in 0..samples {
-        let started = Instant::now();
-        store.get(&format!("k{}", n % 64)).await?;
-        timings.push(started.elapsed());
-    }
-    figures.push(latency("apiary KV get", timings));
+    let key = |n: usize| format!("k{}", n % 64);
+    let mut figures = vec![
+        timed("raw KV put", samples, |n| raw.put(key(n), value.clone())).await?,
+        timed("apiary KV put", samples, |n| {
+            let store = store.clone();
+            let value = value.clone();
+            async move { store.put(&key(n), value).await }
+        })
+        .await?,
+        timed("raw KV get", samples, |n| raw.get(key(n))).await?,
+        timed("apiary KV get", samples, |n| {
+            let store = store.clone();
+            async move { store.get(&key(n)).await }
+        })
+        .await?,
+    ];
 
     let count = options.throughput_count;
     let in_flight = options.in_flight.max(1);
-    let started = Instant::now();
-    run_all(count, in_flight, |n| {
-        let raw = raw.clone();
-        let value = value.clone();
-        async move {
-            raw.put(format!("k{}", n % 1024), value)
-                .await
-                .map(drop)
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await?;
-    figures.push(throughput(
-        &format!("raw KV puts, {in_flight} in flight"),
-        count,
-        started.elapsed(),
-    ));
-    let started = Instant::now();
-    run_all(count, in_flight, |n| {
-        let store = store.clone();
-        let value = value.clone();
-        async move {
-            store
-                .put(&format!("k{}", n % 1024), value)
-                .await
-                .map(drop)
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await?;
-    figures.push(throughput(
-        &format!("apiary KV puts, {in_flight} in flight"),
-        count,
-        started.elapsed(),
-    ));
-    let started = Instant::now();
-    run_all(count, in_flight, |n| {
-        let raw = raw.clone();
-        async move {
-            raw.get(format!("k{}", n % 1024))
-                .await
-                .map(drop)
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await?;
-    figures.push(throughput(
-        &format!("raw KV gets, {in_flight} in flight"),
-        count,
-        started.elapsed(),
-    ));
-    let started = Instant::now();
-    run_all(count, in_flight, |n| {
-        let store = store.clone();
-        async move {
-            store
-                .get(&format!("k{}", n % 1024))
-                .await
-                .map(drop)
-                .map_err(anyhow::Error::from)
-        }
-    })
-    .await?;
-    figures.push(throughput(
-        &format!("apiary KV gets, {in_flight} in flight"),
-        count,
-        started.elapsed(),
-    ));
+    let key = |n: usize| format!("k{}", n % 1024);
+    figures.push(
+        rate(
+            &format!("raw KV puts, {in_flight} in flight"),
+            count,
+            in_flight,
+            |n| raw.put(key(n), value.clone()),
+        )
+        .await?,
+    );
+    figures.push(
+        rate(
+            &format!("apiary KV puts, {in_flight} in flight"),
+            count,
+            in_flight,
+            |n| {
+                let store = store.clone();
+                let value = value.clone();
+                async move { store.put(&key(n), value).await }
+            },
+        )
+        .await?,
+    );
+    figures.push(
+        rate(
+            &format!("raw KV gets, {in_flight} in flight"),
+            count,
+            in_flight,
+            |n| raw.get(key(n)),
+        )
+        .await?,
+    );
+    figures.push(
+        rate(
+            &format!("apiary KV gets, {in_flight} in flight"),
+            count,
+            in_flight,
+            |n| {
+                let store = store.clone();
+                async move { store.get(&key(n)).await }
+            },
+        )
+        .await?,
+    );
 
     let _ = js.delete_key_value(RAW_BUCKET).await;
     let _ = js
@@ -219,19 +182,42 @@ pub async fn pubsub(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Fig
     Ok(figures)
 }
 
-/// Runs `operation(0..count)` with at most `in_flight` at once.
-async fn run_all<F, Fut>(count: usize, in_flight: usize, operation: F) -> anyhow::Result<()>
+/// The latency figure `name`: `operation(0..samples)`, one after another.
+async fn timed<F, Fut, T, E>(name: &str, samples: usize, operation: F) -> anyhow::Result<Figure>
 where
     F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error + Send + Sync + 'static,
 {
+    let mut timings = Vec::with_capacity(samples);
+    for n in 0..samples {
+        let started = Instant::now();
+        operation(n).await?;
+        timings.push(started.elapsed());
+    }
+    Ok(latency(name, timings))
+}
+
+/// The throughput figure `name`: `operation(0..count)` with at most `in_flight` at once.
+async fn rate<F, Fut, T, E>(
+    name: &str,
+    count: usize,
+    in_flight: usize,
+    operation: F,
+) -> anyhow::Result<Figure>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let started = Instant::now();
     let mut running = futures::stream::iter(0..count)
         .map(operation)
         .buffer_unordered(in_flight);
     while let Some(done) = running.next().await {
         done?;
     }
-    Ok(())
+    Ok(throughput(name, count, started.elapsed()))
 }
 
 /// Reads `count` messages from each subscription, in the background; fails after a minute
