@@ -119,7 +119,7 @@ pub async fn kv(
             key,
             json,
         } => {
-            let store = client.kv(&namespace).await?;
+            let store = client.kv_existing(&namespace).await?;
             if json {
                 let entry = store
                     .entry(&key)
@@ -166,7 +166,7 @@ pub async fn kv(
             key,
             purge,
         } => {
-            let store = client.kv(&namespace).await?;
+            let store = client.kv_existing(&namespace).await?;
             if purge {
                 store.purge(&key).await?;
             } else {
@@ -180,7 +180,7 @@ pub async fn kv(
             after,
             json,
         } => {
-            let store = client.kv(&namespace).await?;
+            let store = client.kv_existing(&namespace).await?;
             let prefix = prefix.unwrap_or_default();
             match limit {
                 Some(limit) => {
@@ -230,7 +230,7 @@ pub async fn kv(
             count,
             json,
         } => {
-            let store = client.kv(&namespace).await?;
+            let store = client.kv_existing(&namespace).await?;
             let mut changes = std::pin::pin!(store.watch(&prefix.unwrap_or_default()).await?);
             let mut seen = 0;
             while count.is_none_or(|count| seen < count) {
@@ -258,7 +258,7 @@ pub async fn kv(
             key,
             json,
         } => {
-            let history = client.kv(&namespace).await?.history(&key).await?;
+            let history = client.kv_existing(&namespace).await?.history(&key).await?;
             if json {
                 let entries: Vec<_> = history.iter().map(entry_json).collect();
                 writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?;

@@ -13,10 +13,10 @@ use crate::bench::{BenchOptions, Figure, latency, throughput};
 
 /// The value size of every KV and messaging figure.
 const VALUE: &[u8] = &[b'v'; 128];
-/// The raw KV baseline's bucket, made for the run and removed after it.
-const RAW_BUCKET: &str = "APIARY_BENCH_RAW_KV";
-/// The namespace the apiary figures use, removed after the run.
-const NAMESPACE: &str = "bench";
+/// The prefix of the raw KV baseline's bucket and of the namespaces the apiary figures use:
+/// each run makes its own (with a fresh suffix) and removes them after it, so that a run
+/// against a real cluster never touches anyone's data.
+const RUN_PREFIX: &str = "apiary-bench-";
 /// How many subscribers the fan-out figures feed.
 const FAN_OUT: usize = 4;
 
@@ -24,16 +24,34 @@ const FAN_OUT: usize = 4;
 pub async fn kv(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let client = Client::connect(url).await.context("failed to connect")?;
     let js = jetstream::new(client.nats().clone());
-    let _ = js.delete_key_value(RAW_BUCKET).await;
+    let run = format!("{RUN_PREFIX}{}", apiary_sdk::TaskId::generate());
+    let namespace: apiary_proto::Namespace = run.parse().context("a run's namespace")?;
+    let raw_bucket = format!("{run}-raw");
+    let measured = measure_kv(&client, &js, &raw_bucket, &namespace, options).await;
+    // Removed however the run went.
+    let _ = js.delete_key_value(&raw_bucket).await;
+    let _ = js
+        .delete_key_value(apiary_proto::topology::app_bucket_name(&namespace))
+        .await;
+    measured
+}
+
+async fn measure_kv(
+    client: &Client,
+    js: &jetstream::Context,
+    raw_bucket: &str,
+    namespace: &apiary_proto::Namespace,
+    options: &BenchOptions,
+) -> anyhow::Result<Vec<Figure>> {
     let raw = js
         .create_key_value(kv::Config {
-            bucket: RAW_BUCKET.into(),
+            bucket: raw_bucket.into(),
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         })
         .await
         .context("failed to make the raw bucket")?;
-    let store = client.kv(NAMESPACE).await?;
+    let store = client.kv(namespace.as_str()).await?;
     let samples = options.latency_samples;
     let value = Bytes::from_static(VALUE);
 
@@ -101,12 +119,6 @@ pub async fn kv(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>
         .await?,
     );
 
-    let _ = js.delete_key_value(RAW_BUCKET).await;
-    let _ = js
-        .delete_key_value(apiary_proto::topology::app_bucket_name(
-            &NAMESPACE.parse().expect("a valid namespace"),
-        ))
-        .await;
     Ok(figures)
 }
 
@@ -115,7 +127,7 @@ pub async fn kv(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>
 pub async fn pubsub(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let client = Client::connect(url).await.context("failed to connect")?;
     let nats = client.nats().clone();
-    let topics = client.pubsub(NAMESPACE)?;
+    let topics = client.pubsub(&format!("{RUN_PREFIX}{}", apiary_sdk::TaskId::generate()))?;
     let samples = options.latency_samples;
     let value = Bytes::from_static(VALUE);
     let mut figures = Vec::new();

@@ -164,7 +164,7 @@ mod tests {
     }
 
     #[test]
-    fn flags_and_environment_override_the_context() {
+    fn a_server_from_the_command_line_overrides_the_contexts() {
         let (_dir, path) = file(FILE);
         let prod = load(&path, None).unwrap();
         assert_eq!(prod.server_for_messages(None), "tls://prod:4222");

@@ -213,6 +213,10 @@ pub fn app_topics_stream(namespace: &Namespace) -> stream::Config {
         storage: stream::StorageType::File,
         max_age: APP_TOPICS_MAX_AGE,
         max_bytes: APP_TOPICS_MAX_BYTES,
+        // Without it JetStream would answer every captured message that has a reply
+        // subject with its publish ack, and a request on a topic would get that ack
+        // instead of the responder's answer.
+        no_ack: true,
         ..Default::default()
     }
 }

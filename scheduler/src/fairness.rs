@@ -117,7 +117,8 @@ impl EmptyQueues {
         }
     }
 
-    /// The queues worth asking at `now_ms`, given those `published` to since the last look.
+    /// The queues worth asking at `now_ms` (a monotonic clock), given those `published` to
+    /// since the last look.
     pub fn worth_asking(&mut self, published: Queues, now_ms: u64) -> Queues {
         let mut queues = Queues::NONE;
         for priority in Priority::ALL {

@@ -80,6 +80,10 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
     };
     let mut fair = FairShare::default();
     let mut empty = EmptyQueues::new(IDLE_TICK.as_millis() as u64);
+    // The clock `empty` is read on: monotonic, so that a wall clock stepped back cannot
+    // keep a queue taken for empty past its recheck.
+    let started = tokio::time::Instant::now();
+    let elapsed_ms = move || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let mut outcome = Ok(());
     loop {
         while intake.in_flight.try_join_next().is_some() {}
@@ -104,9 +108,9 @@ pub(crate) async fn intake(shared: Arc<Shared>, stop: CancellationToken) -> anyh
         // Taken before the round looks, so that a submission published while it looks
         // wakes the next one.
         let woken = published.take();
-        let asking = empty.worth_asking(woken, now_ms());
+        let asking = empty.worth_asking(woken, elapsed_ms());
         let Some(round) = intake
-            .fair_round(&mut fair, &mut empty, asking, &mut held)
+            .fair_round(&mut fair, &mut empty, asking, &mut held, elapsed_ms)
             .await
         else {
             break;
@@ -278,6 +282,7 @@ impl Intake {
         empty: &mut EmptyQueues,
         mut taking_part: Queues,
         held: &mut Vec<OwnedSemaphorePermit>,
+        elapsed_ms: impl Fn() -> u64,
     ) -> Option<Round> {
         let mut round = Round::default();
         while !held.is_empty() && !taking_part.is_empty() {
@@ -297,7 +302,7 @@ impl Intake {
                 round.took += took;
                 if took < asked {
                     taking_part = taking_part.without(priority);
-                    empty.found_empty(priority, now_ms());
+                    empty.found_empty(priority, elapsed_ms());
                 }
             }
         }

@@ -54,7 +54,7 @@ pub struct ConnectOptions {
     request_timeout: Option<Duration>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 enum Auth {
     #[default]
     None,
@@ -62,6 +62,21 @@ enum Auth {
     NkeySeed(String),
     Token(String),
     UserPassword(String, String),
+}
+
+/// Names the kind of credentials, never the secret: options end up in logs.
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::CredentialsFile(path) => f.debug_tuple("CredentialsFile").field(path).finish(),
+            Auth::NkeySeed(_) => f.write_str("NkeySeed(<hidden>)"),
+            Auth::Token(_) => f.write_str("Token(<hidden>)"),
+            Auth::UserPassword(user, _) => {
+                write!(f, "UserPassword({user:?}, <hidden>)")
+            }
+        }
+    }
 }
 
 impl ConnectOptions {

@@ -31,7 +31,7 @@ pub enum KvErrorKind {
     InvalidNamespace,
     /// The key or prefix is not dot-joined tokens of `[A-Za-z0-9_=/-]`.
     InvalidKey,
-    /// No value under the key.
+    /// No value under the key (or, from [`Client::kv_existing`], no such namespace).
     NotFound,
     /// `create` found the key already there.
     AlreadyExists,
@@ -129,6 +129,31 @@ impl Client {
         }
         self.create_kv(namespace.as_str(), &StoreSettings::default())
             .await
+    }
+
+    /// Opens namespace `namespace` only if it exists; [`KvErrorKind::NotFound`] if not.
+    /// For readers, which should not create a namespace by misspelling one.
+    pub async fn kv_existing(&self, namespace: &str) -> Result<Kv, KvError> {
+        let namespace = parse_namespace(namespace)?;
+        match self
+            .jetstream()
+            .get_key_value(topology::app_bucket_name(&namespace))
+            .await
+        {
+            Ok(store) => Kv::opened(self, namespace, store).await,
+            Err(err) if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
+                Err(KvError::with_source(
+                    KvErrorKind::NotFound,
+                    format!("no namespace {namespace}"),
+                    err,
+                ))
+            }
+            Err(err) => Err(KvError::with_source(
+                KvErrorKind::Namespace,
+                format!("failed to open namespace {namespace}"),
+                err,
+            )),
+        }
     }
 
     /// Creates namespace `namespace` with `settings`, or opens it as it is if it exists.

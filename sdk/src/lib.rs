@@ -1,7 +1,7 @@
 //! Submit WebAssembly tasks to an apiary cluster and await their results.
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), apiary_sdk::Error> {
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let client = apiary_sdk::Client::connect("nats://127.0.0.1:4222").await?;
 //! let module = std::fs::read("wordcount.wasm").expect("module");
 //! let handle = client
@@ -164,7 +164,9 @@ struct Inner {
     inbox: String,
     routes: Routes,
     /// Module digests known to be in the module store, so each is checked once.
-    uploaded: Mutex<HashSet<String>>,
+    /// Module digests found in the module store lately, and when: a submit within
+    /// [`modules::UPLOAD_MEMORY`] of that does not ask the store again.
+    uploaded: Mutex<HashMap<String, std::time::Instant>>,
     router: tokio::task::JoinHandle<()>,
     catch_up: tokio::task::JoinHandle<()>,
 }

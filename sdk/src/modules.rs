@@ -29,6 +29,12 @@ pub enum ModuleErrorKind {
     Store,
 }
 
+/// How long a client trusts that a module it found in the store is still there. Without a
+/// bound, a module removed by someone else (`apiary module rm`) would never be uploaded again
+/// by a long-lived client, and its tasks would fail with `module_unavailable`; with it, that
+/// lasts at most this long, for one store lookup per module per period.
+pub const UPLOAD_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A module in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleInfo {
@@ -100,7 +106,10 @@ impl Modules {
     /// botched hand upload) are replaced.
     pub async fn put(&self, module: &[u8]) -> Result<ModuleRef, ModuleError> {
         let reference = ModuleRef::for_bytes(module);
-        if lock(&self.client.inner.uploaded).contains(&reference.sha256) {
+        let known = lock(&self.client.inner.uploaded)
+            .get(&reference.sha256)
+            .is_some_and(|seen| seen.elapsed() < UPLOAD_MEMORY);
+        if known {
             return Ok(reference);
         }
         let store = self.store().await?;
@@ -119,7 +128,8 @@ impl Modules {
                 .map_err(|err| store_error("store a module", err))?;
             tracing::debug!(module = %reference.sha256, size = module.len(), "module uploaded");
         }
-        lock(&self.client.inner.uploaded).insert(reference.sha256.clone());
+        lock(&self.client.inner.uploaded)
+            .insert(reference.sha256.clone(), std::time::Instant::now());
         Ok(reference)
     }
 

@@ -144,7 +144,11 @@ impl PubSub {
         })
     }
 
-    /// Answers a request received on a subscription.
+    /// Answers a request received on a subscription, on the reply subject the requester
+    /// chose. That subject is not checked against the namespace: a requester could name any
+    /// subject the responder may publish to, so a responder that must stay inside its
+    /// namespace needs server permissions that allow it only `_INBOX.>` (or its clients'
+    /// inbox prefix) besides its own topics.
     pub async fn respond(
         &self,
         request: &TopicMessage,
@@ -201,7 +205,10 @@ impl PubSub {
     /// ([`DurableMessage::ack`]), so at least once; one not acknowledged within 30 s comes
     /// again. A later call with the same name picks up where the last one left off (and
     /// moves the subscriber to the new filter if it differs). From the first durable
-    /// subscriber on, every message of the namespace is stored (for 24 hours or 128 MiB at most).
+    /// subscriber on, every message of the namespace is stored (for 24 hours or 128 MiB at
+    /// most), and the stream counts as a listener on every topic: a request on a topic
+    /// nobody answers then ends in [`PubSubErrorKind::TimedOut`], no longer in
+    /// [`PubSubErrorKind::NoResponders`].
     pub async fn subscribe_durable(
         &self,
         filter: &str,

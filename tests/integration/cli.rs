@@ -351,6 +351,13 @@ async fn kv_commands_put_get_list_page_swap_and_delete() {
         .await
         .expect_err("an invalid key");
     assert_eq!(kv_error_kind(&err), apiary_sdk::KvErrorKind::InvalidKey);
+    // Reading a namespace that does not exist is an error, and does not create it.
+    for _ in 0..2 {
+        let err = run(&["ls", "shpo"])
+            .await
+            .expect_err("a misspelt namespace");
+        assert_eq!(kv_error_kind(&err), apiary_sdk::KvErrorKind::NotFound);
+    }
 }
 
 #[tokio::test]

@@ -180,6 +180,26 @@ async fn a_request_gets_its_answer_and_one_nobody_hears_is_a_typed_error() {
         .await
         .expect_err("no responders");
     assert_eq!(err.kind(), PubSubErrorKind::NoResponders);
+
+    // A durable subscriber gives the namespace a stream that captures every topic; requests
+    // still get the responder's answer, never the stream's publish ack.
+    let _durable = svc
+        .subscribe_durable("audit.>", "auditor")
+        .await
+        .expect("a durable subscriber");
+    let answer = svc
+        .request("echo", "again", PATIENCE)
+        .await
+        .expect("an answer");
+    assert_eq!(answer.payload, "echo: again");
+    // The stream now hears every topic, so the server no longer says "no responders": a
+    // request nobody answers runs into its timeout instead (documented on
+    // `subscribe_durable`).
+    let err = svc
+        .request("nobody.home", "ping", Duration::from_millis(300))
+        .await
+        .expect_err("nobody answers");
+    assert_eq!(err.kind(), PubSubErrorKind::TimedOut);
 }
 
 #[tokio::test]
