@@ -69,6 +69,54 @@ async fn last_record_write(
         .ok()
 }
 
+/// Whether the server expires messages by a per-message TTL (nats-server 2.11 and later).
+/// Before it, an ended task's record is purged from the live bucket instead.
+async fn server_has_message_ttl(stack: &Stack) -> bool {
+    let version = stack.nats().await.server_info().version;
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 11)
+}
+
+/// Waits until task `id`'s record has left the live bucket as the server allows: a final
+/// write in `state` carrying the linger TTL (2.11+), or a purge (2.10).
+async fn assert_ended_record_leaves(stack: &Stack, id: &TaskId, state: TaskState) {
+    if server_has_message_ttl(stack).await {
+        let last = eventually(PATIENCE, "the final record to be written", || async {
+            let message = last_record_write(stack, id).await?;
+            let (record, _) =
+                codec::decode_message::<apiary_sdk::TaskRecord>(None, &message.payload).ok()?;
+            (record.state == state).then_some(message)
+        })
+        .await;
+        let ttl = last
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_TTL)
+            .map(|value| value.as_str().to_owned());
+        assert_eq!(
+            ttl.as_deref(),
+            Some(
+                apiary_proto::topology::TASK_RECORD_LINGER
+                    .as_secs()
+                    .to_string()
+                    .as_str()
+            ),
+            "the final record expires after the linger"
+        );
+    } else {
+        // Purged: no message left under the key, or only a purge marker.
+        eventually(PATIENCE, "the ended record to be purged", || async {
+            let Some(message) = last_record_write(stack, id).await else {
+                return Some(());
+            };
+            let operation = message.headers.get(apiary_proto::headers::KV_OPERATION)?;
+            (operation.as_str() == apiary_proto::headers::KV_OPERATION_PURGE).then_some(())
+        })
+        .await;
+    }
+}
+
 /// Waits until task `id`'s record is in `state`, and returns it.
 async fn until_state(
     client: &apiary_sdk::Client,
@@ -496,30 +544,11 @@ async fn an_ended_tasks_record_leaves_the_live_bucket_by_itself() {
     let id = handle.id().clone();
     handle.result_within(PATIENCE).await.expect("the result");
 
-    // The final write carries a per-message TTL (this server is 2.11 or later), so the key
-    // leaves the bucket, subject and all, without a purge; the archive keeps the record.
+    // On 2.11+ the final write carries a per-message TTL, so the key leaves the bucket,
+    // subject and all, without a purge; on 2.10 it is purged. The archive keeps the record.
     let js = async_nats::jetstream::new(stack.nats().await);
-    let last = eventually(PATIENCE, "the final record to be written", || async {
-        let message = last_record_write(&stack, &id).await?;
-        let (record, _) =
-            codec::decode_message::<apiary_sdk::TaskRecord>(None, &message.payload).ok()?;
-        (record.state == TaskState::Succeeded).then_some(message)
-    })
-    .await;
-    let ttl = last
-        .headers
-        .get(async_nats::header::NATS_MESSAGE_TTL)
-        .map(|value| value.as_str().to_owned());
-    assert_eq!(
-        ttl.as_deref(),
-        Some(
-            apiary_proto::topology::TASK_RECORD_LINGER
-                .as_secs()
-                .to_string()
-                .as_str()
-        )
-    );
-    // Found in the bucket while it lingers, and in the archive for good.
+    assert_ended_record_leaves(&stack, &id, TaskState::Succeeded).await;
+    // Found by id (in the bucket while it lingers, in the archive for good).
     assert_eq!(
         client.task_status(&id).await.expect("status").state,
         TaskState::Succeeded
@@ -560,16 +589,8 @@ async fn cancelling_a_task_no_replica_has_looked_at_ends_it_and_its_record() {
         "{err}"
     );
 
-    // Its record, written as it ended, leaves the bucket by itself like any ended one.
-    let last = last_record_write(&stack, &id)
-        .await
-        .expect("the final record");
-    assert!(
-        last.headers
-            .get(async_nats::header::NATS_MESSAGE_TTL)
-            .is_some(),
-        "the final record expires"
-    );
+    // Its record, written as it ended, leaves the bucket like any ended one.
+    assert_ended_record_leaves(&stack, &id, TaskState::Cancelled).await;
 
     // A node arrives: the task is not dispatched to it.
     let mut dispatches = stack.dispatch_wire().await;
