@@ -96,11 +96,8 @@ impl Context {
         server: Option<&str>,
         creds: Option<&Path>,
     ) -> apiary_sdk::ConnectOptions {
-        let server = server
-            .map(str::to_owned)
-            .or_else(|| self.server.clone())
-            .unwrap_or_else(|| apiary_proto::DEFAULT_NATS_URL.to_owned());
-        let mut options = apiary_sdk::ConnectOptions::new(server).name("apiary-cli");
+        let mut options =
+            apiary_sdk::ConnectOptions::new(self.server_for_messages(server)).name("apiary-cli");
         if let Some(creds) = creds.map(Path::to_path_buf).or_else(|| self.creds.clone()) {
             options = options.credentials_file(creds);
         } else if let Some(seed) = &self.nkey {
@@ -119,7 +116,8 @@ impl Context {
         options
     }
 
-    /// Where this context (with the overrides) connects, for messages.
+    /// Where this context connects, `server` (from the command line or the environment)
+    /// taking precedence.
     pub fn server_for_messages(&self, server: Option<&str>) -> String {
         server
             .map(str::to_owned)

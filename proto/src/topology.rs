@@ -170,11 +170,6 @@ pub fn app_bucket_name(namespace: &Namespace) -> String {
     format!("{APP_BUCKET_PREFIX}{namespace}")
 }
 
-/// The namespace of an app-store bucket name, if it is one.
-pub fn parse_app_bucket_name(bucket: &str) -> Option<Namespace> {
-    Namespace::new(bucket.strip_prefix(APP_BUCKET_PREFIX)?).ok()
-}
-
 /// The subject of a key (or, with wildcards, a key filter) in a namespace's bucket:
 /// `$KV.APIARY_KV_<namespace>.<key>`. The key must have passed [`crate::app::check_key`]
 /// (a filter, [`crate::app::KeyPrefix::parse`]).
@@ -705,7 +700,6 @@ mod tests {
             parse_app_key_subject(&shop, &app_key_subject(&shops, "x")),
             None
         );
-        assert_eq!(parse_app_bucket_name(&app_bucket_name(&shop)), Some(shop));
     }
 
     use super::*;

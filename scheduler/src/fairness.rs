@@ -139,11 +139,6 @@ impl EmptyQueues {
     pub fn found_empty(&mut self, priority: Priority, now_ms: u64) {
         self.found_empty_at[index(priority)].get_or_insert(now_ms);
     }
-
-    /// Whether every queue is taken to be empty.
-    pub fn all_empty(&self) -> bool {
-        self.found_empty_at.iter().all(Option::is_some)
-    }
 }
 
 /// How many of the next placements each queue is asked for.
@@ -329,7 +324,6 @@ mod tests {
         empty.found_empty(LOW, 10);
         let normal_only = Queues::NONE.with(NORMAL);
         assert_eq!(empty.worth_asking(Queues::NONE, 20), normal_only);
-        assert!(!empty.all_empty());
         // Found empty again later: the first time counts, so the recheck still comes.
         empty.found_empty(HIGH, 200);
         // A publish to the low queue brings it back at once.
@@ -343,7 +337,6 @@ mod tests {
         for priority in Priority::ALL {
             empty.found_empty(priority, 300);
         }
-        assert!(empty.all_empty());
         assert_eq!(empty.worth_asking(Queues::NONE, 301), Queues::NONE);
     }
 
