@@ -63,6 +63,7 @@ pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettin
 pub use modules::{ModuleError, ModuleErrorKind, ModuleInfo, Modules, module_ref};
 pub use pubsub::{
     DurableMessage, DurableSubscription, PubSub, PubSubError, PubSubErrorKind, TopicMessage,
+    round_trip,
 };
 
 /// How many recently resolved task ids a client remembers, to tell a repeated result from a

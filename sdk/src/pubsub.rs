@@ -91,6 +91,30 @@ fn transport(what: &str, err: impl std::error::Error + Send + Sync + 'static) ->
     PubSubError::with_source(PubSubErrorKind::Transport, format!("failed to {what}"), err)
 }
 
+/// Returns once the server has processed everything `nats` sent before the call, such as a
+/// subscription: after it, a message anyone publishes reaches that subscription.
+///
+/// `async_nats::Client::flush` is not enough for that: it only writes the connection's
+/// buffer to the socket, and the server may still be reading it when a message from another
+/// connection arrives. This makes one request nobody answers, on a fresh inbox subject; the
+/// server handles a connection's operations in order, so its "no responders" reply comes
+/// after everything before it. It needs permission to publish on the client's inbox prefix
+/// (`_INBOX.>` by default), which requests need anyway.
+pub async fn round_trip(nats: &async_nats::Client) -> Result<(), PubSubError> {
+    match nats.request(nats.new_inbox(), Bytes::new()).await {
+        Ok(_) => Ok(()),
+        Err(err) => match err.kind() {
+            async_nats::RequestErrorKind::NoResponders => Ok(()),
+            async_nats::RequestErrorKind::TimedOut => Err(PubSubError::with_source(
+                PubSubErrorKind::TimedOut,
+                "the server did not answer a round trip in time",
+                err,
+            )),
+            _ => Err(transport("make a round trip to the server", err)),
+        },
+    }
+}
+
 impl PubSub {
     /// The namespace's name.
     pub fn namespace(&self) -> &str {
@@ -168,7 +192,9 @@ impl PubSub {
     }
 
     /// Every message published on topics matching `filter` from now on (at most once: what
-    /// is published while nobody listens is gone).
+    /// is published while nobody listens is gone). "From now on" holds across connections:
+    /// this returns once the server has the subscription ([`round_trip`]), so a message
+    /// anyone publishes after it reaches the subscriber.
     pub async fn subscribe(
         &self,
         filter: &str,
@@ -179,6 +205,7 @@ impl PubSub {
             .subscribe(subject)
             .await
             .map_err(|err| transport("subscribe", err))?;
+        round_trip(&self.client).await?;
         Ok(self.topic_messages(subscriber))
     }
 
@@ -196,6 +223,7 @@ impl PubSub {
             .queue_subscribe(subject, group.to_string())
             .await
             .map_err(|err| transport("subscribe", err))?;
+        round_trip(&self.client).await?;
         Ok(self.topic_messages(subscriber))
     }
 

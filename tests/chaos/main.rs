@@ -264,9 +264,9 @@ async fn run_scenario(
         .subscribe(format!("{INBOX_PREFIX}.>"))
         .await
         .context("failed to subscribe to the client's inboxes")?;
-    wire.flush()
+    apiary_sdk::round_trip(&wire)
         .await
-        .context("failed to flush the wire counter's subscription")?;
+        .context("failed to make sure the server has the wire counter's subscription")?;
     let counter = tokio::spawn(ledger::watch_wire(subscription, ledger.clone()));
 
     let nats = async_nats::ConnectOptions::new()

@@ -395,6 +395,17 @@ impl Stack {
             .expect("SDK client connects")
     }
 
+    /// An SDK client on a slow link: what it sends reaches the server `delay` late. The
+    /// relay it connects through lives as long as the returned value.
+    pub async fn client_over_slow_link(&self, delay: Duration) -> (apiary_sdk::Client, Relay) {
+        let relay = Relay::start(self.url());
+        relay.delay_uplink(delay);
+        let client = apiary_sdk::Client::connect(relay.url())
+            .await
+            .expect("SDK client connects over the slow link");
+        (client, relay)
+    }
+
     /// An SDK client whose inbox the test reads too: the client's inboxes start with
     /// `prefix` (which must start with `_INBOX.`, where the scheduler delivers by default),
     /// and the returned stream, read on a separate connection, has every task result the
@@ -405,9 +416,11 @@ impl Stack {
             .subscribe(format!("{prefix}.>"))
             .await
             .expect("subscribe to the client's inbox");
-        // The server has the subscription once the flush's round trip is done, so it sees
-        // even the first result.
-        watcher.flush().await.expect("flush");
+        // The server has the subscription once the round trip is done, so it sees even the
+        // first result.
+        apiary_sdk::round_trip(&watcher)
+            .await
+            .expect("the server has the subscription");
         let nats = async_nats::ConnectOptions::new()
             .custom_inbox_prefix(prefix)
             .connect(self.url())
@@ -485,7 +498,9 @@ impl Stack {
             )
             .await
             .expect("subscribe to the dispatch subjects");
-        nats.flush().await.expect("flush");
+        apiary_sdk::round_trip(&nats)
+            .await
+            .expect("the server has the subscription");
         dispatches
     }
 

@@ -9,12 +9,16 @@
 //!
 //! A relay can also be held: it refuses new connections for a while, as a component whose
 //! network is slower to come back than the server would see, so that a test can order what
-//! happens after a server restart.
+//! happens after a server restart. And it can be slow: what the component sends reaches the
+//! server a fixed time late, as over a long link, so that a test can show that something
+//! waits for the server rather than for its own socket.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +30,8 @@ pub struct Relay {
     held: Arc<AtomicBool>,
     /// Ends the connections open now, not later ones ([`Relay::sever`]).
     current: Arc<Mutex<CancellationToken>>,
+    /// How late the component's bytes reach the server ([`Relay::delay_uplink`]).
+    uplink_delay: Arc<Mutex<Duration>>,
 }
 
 impl Relay {
@@ -45,18 +51,21 @@ impl Relay {
         let cut = CancellationToken::new();
         let held = Arc::new(AtomicBool::new(false));
         let current = Arc::new(Mutex::new(cut.child_token()));
+        let uplink_delay = Arc::new(Mutex::new(Duration::ZERO));
         tokio::spawn(accept(
             listener,
             server,
             cut.clone(),
             held.clone(),
             current.clone(),
+            uplink_delay.clone(),
         ));
         Self {
             url: format!("nats://{address}"),
             cut,
             held,
             current,
+            uplink_delay,
         }
     }
 
@@ -94,6 +103,15 @@ impl Relay {
     pub fn release(&self) {
         self.held.store(false, Ordering::SeqCst);
     }
+
+    /// From now on, every chunk the component sends reaches the server `delay` late, in
+    /// order; what the server sends back is not delayed.
+    pub fn delay_uplink(&self, delay: Duration) {
+        *self
+            .uplink_delay
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = delay;
+    }
 }
 
 async fn accept(
@@ -102,6 +120,7 @@ async fn accept(
     cut: CancellationToken,
     held: Arc<AtomicBool>,
     current: Arc<Mutex<CancellationToken>>,
+    uplink_delay: Arc<Mutex<Duration>>,
 ) {
     while let Ok((inbound, _)) = listener.accept().await {
         if cut.is_cancelled() || held.load(Ordering::SeqCst) {
@@ -113,19 +132,48 @@ async fn accept(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
-        tokio::spawn(pipe(inbound, server, ends));
+        tokio::spawn(pipe(inbound, server, ends, uplink_delay.clone()));
     }
 }
 
-async fn pipe(mut inbound: TcpStream, server: SocketAddr, cut: CancellationToken) {
-    let Ok(mut outbound) = TcpStream::connect(server).await else {
+async fn pipe(
+    inbound: TcpStream,
+    server: SocketAddr,
+    cut: CancellationToken,
+    uplink_delay: Arc<Mutex<Duration>>,
+) {
+    let Ok(outbound) = TcpStream::connect(server).await else {
         return;
     };
+    let (mut from_component, mut to_component) = inbound.into_split();
+    let (mut from_server, mut to_server) = outbound.into_split();
+    let uplink = async {
+        let mut chunk = vec![0; 64 * 1024];
+        loop {
+            let read = match from_component.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => read,
+            };
+            let delay = *uplink_delay
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if !delay.is_zero() {
+                // The link's latency, not a wait for something to happen.
+                tokio::time::sleep(delay).await;
+            }
+            if to_server.write_all(&chunk[..read]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let downlink = tokio::io::copy(&mut from_server, &mut to_component);
     // Biased, so that once the relay is cut not one more byte crosses it, even when data is
-    // waiting on both sockets at the moment the task wakes up.
+    // waiting on both sockets at the moment the task wakes up. Either direction ending ends
+    // the connection, as a closed socket does.
     tokio::select! {
         biased;
         _ = cut.cancelled() => {}
-        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+        _ = uplink => {}
+        _ = downlink => {}
     }
 }

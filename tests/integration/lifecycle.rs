@@ -88,7 +88,9 @@ async fn a_drain_lets_the_running_task_finish_and_moves_the_queued_one() {
         .subscribe(subject::node(&id("node-a"), NodeVerb::Dispatch).to_string())
         .await
         .expect("subscribe");
-    nats.flush().await.expect("flush");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
 
     let running = client
         .submit(

@@ -30,17 +30,37 @@ fn payloads(messages: &[TopicMessage]) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn a_subscription_hears_what_another_connection_publishes_right_after_subscribe_returns() {
+    let stack = Stack::start().await;
+    // The subscriber's bytes reach the server a quarter of a second late, so a subscribe
+    // that returned once its request had left the socket (all a flush in async-nats waits
+    // for) would miss the publish that follows.
+    let (listener, _link) = stack
+        .client_over_slow_link(Duration::from_millis(250))
+        .await;
+    let publisher = stack.client().await;
+    let news = listener.pubsub("news").expect("the namespace");
+    let mut heard = news.subscribe("today").await.expect("subscribe");
+    publisher
+        .pubsub("news")
+        .expect("the namespace")
+        .publish("today", "first")
+        .await
+        .expect("publish");
+    publisher.nats().flush().await.expect("sent");
+    let message = within(PATIENCE, "the first message", heard.next())
+        .await
+        .expect("a message");
+    assert_eq!(message.payload, "first");
+}
+
+#[tokio::test]
 async fn a_wildcard_subscription_hears_its_topics_and_nothing_else() {
     let stack = Stack::start().await;
     let client = stack.client().await;
     let chat = client.pubsub("chat").expect("the namespace");
     let mut rooms = chat.subscribe("rooms.*").await.expect("subscribe");
     let mut everything = chat.subscribe(">").await.expect("subscribe");
-    client
-        .nats()
-        .flush()
-        .await
-        .expect("the subscriptions are in place");
 
     chat.publish("rooms.lobby", "hello").await.expect("publish");
     chat.publish("rooms.lobby.thread", "deeper")
@@ -64,11 +84,6 @@ async fn one_namespace_never_hears_anothers_topics() {
     let a = client.pubsub("tenant-a").expect("a");
     let b = client.pubsub("tenant-b").expect("b");
     let mut a_all = a.subscribe(">").await.expect("subscribe");
-    client
-        .nats()
-        .flush()
-        .await
-        .expect("the subscription is in place");
 
     b.publish("news", "for b only").await.expect("publish");
     a.publish("news", "for a").await.expect("publish");
@@ -116,11 +131,6 @@ async fn a_queue_group_shares_each_message_with_one_member() {
         .queue_subscribe("work", "workers")
         .await
         .expect("member");
-    client
-        .nats()
-        .flush()
-        .await
-        .expect("the subscriptions are in place");
     for n in 0..100 {
         jobs.publish("work", format!("job {n}"))
             .await
@@ -156,11 +166,6 @@ async fn a_request_gets_its_answer_and_one_nobody_hears_is_a_typed_error() {
     let client = stack.client().await;
     let svc = client.pubsub("svc").expect("the namespace");
     let mut questions = svc.subscribe("echo").await.expect("subscribe");
-    client
-        .nats()
-        .flush()
-        .await
-        .expect("the subscription is in place");
     let responder = svc.clone();
     tokio::spawn(async move {
         while let Some(question) = questions.next().await {

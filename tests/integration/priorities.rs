@@ -113,7 +113,9 @@ async fn a_hand_written_submission_on_the_plain_subject_goes_to_the_queue_of_its
     let nats = stack.nats().await;
     let inbox = nats.new_inbox();
     let mut delivered = nats.subscribe(inbox.clone()).await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
     let js = async_nats::jetstream::new(nats.clone());
 
     let submission = serde_json::json!({
@@ -205,7 +207,9 @@ async fn a_task_stream_and_consumer_from_before_priorities_are_brought_up_to_dat
         .expect("module stored");
     let inbox = nats.new_inbox();
     let mut delivered = nats.subscribe(inbox.clone()).await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
     let submission = serde_json::json!({
         "id": "from-before",
         "module": {"sha256": module.sha256},

@@ -433,7 +433,9 @@ async fn resubmitting_an_id_returns_the_existing_task() {
     let nats = stack.nats().await;
     let inbox = nats.new_inbox();
     let mut answers = nats.subscribe(inbox.clone()).await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
     let module = apiary_proto::message::ModuleRef::for_bytes(&wasm("uppercase"));
     let submission = serde_json::json!({
         "id": "order-42",

@@ -43,7 +43,9 @@ async fn fifty_tasks_on_two_agents_each_come_back_exactly_once() {
         .subscribe(subject::all_nodes(NodeVerb::Result).to_string())
         .await
         .expect("subscribe to results");
-    nats.flush().await.expect("flush");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
 
     let module = wasm("uppercase");
     let mut handles = Vec::new();
@@ -211,7 +213,9 @@ async fn scheduler_replicas_share_the_work_and_either_can_carry_on_alone() {
     let nats = stack.nats().await;
     let inbox = nats.new_inbox();
     let mut delivered = nats.subscribe(inbox.clone()).await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
     let js = async_nats::jetstream::new(nats.clone());
 
     submit_by_hand(&js, &module, &inbox, 0..20).await;

@@ -295,7 +295,9 @@ async fn a_submission_with_an_invalid_id_is_answered_with_invalid_task() {
     let nats = stack.nats().await;
     let inbox = nats.new_inbox();
     let mut answers = nats.subscribe(inbox.clone()).await.expect("subscribe");
-    nats.flush().await.expect("flush");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
     let submission = json!({
         "id": "has.a.dot",
         "module": {"sha256": "00"},
@@ -509,8 +511,11 @@ async fn a_plain_client_uses_the_app_store_and_topics_without_the_sdk() {
         ))
         .await
         .expect("subscribe");
-    sdk.nats().flush().await.expect("flushed");
-    nats.flush().await.expect("flushed");
+    // The SDK's subscribe returns once the server has its subscription; the plain client
+    // makes sure of its own with a round trip (a flush only empties its socket buffer).
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
     nats.publish(
         "apiary.v1.app.plain.news.today",
         Bytes::from_static(b"{\"n\":1}"),
