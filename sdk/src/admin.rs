@@ -1,7 +1,8 @@
 //! Cluster administration through the scheduler's request subjects: node lifecycle
 //! (show, cordon, drain, labels, roles, approval, removal), join tokens and cluster settings.
-//! A refusal (no such node, a bad label) is [`Error::Request`] with the scheduler's typed
-//! [`ErrorBody`](apiary_proto::message::ErrorBody).
+//! A refusal (no such node, a bad label) is a [`RequestError`] of kind
+//! [`RequestErrorKind::Refused`](crate::RequestErrorKind::Refused), with the scheduler's code
+//! and message.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use apiary_proto::subject::{self, NodesCommand, TokensCommand};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{Client, Error, REQUEST_TIMEOUT};
+use crate::{Client, REQUEST_TIMEOUT, RequestError};
 
 /// A join token to create.
 #[derive(Clone, Debug, Default)]
@@ -36,7 +37,7 @@ impl Client {
         &self,
         subject: subject::Subject,
         request: &Req,
-    ) -> Result<Resp, Error> {
+    ) -> Result<Resp, RequestError> {
         Ok(rpc::request(self.nats(), subject, request, REQUEST_TIMEOUT).await?)
     }
 
@@ -44,7 +45,7 @@ impl Client {
         &self,
         command: NodesCommand,
         node: &NodeId,
-    ) -> Result<NodeSummary, Error> {
+    ) -> Result<NodeSummary, RequestError> {
         self.ask(
             subject::nodes_command(command),
             &NodeRef {
@@ -55,17 +56,17 @@ impl Client {
     }
 
     /// One node's full record: inventory, live metrics, and what the operator set.
-    pub async fn node(&self, node: &NodeId) -> Result<NodeSummary, Error> {
+    pub async fn node(&self, node: &NodeId) -> Result<NodeSummary, RequestError> {
         self.node_command(NodesCommand::Show, node).await
     }
 
     /// Stops placing new work on the node; what it holds stays.
-    pub async fn cordon(&self, node: &NodeId) -> Result<NodeSummary, Error> {
+    pub async fn cordon(&self, node: &NodeId) -> Result<NodeSummary, RequestError> {
         self.node_command(NodesCommand::Cordon, node).await
     }
 
     /// Lets the node take new work again (after a cordon or a drain).
-    pub async fn uncordon(&self, node: &NodeId) -> Result<NodeSummary, Error> {
+    pub async fn uncordon(&self, node: &NodeId) -> Result<NodeSummary, RequestError> {
         self.node_command(NodesCommand::Uncordon, node).await
     }
 
@@ -76,7 +77,7 @@ impl Client {
         &self,
         node: &NodeId,
         deadline: Option<Duration>,
-    ) -> Result<NodeSummary, Error> {
+    ) -> Result<NodeSummary, RequestError> {
         let within_ms = deadline.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.ask(
             subject::nodes_command(NodesCommand::Drain),
@@ -94,7 +95,7 @@ impl Client {
         node: &NodeId,
         set: BTreeMap<String, String>,
         remove: Vec<String>,
-    ) -> Result<NodeSummary, Error> {
+    ) -> Result<NodeSummary, RequestError> {
         self.ask(
             subject::nodes_command(NodesCommand::Label),
             &LabelRequest {
@@ -111,7 +112,7 @@ impl Client {
         &self,
         node: &NodeId,
         roles: BTreeSet<String>,
-    ) -> Result<NodeSummary, Error> {
+    ) -> Result<NodeSummary, RequestError> {
         self.ask(
             subject::nodes_command(NodesCommand::Role),
             &RoleRequest {
@@ -123,12 +124,12 @@ impl Client {
     }
 
     /// Approves a node that waits for approval.
-    pub async fn approve(&self, node: &NodeId) -> Result<NodeSummary, Error> {
+    pub async fn approve(&self, node: &NodeId) -> Result<NodeSummary, RequestError> {
         self.node_command(NodesCommand::Approve, node).await
     }
 
     /// Forgets the node and its key binding; a running agent of it is told to leave.
-    pub async fn remove_node(&self, node: &NodeId) -> Result<Removed, Error> {
+    pub async fn remove_node(&self, node: &NodeId) -> Result<Removed, RequestError> {
         self.ask(
             subject::nodes_command(NodesCommand::Remove),
             &NodeRef {
@@ -140,7 +141,7 @@ impl Client {
 
     /// Creates a join token. The returned [`TokenCreated::token`] is the only copy of its
     /// secret.
-    pub async fn create_token(&self, token: NewToken) -> Result<TokenCreated, Error> {
+    pub async fn create_token(&self, token: NewToken) -> Result<TokenCreated, RequestError> {
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         self.ask(
             subject::tokens_command(TokensCommand::Create),
@@ -154,7 +155,7 @@ impl Client {
     }
 
     /// Every join token, without secrets.
-    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, Error> {
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, RequestError> {
         let list: TokenList = self
             .ask(
                 subject::tokens_command(TokensCommand::List),
@@ -165,7 +166,7 @@ impl Client {
     }
 
     /// Revokes a join token: it admits no new node; nodes it admitted keep working.
-    pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, Error> {
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, RequestError> {
         self.ask(
             subject::tokens_command(TokensCommand::Revoke),
             &TokenRevokeRequest { id: id.to_owned() },
@@ -174,13 +175,13 @@ impl Client {
     }
 
     /// The cluster's settings.
-    pub async fn cluster_settings(&self) -> Result<ClusterSettings, Error> {
+    pub async fn cluster_settings(&self) -> Result<ClusterSettings, RequestError> {
         self.ask(subject::cluster_settings(), &SettingsRequest::default())
             .await
     }
 
     /// Sets whether new nodes wait for approval.
-    pub async fn set_approval(&self, approval: Approval) -> Result<ClusterSettings, Error> {
+    pub async fn set_approval(&self, approval: Approval) -> Result<ClusterSettings, RequestError> {
         self.ask(
             subject::cluster_settings(),
             &SettingsRequest {

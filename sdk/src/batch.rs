@@ -2,7 +2,7 @@
 
 use futures::{Stream, StreamExt as _};
 
-use crate::{Client, Error, Task, TaskId, TaskOutput};
+use crate::{Client, ResultError, Task, TaskId, TaskOutput};
 
 /// One task of a batch, once it has ended (or could not be submitted).
 #[derive(Debug)]
@@ -12,7 +12,7 @@ pub struct BatchItem {
     /// The task's id, once it was submitted.
     pub id: Option<TaskId>,
     /// Its output, or why it has none.
-    pub outcome: Result<TaskOutput, Error>,
+    pub outcome: Result<TaskOutput, ResultError>,
 }
 
 impl Client {
@@ -40,7 +40,7 @@ impl Client {
                             return BatchItem {
                                 index,
                                 id: None,
-                                outcome: Err(err),
+                                outcome: Err(ResultError::from(err)),
                             };
                         }
                     };

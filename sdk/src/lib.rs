@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use apiary_proto::codec;
 use apiary_proto::message::{NodesListReply, NodesListRequest, TaskSubmission};
-use apiary_proto::topology::{self, Topology};
+use apiary_proto::topology::{self, Topology, TopologyError};
 use apiary_proto::{now_ms, stored};
 use apiary_proto::{rpc, subject};
 use async_nats::jetstream;
@@ -50,6 +50,7 @@ pub use apiary_proto::admin::{
 };
 pub use apiary_proto::inventory::Inventory;
 pub use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskRecord, TaskState, Transition};
+pub use apiary_proto::message::ErrorCode;
 pub use apiary_proto::message::{
     DeadLetter, DlqListReply, DlqListRequest, Limits, ModuleRef, NodeInfo, NodeMetrics, NodeStatus,
     NodeSummary, Outcome, Priority, Requirements, ResultObject, TaskError, TaskErrorKind,
@@ -58,7 +59,10 @@ pub use apiary_proto::message::{
 pub use apiary_proto::{IdError, NodeId, Payload, TaskId};
 pub use batch::BatchItem;
 pub use connect::{ConnectError, ConnectErrorKind, ConnectOptions};
-pub use error::{Error, OpError, TaskFailure};
+pub use error::{
+    OpError, RequestError, RequestErrorKind, ResultError, ResultErrorKind, SubmitError,
+    SubmitErrorKind, TaskFailure,
+};
 pub use kv::{Kv, KvEntry, KvError, KvErrorKind, KvOperation, KvPage, StoreSettings};
 pub use modules::{ModuleError, ModuleErrorKind, ModuleInfo, Modules, module_ref};
 pub use pubsub::{
@@ -177,7 +181,7 @@ impl Drop for Inner {
         self.router.abort();
         self.catch_up.abort();
         // Handles may outlive the client: dropping their senders wakes them with
-        // `Error::Disconnected` instead of leaving them pending forever.
+        // `ResultErrorKind::Disconnected` instead of leaving them pending forever.
         lock(&self.routes).waiters.clear();
     }
 }
@@ -234,21 +238,19 @@ impl Client {
         lock(&self.inner.routes).duplicates
     }
 
-    pub(crate) async fn topology(&self) -> Result<&Topology, Error> {
+    pub(crate) async fn topology(&self) -> Result<&Topology, TopologyError> {
         self.inner
             .topology
             .get_or_try_init(|| topology::ensure(&self.inner.js))
             .await
-            .map_err(Error::from)
     }
 
     /// Puts a module in the cluster's module store (once; later calls with the same bytes only
     /// compute the digest) and returns its reference. The same as `modules().put(module)`.
-    pub async fn upload_module(&self, module: &[u8]) -> Result<ModuleRef, Error> {
-        self.modules()
-            .put(module)
-            .await
-            .map_err(|err| Error::ModuleUpload(err.to_string()))
+    pub async fn upload_module(&self, module: &[u8]) -> Result<ModuleRef, SubmitError> {
+        self.modules().put(module).await.map_err(|err| {
+            SubmitError::with_source(SubmitErrorKind::Module, "failed to upload the module", err)
+        })
     }
 
     /// Submits a task to the queue of its priority. When this returns, the task is stored in
@@ -256,7 +258,7 @@ impl Client {
     ///
     /// A task given its own id ([`Task::id`]) that was submitted before is not run again:
     /// the handle follows the existing task and resolves with its outcome.
-    pub async fn submit(&self, task: Task) -> Result<TaskHandle, Error> {
+    pub async fn submit(&self, task: Task) -> Result<TaskHandle, SubmitError> {
         let (id, fresh_id) = match task.id {
             Some(id) => (id, false),
             None => (TaskId::generate(), true),
@@ -265,7 +267,13 @@ impl Client {
             ModuleSource::Bytes(bytes) => self.upload_module(&bytes).await?,
             ModuleSource::Stored(reference) => reference,
         };
-        self.topology().await?;
+        self.topology().await.map_err(|err| {
+            SubmitError::with_source(
+                SubmitErrorKind::Setup,
+                "failed to set up the cluster's streams and buckets",
+                err,
+            )
+        })?;
         let submission = TaskSubmission {
             id,
             module,
@@ -297,7 +305,13 @@ impl Client {
         async {
             let stored = stored::submission(&self.inner.js, &submission)
                 .await
-                .map_err(|err| Error::Publish(err.to_string()))?;
+                .map_err(|err| {
+                    SubmitError::with_source(
+                        SubmitErrorKind::NotStored,
+                        "failed to submit the task",
+                        err,
+                    )
+                })?;
             if stored.duplicate {
                 // Submitted before, inside JetStream's duplicate window: this submission was
                 // dropped, and its reply subject will hear nothing. Follow the existing task.
@@ -314,7 +328,7 @@ impl Client {
     /// The node table, as any scheduler replica answers `apiary.v1.nodes.list`: liveness is
     /// judged there, by the one rule and clock every reader shares, never by this client's
     /// clock.
-    pub async fn nodes(&self) -> Result<Vec<NodeSummary>, Error> {
+    pub async fn nodes(&self) -> Result<Vec<NodeSummary>, RequestError> {
         let reply: NodesListReply = rpc::request(
             self.nats(),
             subject::nodes_list(),
@@ -461,7 +475,7 @@ pub struct TaskHandle {
     /// through its record ([`Client::task`], a resubmitted id).
     receiver: Option<oneshot::Receiver<TaskResult>>,
     /// The client, not kept alive by its handles: a handle that outlives its client reports
-    /// [`Error::Disconnected`].
+    /// [`ResultErrorKind::Disconnected`].
     client: std::sync::Weak<Inner>,
 }
 
@@ -505,11 +519,17 @@ impl TaskHandle {
         }
     }
 
-    fn client(&self) -> Result<Client, Error> {
-        self.client
-            .upgrade()
-            .map(|inner| Client { inner })
-            .ok_or(Error::Disconnected)
+    fn client(&self) -> Option<Client> {
+        self.client.upgrade().map(|inner| Client { inner })
+    }
+
+    fn client_for_request(&self) -> Result<Client, RequestError> {
+        self.client().ok_or_else(|| {
+            RequestError::new(
+                RequestErrorKind::Transport,
+                "the client that made this handle is gone",
+            )
+        })
     }
 
     /// The task's id.
@@ -518,13 +538,15 @@ impl TaskHandle {
     }
 
     /// The task's record now: state, attempt, node, reason, history.
-    pub async fn status(&self) -> Result<TaskRecord, Error> {
-        self.client()?.task_status(&self.id).await
+    pub async fn status(&self) -> Result<TaskRecord, RequestError> {
+        self.client_for_request()?.task_status(&self.id).await
     }
 
     /// Every change of the task's record from now until it ends.
-    pub fn watch(&self) -> impl futures::Stream<Item = Result<TaskRecord, Error>> + Send + use<> {
-        let client = self.client();
+    pub fn watch(
+        &self,
+    ) -> impl futures::Stream<Item = Result<TaskRecord, RequestError>> + Send + use<> {
+        let client = self.client_for_request();
         let id = self.id.clone();
         async_stream::try_stream! {
             let client = client?;
@@ -537,21 +559,25 @@ impl TaskHandle {
 
     /// Cancels the task; see [`Client::cancel_task`]. The handle then resolves with a
     /// `cancelled` failure.
-    pub async fn cancel(&self) -> Result<TaskRecord, Error> {
-        self.client()?.cancel_task(&self.id).await
+    pub async fn cancel(&self) -> Result<TaskRecord, RequestError> {
+        self.client_for_request()?.cancel_task(&self.id).await
     }
 
     /// The raw result of the task, whatever its outcome.
-    pub async fn report(mut self) -> Result<TaskResult, Error> {
+    pub async fn report(mut self) -> Result<TaskResult, ResultError> {
         match self.receiver.take() {
-            Some(receiver) => receiver.await.map_err(|_| Error::Disconnected),
-            None => self.client()?.await_result(&self.id).await,
+            Some(receiver) => receiver.await.map_err(|_| ResultError::disconnected()),
+            None => {
+                let client = self.client().ok_or_else(ResultError::disconnected)?;
+                Ok(client.await_result(&self.id).await?)
+            }
         }
     }
 
     /// The task's output once it has run; a task that could not run is
-    /// [`Error::TaskFailed`], with the failure's kind to match on.
-    pub async fn result(self) -> Result<TaskOutput, Error> {
+    /// [`ResultErrorKind::TaskFailed`], with the failure ([`ResultError::task_failure`]) to
+    /// match on.
+    pub async fn result(self) -> Result<TaskOutput, ResultError> {
         let client = self.client.clone();
         let report = self.report().await?;
         let large = report.stdout_object.is_some();
@@ -560,22 +586,27 @@ impl TaskHandle {
             let client = client
                 .upgrade()
                 .map(|inner| Client { inner })
-                .ok_or(Error::Disconnected)?;
+                .ok_or_else(ResultError::disconnected)?;
             output.stdout = client.result_stdout(&report, &output.stdout).await?;
         }
         Ok(output)
     }
 
     /// Like [`TaskHandle::result`], giving up after `limit`. The task itself goes on.
-    pub async fn result_within(self, limit: Duration) -> Result<TaskOutput, Error> {
+    pub async fn result_within(self, limit: Duration) -> Result<TaskOutput, ResultError> {
         let id = self.id.clone();
         tokio::time::timeout(limit, self.result())
             .await
-            .map_err(|_| Error::TimedOut { task_id: id, limit })?
+            .map_err(|_| {
+                ResultError::new(
+                    ResultErrorKind::TimedOut,
+                    format!("no result for task {id} within {limit:?}"),
+                )
+            })?
     }
 }
 
-fn into_output(result: TaskResult) -> Result<TaskOutput, Error> {
+fn into_output(result: TaskResult) -> Result<TaskOutput, ResultError> {
     match result.outcome {
         Outcome::Completed {
             exit_code,
@@ -591,12 +622,12 @@ fn into_output(result: TaskResult) -> Result<TaskOutput, Error> {
             started_at_ms: result.started_at_ms,
             finished_at_ms: result.finished_at_ms,
         }),
-        Outcome::Failed { error, stderr } => Err(Error::TaskFailed(Box::new(TaskFailure {
+        Outcome::Failed { error, stderr } => Err(ResultError::failed(TaskFailure {
             task_id: result.task_id,
             node_id: result.node_id,
             attempt: result.attempt,
             error,
             stderr: stderr.0,
-        }))),
+        })),
     }
 }

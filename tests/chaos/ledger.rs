@@ -99,7 +99,7 @@ impl Ledger {
     }
 
     /// Records the result the SDK handed to entry `n`'s handle.
-    pub fn resolved(&self, n: usize, result: Result<TaskResult, apiary_sdk::Error>) {
+    pub fn resolved(&self, n: usize, result: Result<TaskResult, apiary_sdk::ResultError>) {
         let mut state = self.state();
         state.settled += 1;
         let entry = &mut state.entries[n];

@@ -243,7 +243,7 @@ impl Stack {
     pub async fn run(
         &self,
         task: apiary_sdk::Task,
-    ) -> Result<apiary_sdk::TaskOutput, apiary_sdk::Error> {
+    ) -> Result<apiary_sdk::TaskOutput, apiary_sdk::ResultError> {
         self.client()
             .await
             .submit(task)
@@ -281,9 +281,10 @@ impl Stack {
         kind: apiary_sdk::TaskErrorKind,
     ) -> apiary_sdk::TaskFailure {
         match self.run(task).await {
-            Err(apiary_sdk::Error::TaskFailed(failure)) => {
+            Err(err) if err.kind() == apiary_sdk::ResultErrorKind::TaskFailed => {
+                let failure = err.task_failure().expect("a failed task's failure").clone();
                 assert_eq!(failure.error.kind, kind, "{failure}");
-                *failure
+                failure
             }
             other => panic!("expected a {kind} failure, got {other:?}"),
         }

@@ -273,11 +273,11 @@ async fn commands_about_unknown_nodes_are_not_found() {
         client.remove_node(&ghost).await.map(drop),
     ] {
         match outcome {
-            Err(apiary_sdk::Error::Request(apiary_proto::rpc::RequestError::Refused(body))) => {
+            Err(err) => {
                 assert_eq!(
-                    body.code,
-                    apiary_proto::message::ErrorCode::NotFound,
-                    "{body}"
+                    err.kind(),
+                    apiary_sdk::RequestErrorKind::Refused(apiary_sdk::ErrorCode::NotFound),
+                    "{err}"
                 );
             }
             other => panic!("expected not_found, got {other:?}"),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use apiary_harness::{PATIENCE, Stack, sleeping_module, wasm, within};
 use apiary_proto::message::{ModuleRef, Outcome, Priority, TaskResult};
 use apiary_proto::{codec, subject, topology};
-use apiary_sdk::{Error, RetryOn, RetryPolicy, Task, TaskErrorKind, TaskHandle};
+use apiary_sdk::{RetryOn, RetryPolicy, Task, TaskErrorKind, TaskHandle};
 use async_nats::jetstream::{consumer, stream};
 use futures::StreamExt as _;
 
@@ -161,7 +161,7 @@ async fn a_retried_task_goes_back_to_the_queue_of_its_priority() {
         on: [RetryOn::Trap].into(),
     });
     match stack.run(task).await {
-        Err(Error::TaskFailed(failure)) => {
+        Err(ref err) if let Some(failure) = err.task_failure() => {
             assert_eq!(failure.error.kind, TaskErrorKind::Trap, "{failure}");
             assert_eq!(failure.attempt, 2);
         }

@@ -204,3 +204,32 @@ async fn a_batch_yields_every_task_once_as_it_ends() {
     }
     assert!(seen.iter().all(|seen| *seen), "every task came back");
 }
+
+#[tokio::test]
+async fn a_submission_the_server_cannot_take_is_a_typed_error_and_the_client_goes_on() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = stack.client().await;
+    let max_payload = client.nats().server_info().max_payload;
+    let err = client
+        .submit(Task::new(wasm("uppercase")).input(vec![b'x'; max_payload + 1]))
+        .await
+        .expect_err("an input larger than the server's max_payload");
+    assert_eq!(
+        err.kind(),
+        apiary_sdk::SubmitErrorKind::NotStored,
+        "{err:#}"
+    );
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept: {err:?}"
+    );
+    // The client goes on: the next task runs.
+    let output = client
+        .submit(Task::new(wasm("uppercase")).input("small"))
+        .await
+        .expect("submit")
+        .result_within(PATIENCE)
+        .await
+        .expect("runs");
+    assert_eq!(output.stdout.as_ref(), b"SMALL");
+}

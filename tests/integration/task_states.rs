@@ -11,7 +11,7 @@ use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskState};
 use apiary_proto::message::{AgentStatus, AgentStatusRequest, Dispatch, Requirements};
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{NodeId, TaskId, codec, rpc};
-use apiary_sdk::{Error, Task, TaskErrorKind};
+use apiary_sdk::{ErrorCode, RequestErrorKind, Task, TaskErrorKind};
 use futures::StreamExt as _;
 
 /// A guest that spins until it is stopped: only an interruption from outside ends it early.
@@ -527,12 +527,15 @@ async fn three_replicas_share_the_work_and_one_stopping_loses_nothing() {
         placed_after.iter().sum::<u64>() >= TASKS as u64,
         "placements {placed_after:?}"
     );
-    assert!(matches!(
-        client
-            .task_status(&TaskId::new("no-such-task").expect("id"))
-            .await,
-        Err(Error::Request(_))
-    ));
+    let unknown = client
+        .task_status(&TaskId::new("no-such-task").expect("id"))
+        .await
+        .expect_err("an unknown task");
+    assert_eq!(
+        unknown.kind(),
+        RequestErrorKind::Refused(ErrorCode::NotFound),
+        "{unknown}"
+    );
 }
 
 #[tokio::test]

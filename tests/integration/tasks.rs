@@ -6,7 +6,7 @@ use std::time::Duration;
 use apiary_harness::{PATIENCE, Stack, eventually, results_until_quiet, sleeping_module, wasm};
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::topology;
-use apiary_sdk::{Error, Task, TaskErrorKind};
+use apiary_sdk::{ResultErrorKind, Task, TaskErrorKind};
 use futures::{FutureExt as _, StreamExt as _};
 
 #[tokio::test]
@@ -105,12 +105,13 @@ async fn an_invalid_module_is_a_typed_error_and_the_agent_keeps_working() {
         .result_within(PATIENCE)
         .await
         .expect_err("random bytes cannot run");
-    match &err {
-        Error::TaskFailed(failure) => {
+    match err.task_failure() {
+        Some(failure) => {
+            assert_eq!(err.kind(), ResultErrorKind::TaskFailed);
             assert_eq!(failure.error.kind, TaskErrorKind::InvalidModule, "{err}");
             assert_eq!(failure.node_id.as_str(), "node-a");
         }
-        other => panic!("expected a task failure, got {other:?}"),
+        None => panic!("expected a task failure, got {err:?}"),
     }
 
     let output = client
@@ -387,7 +388,7 @@ async fn a_handle_outliving_its_client_reports_disconnected() {
         .result_within(PATIENCE)
         .await
         .expect_err("no result can come");
-    assert!(matches!(err, Error::Disconnected), "{err:?}");
+    assert_eq!(err.kind(), ResultErrorKind::Disconnected, "{err:?}");
 }
 
 #[tokio::test]
