@@ -306,6 +306,8 @@ pub async fn publish(
 
 /// Runs `apiary sub`: prints each message on topics matching `filter` (its payload, or with
 /// `json` one JSON object per line with its topic), and returns after `count` if given.
+/// Once the server has the subscription it says so on `notice` (stderr), so that a person or
+/// a script knows that what is published from then on will be printed.
 pub async fn subscribe(
     client: &Client,
     namespace: &str,
@@ -313,9 +315,12 @@ pub async fn subscribe(
     count: Option<usize>,
     json: bool,
     out: &mut impl Write,
+    notice: &mut impl Write,
 ) -> anyhow::Result<()> {
     let pubsub = client.pubsub(namespace)?;
     let mut messages = pubsub.subscribe(filter).await?;
+    writeln!(notice, "listening on {filter} in namespace {namespace}")?;
+    notice.flush()?;
     let mut seen = 0;
     while count.is_none_or(|count| seen < count) {
         let Some(message) = messages.next().await else {

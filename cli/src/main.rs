@@ -408,7 +408,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", apiary_cli::output::error_line(&err));
             ExitCode::FAILURE
         }
     }
@@ -570,7 +570,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let client = connect(&connection).await?;
             let out = &mut std::io::stdout();
-            app::subscribe(&client, &namespace, &topic, count, json, out).await?;
+            let notice = &mut std::io::stderr();
+            app::subscribe(&client, &namespace, &topic, count, json, out, notice).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cluster(ClusterCommand::Settings { approval, json }) => {

@@ -42,6 +42,24 @@ fn state_color(state: TaskState) -> Color {
 }
 
 /// The node table of `apiary nodes ls`, as of `now_ms`.
+/// An error as the one line the CLI prints: each cause after the one before, joined by
+/// `: `, leaving out a cause whose words the line already ends with (async-nats's errors
+/// repeat their source in their own message, which `{:#}` would print twice).
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if line.ends_with(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
+}
+
 pub fn node_table(nodes: &[NodeSummary], now_ms: u64) -> String {
     let mut table = new_table();
     table.load_preset(NOTHING).set_header(vec![
@@ -354,6 +372,32 @@ fn ago(then_ms: u64, now_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        /// An error that, like async-nats's, repeats its source in its own message.
+        #[derive(Debug)]
+        struct Repeats(std::io::Error);
+        impl std::fmt::Display for Repeats {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "IO error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Repeats {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let err = anyhow::Error::new(Repeats(io))
+            .context("failed to connect to NATS at nats://127.0.0.1:1")
+            .context("cannot reach the cluster");
+        assert_eq!(
+            error_line(&err),
+            "cannot reach the cluster: failed to connect to NATS at nats://127.0.0.1:1: \
+             IO error: connection refused"
+        );
+    }
     use apiary_proto::NodeId;
     use apiary_proto::message::{NodeInfo, NodeMetrics, NodeStatus};
 

@@ -14,7 +14,7 @@ pub mod relay;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -966,6 +966,52 @@ pub fn sleeping_guest(duration: Duration, answer: Answer) -> Result<Vec<u8>, wat
                    (drop (call $write (i32.const 1) (i32.const 128) (i32.const 1) (i32.const 140)))
                    (br $again)))))"#
     ))
+}
+
+/// The `apiary` command line, built from this checkout the first time a test asks for it
+/// (cargo does nothing when it is up to date), into the target directory and profile of the
+/// test binary itself; or `APIARY_CLI_BIN`, if set. Tests run it as a user would.
+pub fn apiary_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(binary) = std::env::var_os("APIARY_CLI_BIN") {
+            return PathBuf::from(binary);
+        }
+        // The test binary is `<target>/<profile>/deps/<name>-<hash>`.
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in <target>/<profile>/deps");
+        let target_dir = profile_dir.parent().expect("<target>");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
+        let mut build =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+        build
+            .current_dir(workspace)
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "apiary-cli",
+                "--bin",
+                "apiary",
+            ])
+            .env("CARGO_TARGET_DIR", target_dir);
+        if profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("run cargo to build the apiary binary");
+        assert!(status.success(), "failed to build the apiary binary");
+        profile_dir.join(format!("apiary{}", std::env::consts::EXE_SUFFIX))
+    })
 }
 
 fn wasm_dir() -> PathBuf {

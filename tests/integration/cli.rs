@@ -361,41 +361,6 @@ async fn kv_commands_put_get_list_page_swap_and_delete() {
 }
 
 #[tokio::test]
-async fn sub_prints_each_message_and_exits_after_count() {
-    let stack = Stack::start().await;
-    let client = commands::connect(stack.url()).await.expect("connect");
-    let subscriber = client.clone();
-    let listening = tokio::spawn(async move {
-        let mut out = Vec::new();
-        apiary_cli::app::subscribe(&subscriber, "chat", "rooms.>", Some(2), true, &mut out)
-            .await
-            .expect("sub");
-        String::from_utf8(out).expect("utf-8")
-    });
-    // Published until the subscriber has its two: it may not be listening yet at first.
-    let printed = within(PATIENCE, "sub to print two messages", async {
-        let mut n = 0;
-        loop {
-            if listening.is_finished() {
-                break listening.await.expect("the subscriber");
-            }
-            n += 1;
-            apiary_cli::app::publish(&client, "chat", "rooms.lobby", format!("hi {n}").into())
-                .await
-                .expect("pub");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let lines: Vec<serde_json::Value> = printed
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect();
-    assert_eq!(lines.len(), 2, "{printed}");
-    assert!(lines.iter().all(|line| line["topic"] == "rooms.lobby"));
-}
-
-#[tokio::test]
 async fn module_push_ls_and_rm() {
     use apiary_cli::modules::{ModuleCommand, module};
 

@@ -3,6 +3,7 @@
 
 mod app_store;
 mod cli;
+mod cli_binary;
 mod identity;
 mod lifecycle;
 mod messaging;

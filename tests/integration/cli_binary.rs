@@ -1,0 +1,296 @@
+//! The `apiary` binary itself, run as a user runs it against a real cluster: arguments,
+//! exit codes, stdout and stderr, the context file and the environment. (`cli.rs` drives
+//! the same commands through the library functions the binary calls, for what needs a look
+//! inside.)
+
+use std::path::Path;
+use std::process::Stdio;
+
+use apiary_harness::{PATIENCE, Stack, apiary_binary, wasm, within};
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt as _;
+
+/// What one run of the binary did.
+#[derive(Debug)]
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// The binary with the given arguments, cut off from the user's own settings: no context
+/// file, no `APIARY_*` connection variables, no colour.
+fn command(args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(apiary_binary());
+    command
+        .args(args)
+        .env_remove("APIARY_NATS_URL")
+        .env_remove("APIARY_CREDS")
+        .env_remove("APIARY_CONTEXT")
+        .env("APIARY_CONTEXT_FILE", "/nonexistent/apiary/context.toml")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(mut command: tokio::process::Command) -> Ran {
+    let output = within(PATIENCE, "the apiary command to end", command.output())
+        .await
+        .expect("run the apiary binary");
+    Ran {
+        code: output.status.code().expect("an exit code, not a signal"),
+        stdout: String::from_utf8(output.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(output.stderr).expect("utf-8 stderr"),
+    }
+}
+
+/// Runs `apiary --server <stack> <args>` and expects it to succeed.
+async fn ok(stack: &Stack, args: &[&str]) -> String {
+    let ran = run(command(&[&["--server", stack.url()], args].concat())).await;
+    assert_eq!(ran.code, 0, "apiary {args:?}: {ran:?}");
+    ran.stdout
+}
+
+/// Runs `apiary --server <stack> <args>` and expects it to fail with exit status 1 and an
+/// error on one line of stderr.
+async fn fails(stack: &Stack, args: &[&str]) -> String {
+    let ran = run(command(&[&["--server", stack.url()], args].concat())).await;
+    assert_eq!(ran.code, 1, "apiary {args:?}: {ran:?}");
+    assert!(ran.stdout.is_empty(), "{ran:?}");
+    assert_eq!(ran.stderr.lines().count(), 1, "one line: {ran:?}");
+    assert!(ran.stderr.starts_with("error: "), "{ran:?}");
+    ran.stderr
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
+}
+
+#[tokio::test]
+async fn kv_commands_store_read_list_and_refuse_through_the_binary() {
+    let stack = Stack::start().await;
+    ok(&stack, &["kv", "put", "shop", "greeting.en", "hello"]).await;
+    assert_eq!(
+        ok(&stack, &["kv", "get", "shop", "greeting.en"]).await,
+        "hello"
+    );
+    ok(&stack, &["kv", "create", "shop", "greeting.fr", "bonjour"]).await;
+
+    let listed = json(&ok(&stack, &["kv", "ls", "shop", "greeting.", "--json"]).await);
+    let keys: Vec<&str> = listed
+        .as_array()
+        .unwrap_or_else(|| panic!("an array of keys: {listed}"))
+        .iter()
+        .map(|key| key.as_str().expect("a key"))
+        .collect();
+    assert_eq!(keys, ["greeting.en", "greeting.fr"], "{listed}");
+
+    let missing = fails(&stack, &["kv", "get", "shop", "greeting.de"]).await;
+    assert!(missing.contains("greeting.de"), "{missing}");
+    let exists = fails(&stack, &["kv", "create", "shop", "greeting.en", "hi"]).await;
+    assert!(exists.contains("greeting.en"), "{exists}");
+    let hostile = fails(&stack, &["kv", "put", "shop", "a.>", "x"]).await;
+    assert!(hostile.contains("a.>"), "{hostile}");
+    // Nothing the refusals touched changed.
+    assert_eq!(
+        ok(&stack, &["kv", "get", "shop", "greeting.en"]).await,
+        "hello"
+    );
+}
+
+#[tokio::test]
+async fn sub_prints_what_pub_sends_from_the_moment_it_says_it_listens() {
+    let stack = Stack::start().await;
+    let mut subscriber = command(&[
+        "--server",
+        stack.url(),
+        "sub",
+        "chat",
+        "rooms.*",
+        "--count",
+        "2",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start apiary sub");
+    let stderr = subscriber.stderr.take().expect("piped stderr");
+    let mut notices = tokio::io::BufReader::new(stderr).lines();
+    let notice = within(
+        PATIENCE,
+        "apiary sub to say it listens",
+        notices.next_line(),
+    )
+    .await
+    .expect("read stderr")
+    .expect("a notice before anything is published");
+    assert!(notice.starts_with("listening on rooms.*"), "{notice}");
+
+    // Published once each, from another process: what is published after the notice is
+    // printed.
+    ok(&stack, &["pub", "chat", "rooms.lobby", "hello"]).await;
+    ok(&stack, &["pub", "chat", "news.today", "not a room"]).await;
+    ok(&stack, &["pub", "chat", "rooms.kitchen", "{\"n\":1}"]).await;
+    let output = within(
+        PATIENCE,
+        "apiary sub to exit after two",
+        subscriber.wait_with_output(),
+    )
+    .await
+    .expect("apiary sub");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(json)
+        .collect();
+    let topics: Vec<&str> = lines
+        .iter()
+        .map(|line| line["topic"].as_str().expect("a topic"))
+        .collect();
+    assert_eq!(topics, ["rooms.lobby", "rooms.kitchen"], "{lines:?}");
+}
+
+#[tokio::test]
+async fn module_push_ls_and_rm_through_the_binary() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let module = dir.path().join("uppercase.wasm");
+    std::fs::write(&module, wasm("uppercase")).expect("write the module");
+    let module = module.to_str().expect("a utf-8 path");
+
+    let digest = ok(&stack, &["module", "push", module]).await;
+    let digest = digest.trim();
+    assert_eq!(digest.len(), 64, "a SHA-256 digest: {digest:?}");
+    let listed = json(&ok(&stack, &["module", "ls", "--json"]).await);
+    assert!(listed.to_string().contains(digest), "{listed}");
+
+    ok(&stack, &["module", "rm", digest]).await;
+    let listed = json(&ok(&stack, &["module", "ls", "--json"]).await);
+    assert!(!listed.to_string().contains(digest), "{listed}");
+}
+
+#[tokio::test]
+async fn task_submit_exits_with_the_module_code_and_125_when_it_cannot_run() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let input = dir.path().join("input.txt");
+    std::fs::write(&input, "shout\n").expect("write the input");
+    let uppercase = dir.path().join("uppercase.wasm");
+    std::fs::write(&uppercase, wasm("uppercase")).expect("write the module");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"not wasm at all").expect("write the garbage");
+
+    let stdout = ok(
+        &stack,
+        &["task", "submit", path(&uppercase), "--input", path(&input)],
+    )
+    .await;
+    assert_eq!(stdout, "SHOUT\n");
+    let ran = run(command(&[
+        "--server",
+        stack.url(),
+        "task",
+        "submit",
+        path(&garbage),
+    ]))
+    .await;
+    assert_eq!(ran.code, 125, "{ran:?}");
+    assert!(ran.stderr.contains("invalid module"), "{ran:?}");
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().expect("a utf-8 path")
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2_and_an_unreachable_cluster_is_one_line_with_a_hint() {
+    for args in [
+        &["kv"][..],
+        &["kv", "put", "only-a-namespace"],
+        &["no-such-command"],
+        &["sub", "chat", "rooms.*", "--count", "many"],
+    ] {
+        let ran = run(command(args)).await;
+        assert_eq!(ran.code, 2, "apiary {args:?}: {ran:?}");
+        assert!(ran.stdout.is_empty(), "{ran:?}");
+    }
+
+    // Nothing listens on port 1. Backtraces are asked for (as scripts/test does) and still
+    // not printed: the user gets one line.
+    let mut unreachable = command(&["--server", "nats://127.0.0.1:1", "nodes", "ls"]);
+    unreachable.env("RUST_BACKTRACE", "1");
+    let ran = run(unreachable).await;
+    assert_eq!(ran.code, 1, "{ran:?}");
+    assert_eq!(ran.stderr.lines().count(), 1, "{ran:?}");
+    assert!(ran.stderr.contains("--server"), "a hint: {ran:?}");
+    assert_eq!(
+        ran.stderr.matches("Connection refused").count(),
+        1,
+        "each cause once: {ran:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_context_file_is_used_and_the_environment_and_flags_override_it() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("context.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "current = \"here\"\n\n[here]\nserver = \"{}\"\n\n[nowhere]\nserver = \"nats://127.0.0.1:1\"\n",
+            stack.url()
+        ),
+    )
+    .expect("write the context file");
+    let with_context = |args: &[&str]| {
+        let mut command = command(args);
+        command.env("APIARY_CONTEXT_FILE", &file);
+        command
+    };
+
+    // The current context's server, with no flag or variable.
+    let ran = run(with_context(&["kv", "put", "ctx", "k", "from-context"])).await;
+    assert_eq!(ran.code, 0, "{ran:?}");
+    // Another context, by name.
+    let ran = run(with_context(&[
+        "--context",
+        "nowhere",
+        "kv",
+        "get",
+        "ctx",
+        "k",
+    ]))
+    .await;
+    assert_eq!(ran.code, 1, "{ran:?}");
+    // The environment overrides the context.
+    let mut from_env = with_context(&["kv", "get", "ctx", "k"]);
+    from_env.env("APIARY_NATS_URL", "nats://127.0.0.1:1");
+    let ran = run(from_env).await;
+    assert_eq!(ran.code, 1, "{ran:?}");
+    // The flag overrides both.
+    let mut from_flag = with_context(&["--server", stack.url(), "kv", "get", "ctx", "k"]);
+    from_flag.env("APIARY_NATS_URL", "nats://127.0.0.1:1");
+    let ran = run(from_flag).await;
+    assert_eq!(
+        (ran.code, ran.stdout.as_str()),
+        (0, "from-context"),
+        "{ran:?}"
+    );
+}
+
+#[tokio::test]
+async fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef apiary"),
+        ("fish", "complete -c apiary"),
+    ] {
+        let ran = run(command(&["completions", shell])).await;
+        assert_eq!(ran.code, 0, "{shell}: {ran:?}");
+        assert!(ran.stdout.contains(marker), "{shell}: {}", ran.stdout);
+        assert!(ran.stdout.contains("kv"), "{shell} completes subcommands");
+    }
+}
