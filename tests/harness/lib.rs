@@ -19,9 +19,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use apiary_agent::AgentConfig;
-use apiary_broker::{BrokerOptions, DEV_CONFIG, NatsServer};
-use apiary_proto::message::{NodeLiveness, NodeRecord, NodeState, TaskResult};
-use apiary_proto::topology::NodeKey;
+use apiary_broker::NatsServer;
+use apiary_devstack::{Backbone, watch_node};
+use apiary_proto::message::{NodeLiveness, NodeRecord, TaskResult};
 use apiary_proto::{Encoding, NodeId, topology};
 use apiary_scheduler::SchedulerConfig;
 use async_nats::jetstream::consumer::PullConsumer;
@@ -189,13 +189,9 @@ impl Stack {
 
     pub async fn with_heartbeat(heartbeat_interval: Duration) -> Self {
         init_logging();
-        let server = NatsServer::start(BrokerOptions {
-            port: 0,
-            config: Some(DEV_CONFIG.to_owned()),
-        })
-        .await
-        .unwrap_or_else(|err| panic!("failed to start nats-server: {err}"));
-        let token = mint_token(server.url(), "test stack", None, None).await;
+        let Backbone { server, token } = Backbone::start(0, "test stack")
+            .await
+            .unwrap_or_else(|err| panic!("failed to start the stack: {err:#}"));
         Self {
             server,
             token,
@@ -459,37 +455,19 @@ impl Stack {
     pub async fn spawn_agent_online_with(&self, config: AgentConfig) -> Component {
         let node = config.node_id.clone().expect("a configured node id");
         let id = NodeId::new(&node).expect("valid node id");
-        let bucket = self.nodes_bucket().await;
-        let mut watch = bucket
-            .watch_many([topology::node_info_key(&id), topology::node_live_key(&id)])
+        let online = watch_node(self.url(), Some(&id))
             .await
             .expect("watch the node bucket");
         let agent = self.spawn_agent_with(config);
-        within(PATIENCE, &format!("node {node} to register"), async {
-            let mut registered = false;
-            while let Some(entry) = watch.next().await {
-                let entry = entry.expect("a node bucket entry");
-                match topology::parse_node_key(&entry.key) {
-                    Some(NodeKey::Info(_)) => registered = true,
-                    Some(NodeKey::Live(_)) if registered => {
-                        let live: NodeLiveness = Encoding::detect(None, &entry.value)
-                            .decode(&entry.value)
-                            .expect("a liveness record");
-                        if live.state == NodeState::Active {
-                            return;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await;
+        within(PATIENCE, &format!("node {node} to register"), online)
+            .await
+            .expect("the node bucket's watch");
         agent
     }
 
     /// Every placement as it happens, as `nats sub 'apiary.v1.node.*.dispatch'` shows it. The
-    /// server has the subscription once the flush's round trip is done, so it sees even the
-    /// first placement after this returns.
+    /// server has the subscription once the round trip is done, so it sees even the first
+    /// placement after this returns.
     pub async fn dispatch_wire(&self) -> async_nats::Subscriber {
         let nats = self.nats().await;
         let dispatches = nats
