@@ -39,6 +39,10 @@ struct Cli {
     /// How log lines are written; APIARY_LOG filters them (RUST_LOG syntax).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Say more: debug logs, and an error with each cause on its own line and, with
+    /// RUST_BACKTRACE=1, where it happened.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -401,12 +405,18 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The local stack is a server of sorts and logs what it does; other commands only warn.
     let default_filter = match cli.command {
+        _ if cli.verbose => "debug",
         Command::Dev { .. } => "info",
         _ => "warn",
     };
     apiary_bin_support::init_tracing(cli.log_format, default_filter);
+    let verbose = cli.verbose;
     match run(cli).await {
         Ok(code) => code,
+        Err(err) if verbose => {
+            eprintln!("error: {err:?}");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("error: {}", apiary_cli::output::error_line(&err));
             ExitCode::FAILURE

@@ -269,6 +269,9 @@ pub struct TaskRecord {
     /// the task ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watchers: Vec<String>,
+    /// Those of `watchers` whose resubmission came as JSON, and who get the outcome as JSON.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub json_watchers: Vec<String>,
     /// The submission. Its input is dropped when the task ends; the dead-letter entry keeps
     /// the whole submission.
     pub task: TaskSubmission,
@@ -388,6 +391,7 @@ impl TaskRecord {
             submission_seq,
             json_replies: false,
             watchers: Vec::new(),
+            json_watchers: Vec::new(),
             task,
             history: Vec::new(),
         };
@@ -465,9 +469,20 @@ impl TaskRecord {
         Ok(next)
     }
 
+    /// Whether the outcome goes to `reply_to` as JSON: the submission, or the resubmission,
+    /// that named it came as JSON.
+    pub fn replies_in_json(&self, reply_to: &str) -> bool {
+        if self.task.reply_to.as_deref() == Some(reply_to) {
+            self.json_replies
+        } else {
+            self.json_watchers.iter().any(|watcher| watcher == reply_to)
+        }
+    }
+
     /// Adds a reply subject that also gets the outcome (a submitter resubmitted the id while
-    /// the task lives); `None` when it is already there or the list is full.
-    pub fn with_watcher(&self, reply_to: &str) -> Option<TaskRecord> {
+    /// the task lives), as JSON when `json`; `None` when it is already there or the list is
+    /// full.
+    pub fn with_watcher(&self, reply_to: &str, json: bool) -> Option<TaskRecord> {
         if self.state.is_terminal()
             || self.reply_subjects().any(|known| known == reply_to)
             || self.watchers.len() >= WATCHERS_LIMIT
@@ -476,6 +491,9 @@ impl TaskRecord {
         }
         let mut next = self.clone();
         next.watchers.push(reply_to.to_owned());
+        if json {
+            next.json_watchers.push(reply_to.to_owned());
+        }
         Some(next)
     }
 
@@ -763,6 +781,25 @@ mod tests {
             queue_timeout_ms: None,
             fresh_id: true,
         }
+    }
+
+    #[test]
+    fn each_reply_subject_gets_the_encoding_its_submission_was_written_in() {
+        let record = TaskRecord::new(submission(), 1, 10);
+        let record = record
+            .with_watcher("_INBOX.json", true)
+            .expect("a new watcher");
+        let record = record
+            .with_watcher("_INBOX.msgpack", false)
+            .expect("a new watcher");
+        assert!(!record.replies_in_json("_INBOX.a"));
+        assert!(record.replies_in_json("_INBOX.json"));
+        assert!(!record.replies_in_json("_INBOX.msgpack"));
+        assert!(record.with_watcher("_INBOX.json", true).is_none());
+        assert_eq!(
+            record.reply_subjects().collect::<Vec<_>>(),
+            ["_INBOX.a", "_INBOX.json", "_INBOX.msgpack"]
+        );
     }
 
     fn result(node_name: &str, attempt: u32, outcome: Outcome) -> TaskResult {

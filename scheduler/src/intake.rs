@@ -566,7 +566,8 @@ async fn admit(
                 let Some(reply_to) = &submission.reply_to else {
                     return Ok(Next::Ack);
                 };
-                let Some(watched) = record.with_watcher(reply_to) else {
+                let Some(watched) = record.with_watcher(reply_to, encoding == Encoding::Json)
+                else {
                     return Ok(Next::Ack);
                 };
                 match shared.records.write(&watched, revision).await {

@@ -20,6 +20,7 @@ use tracing::Instrument as _;
 use crate::{Counters, Shared};
 
 /// The result that submitters receive, as it travels.
+#[derive(Clone)]
 pub(crate) struct Delivery {
     pub headers: HeaderMap,
     pub payload: Bytes,
@@ -56,9 +57,10 @@ impl Delivery {
         })
     }
 
-    /// The encoding a record's submitter wrote, which its outcome is delivered in.
-    pub fn encoding_for(record: &TaskRecord) -> Encoding {
-        if record.json_replies {
+    /// The encoding in which `reply_to` gets the record's outcome: the one its submission
+    /// (or resubmission) was written in.
+    pub fn encoding_for(record: &TaskRecord, reply_to: &str) -> Encoding {
+        if record.replies_in_json(reply_to) {
             Encoding::Json
         } else {
             Encoding::MsgPack
@@ -177,18 +179,30 @@ async fn bury(shared: &Shared, record: &TaskRecord) -> anyhow::Result<()> {
 /// Publishes the result to every reply subject of the task that the scheduler may publish
 /// to. Core NATS: a submitter that is away misses it, and finds it later by id.
 async fn deliver(shared: &Shared, record: &TaskRecord, delivery: Delivery) {
-    let delivery = match delivery.in_encoding(Delivery::encoding_for(record)) {
-        Ok(delivery) => delivery,
-        Err(err) => {
-            tracing::warn!(error = %format!("{err:#}"), "failed to deliver a result");
-            return;
-        }
-    };
+    // Most tasks have one submitter, who reads the encoding the result is stored in. The
+    // other encoding is made once, for the first reply subject that wants it.
+    let stored = Encoding::detect(Some(&delivery.headers), &delivery.payload);
+    let mut transcoded: Option<Delivery> = None;
     for reply_to in record.reply_subjects() {
         if !subject::is_allowed_reply_subject(reply_to, &shared.config.reply_subject_prefixes) {
             tracing::warn!(reply_to, "not delivering a result to a forbidden subject");
             continue;
         }
+        let encoding = Delivery::encoding_for(record, reply_to);
+        let delivery = if encoding == stored {
+            &delivery
+        } else {
+            if transcoded.is_none() {
+                match delivery.clone().in_encoding(encoding) {
+                    Ok(made) => transcoded = Some(made),
+                    Err(err) => {
+                        tracing::warn!(error = %format!("{err:#}"), "failed to deliver a result");
+                        continue;
+                    }
+                }
+            }
+            transcoded.as_ref().unwrap_or(&delivery)
+        };
         match shared
             .client
             .publish_with_headers(

@@ -205,7 +205,7 @@ fn path(path: &Path) -> &str {
 }
 
 #[tokio::test]
-async fn usage_errors_exit_2_and_an_unreachable_cluster_is_one_line_with_a_hint() {
+async fn usage_errors_exit_2_and_an_unreachable_cluster_is_one_line_with_a_hint_or_more_with_v() {
     for args in [
         &["kv"][..],
         &["kv", "put", "only-a-namespace"],
@@ -230,6 +230,13 @@ async fn usage_errors_exit_2_and_an_unreachable_cluster_is_one_line_with_a_hint(
         1,
         "each cause once: {ran:?}"
     );
+    // With -v, each cause on its own line, and the backtrace that was asked for.
+    let mut verbose = command(&["-v", "--server", "nats://127.0.0.1:1", "nodes", "ls"]);
+    verbose.env("RUST_BACKTRACE", "1");
+    let ran = run(verbose).await;
+    assert_eq!(ran.code, 1, "{ran:?}");
+    assert!(ran.stderr.contains("Caused by:"), "{ran:?}");
+    assert!(ran.stderr.contains("Stack backtrace:"), "{ran:?}");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use apiary_harness::{HandNode, PATIENCE, QUIET, Stack, eventually, wasm, within};
+use apiary_harness::{HandNode, PATIENCE, QUIET, Stack, eventually, sleeping_module, wasm, within};
 use apiary_proto::message::ModuleRef;
 use apiary_proto::{headers, subject, topology};
 use async_nats::HeaderMap;
@@ -287,6 +287,78 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
         again["outcome"]["completed"]["stdout"], "SHOUT THIS",
         "{again}"
     );
+}
+
+#[tokio::test]
+async fn each_submitter_of_a_live_task_gets_its_outcome_in_its_own_encoding() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = stack.client().await;
+    // The SDK submits in MessagePack, under an id of its own choosing, a task that takes a
+    // moment.
+    let handle = client
+        .submit(
+            apiary_sdk::Task::new(sleeping_module(Duration::from_millis(500)))
+                .id(apiary_sdk::TaskId::new("shared-1").expect("an id"))
+                .input("both of us"),
+        )
+        .await
+        .expect("submit");
+    let mut transitions = std::pin::pin!(handle.watch());
+    within(PATIENCE, "the task to be placed", async {
+        while let Some(record) = transitions.next().await {
+            if record.expect("a record").state != apiary_sdk::TaskState::Pending {
+                return;
+            }
+        }
+        panic!("the watch ended before the task was placed");
+    })
+    .await;
+
+    // While it runs, someone with the `nats` CLI submits the same id in JSON.
+    let nats = stack.nats().await;
+    let inbox = nats.new_inbox();
+    let mut results = nats.subscribe(inbox.clone()).await.expect("subscribe");
+    apiary_sdk::round_trip(&nats)
+        .await
+        .expect("the server has the subscription");
+    let module = ModuleRef::for_bytes(&sleeping_module(Duration::from_millis(500)));
+    let resubmission = json!({
+        "id": "shared-1",
+        "module": {"sha256": module.sha256},
+        "input": "both of us",
+        "reply_to": inbox,
+    });
+    async_nats::jetstream::new(nats.clone())
+        .publish(
+            subject::task_submit(),
+            Bytes::from(resubmission.to_string()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let message = within(PATIENCE, "the JSON submitter's result", results.next())
+        .await
+        .expect("a result");
+    let content_type = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(headers::CONTENT_TYPE))
+        .map(|value| value.as_str().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let result: Value = serde_json::from_slice(&message.payload).expect("a JSON result");
+    assert_eq!(result["task_id"], "shared-1", "{result}");
+    assert_eq!(
+        result["outcome"]["completed"]["stdout"], "both of us",
+        "{result}"
+    );
+    // The SDK, which wrote MessagePack, reads its own as before.
+    let output = handle
+        .result_within(PATIENCE)
+        .await
+        .expect("the SDK's result");
+    assert_eq!(output.stdout.as_ref(), b"both of us");
 }
 
 #[tokio::test]
