@@ -218,7 +218,12 @@ enum TaskCommand {
         json: bool,
     },
     /// Print what a task wrote to stderr.
-    Logs { id: TaskId },
+    Logs {
+        id: TaskId,
+        /// `{"task_id": …, "stderr": …}`, stderr as a string when it is UTF-8.
+        #[arg(long)]
+        json: bool,
+    },
     /// List tasks: live ones, then those that ended lately.
     Ls {
         /// Only tasks in this state.
@@ -723,8 +728,8 @@ async fn task(client: apiary_sdk::Client, command: TaskCommand) -> anyhow::Resul
             let code = tasks::result(&client, &id, wait, json, &mut out).await?;
             Ok(ExitCode::from(code))
         }
-        TaskCommand::Logs { id } => {
-            tasks::logs(&client, &id, &mut out.stdout).await?;
+        TaskCommand::Logs { id, json } => {
+            tasks::logs(&client, &id, json, &mut out.stdout).await?;
             Ok(ExitCode::SUCCESS)
         }
         TaskCommand::Ls {

@@ -120,12 +120,22 @@ pub async fn print_result<O: Write, E: Write>(
 }
 
 /// `apiary task logs`: what the task wrote to stderr, once it has ended.
-pub async fn logs<W: Write>(client: &Client, id: &TaskId, out: &mut W) -> anyhow::Result<()> {
+pub async fn logs<W: Write>(
+    client: &Client,
+    id: &TaskId,
+    json: bool,
+    out: &mut W,
+) -> anyhow::Result<()> {
     let reply = client
         .task_result(id)
         .await
         .with_context(|| format!("failed to read task {id}'s result"))?;
     match reply.result.map(|result| result.outcome) {
+        Some(Outcome::Completed { stderr, .. } | Outcome::Failed { stderr, .. }) if json => {
+            let line = serde_json::json!({"task_id": id, "stderr": stderr});
+            writeln!(out, "{}", serde_json::to_string(&line)?)?;
+            Ok(())
+        }
         Some(Outcome::Completed { stderr, .. } | Outcome::Failed { stderr, .. }) => {
             out.write_all(stderr.as_bytes())?;
             Ok(())

@@ -100,8 +100,20 @@ async fn a_detached_task_is_followed_by_id_with_status_result_logs_and_ls() {
     assert_eq!(record["id"], id.as_str());
 
     let mut logs = Vec::new();
-    tasks::logs(&client, &id, &mut logs).await.expect("logs");
+    tasks::logs(&client, &id, false, &mut logs)
+        .await
+        .expect("logs");
     assert!(logs.is_empty(), "uppercase writes nothing to stderr");
+    let mut logs = Vec::new();
+    tasks::logs(&client, &id, true, &mut logs)
+        .await
+        .expect("logs");
+    let logs: serde_json::Value = serde_json::from_slice(&logs).expect("JSON logs");
+    assert_eq!(
+        (logs["task_id"].as_str(), logs["stderr"].as_str()),
+        (Some(id.as_str()), Some("")),
+        "{logs}"
+    );
 
     let mut table = Vec::new();
     let filter = apiary_proto::message::TaskListRequest {
