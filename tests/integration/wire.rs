@@ -23,19 +23,35 @@ async fn json_request(
     )
     .await
     .expect("request answered");
-    let content_type = reply
+    let value = json_body(&reply);
+    (reply.headers.unwrap_or_default(), value)
+}
+
+/// A message's JSON body, which its `Content-Type` must say is JSON.
+fn json_body(message: &async_nats::Message) -> Value {
+    let content_type = message
         .headers
         .as_ref()
-        .and_then(|h| h.get(headers::CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned());
+        .and_then(|headers| headers.get(headers::CONTENT_TYPE))
+        .map(|value| value.as_str().to_owned());
     assert_eq!(content_type.as_deref(), Some("application/json"));
-    let value = serde_json::from_slice(&reply.payload).unwrap_or_else(|err| {
+    serde_json::from_slice(&message.payload).unwrap_or_else(|err| {
         panic!(
-            "reply is not JSON ({err}): {:?}",
-            String::from_utf8_lossy(&reply.payload)
+            "the body is not JSON ({err}): {:?}",
+            String::from_utf8_lossy(&message.payload)
         )
-    });
-    (reply.headers.unwrap_or_default(), value)
+    })
+}
+
+/// Publishes `submission` to the task queue as `nats pub` would (JSON, no message id) and
+/// waits until JetStream has stored it.
+async fn submit_json(nats: &async_nats::Client, submission: &Value) {
+    async_nats::jetstream::new(nats.clone())
+        .publish(subject::task_submit(), Bytes::from(submission.to_string()))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
 }
 
 #[tokio::test]
@@ -248,25 +264,14 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
         "input": "shout this",
         "reply_to": inbox,
     });
-    let js = async_nats::jetstream::new(nats.clone());
-    js.publish(subject::task_submit(), Bytes::from(submission.to_string()))
-        .await
-        .expect("publish")
-        .await
-        .expect("stored");
+    submit_json(&nats, &submission).await;
 
     let message = within(PATIENCE, "the result", results.next())
         .await
         .expect("result");
     // Results are stored in MessagePack, and answer a JSON submission in JSON, as
     // `nats sub` shows it.
-    let content_type = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get(headers::CONTENT_TYPE))
-        .map(|value| value.as_str().to_owned());
-    assert_eq!(content_type.as_deref(), Some("application/json"));
-    let result: Value = serde_json::from_slice(&message.payload).expect("a JSON result");
+    let result = json_body(&message);
     assert_eq!(result["task_id"], "by-hand-1");
     assert_eq!(
         result["outcome"]["completed"]["stdout"], "SHOUT THIS",
@@ -274,11 +279,7 @@ async fn a_hand_written_json_submission_runs_and_answers_in_json() {
     );
 
     // The same id again, after the task ended: answered with that task, in JSON too.
-    js.publish(subject::task_submit(), Bytes::from(submission.to_string()))
-        .await
-        .expect("publish")
-        .await
-        .expect("stored");
+    submit_json(&nats, &submission).await;
     let again = within(PATIENCE, "the earlier task's result", results.next())
         .await
         .expect("result");
@@ -328,26 +329,12 @@ async fn each_submitter_of_a_live_task_gets_its_outcome_in_its_own_encoding() {
         "input": "both of us",
         "reply_to": inbox,
     });
-    async_nats::jetstream::new(nats.clone())
-        .publish(
-            subject::task_submit(),
-            Bytes::from(resubmission.to_string()),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("stored");
+    submit_json(&nats, &resubmission).await;
 
     let message = within(PATIENCE, "the JSON submitter's result", results.next())
         .await
         .expect("a result");
-    let content_type = message
-        .headers
-        .as_ref()
-        .and_then(|headers| headers.get(headers::CONTENT_TYPE))
-        .map(|value| value.as_str().to_owned());
-    assert_eq!(content_type.as_deref(), Some("application/json"));
-    let result: Value = serde_json::from_slice(&message.payload).expect("a JSON result");
+    let result = json_body(&message);
     assert_eq!(result["task_id"], "shared-1", "{result}");
     assert_eq!(
         result["outcome"]["completed"]["stdout"], "both of us",
@@ -375,17 +362,12 @@ async fn a_submission_with_an_invalid_id_is_answered_with_invalid_task() {
         "module": {"sha256": "00"},
         "reply_to": inbox,
     });
-    let js = async_nats::jetstream::new(nats.clone());
-    js.publish(subject::task_submit(), Bytes::from(submission.to_string()))
-        .await
-        .expect("publish")
-        .await
-        .expect("stored");
+    submit_json(&nats, &submission).await;
     let answer = within(PATIENCE, "the refusal", answers.next())
         .await
         .expect("an answer");
     // Answered in kind: a JSON submission gets JSON, shaped as a task result.
-    let refusal: serde_json::Value = serde_json::from_slice(&answer.payload).expect("JSON");
+    let refusal = json_body(&answer);
     assert_eq!(refusal["task_id"], "has.a.dot");
     assert_eq!(
         refusal["outcome"]["failed"]["error"]["kind"],
