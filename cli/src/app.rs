@@ -112,6 +112,7 @@ pub async fn kv(
     command: KvCommand,
     stdin: &mut impl std::io::Read,
     out: &mut impl Write,
+    notice: &mut impl Write,
 ) -> anyhow::Result<()> {
     match command {
         KvCommand::Get {
@@ -231,7 +232,14 @@ pub async fn kv(
             json,
         } => {
             let store = client.kv_existing(&namespace).await?;
-            let mut changes = std::pin::pin!(store.watch(&prefix.unwrap_or_default()).await?);
+            let prefix = prefix.unwrap_or_default();
+            let mut changes = std::pin::pin!(store.watch(&prefix).await?);
+            // As `sub` does: from this line on, every change is printed.
+            writeln!(
+                notice,
+                "watching keys under {prefix:?} in namespace {namespace}"
+            )?;
+            notice.flush()?;
             let mut seen = 0;
             while count.is_none_or(|count| seen < count) {
                 let Some(change) = changes.next().await else {

@@ -561,7 +561,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Kv(command) => {
             let client = connect(&connection).await?;
             let out = &mut std::io::stdout();
-            app::kv(&client, command, &mut std::io::stdin(), out).await?;
+            app::kv(
+                &client,
+                command,
+                &mut std::io::stdin(),
+                out,
+                &mut std::io::stderr(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Pub {

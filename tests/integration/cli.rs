@@ -242,7 +242,14 @@ async fn kv_command(stack: &Stack, args: &[&str], stdin: &[u8]) -> anyhow::Resul
         .command;
     let client = commands::connect(stack.url()).await.expect("connect");
     let mut out = Vec::new();
-    apiary_cli::app::kv(&client, command, &mut &stdin[..], &mut out).await?;
+    apiary_cli::app::kv(
+        &client,
+        command,
+        &mut &stdin[..],
+        &mut out,
+        &mut std::io::sink(),
+    )
+    .await?;
     Ok(String::from_utf8(out).expect("utf-8"))
 }
 

@@ -97,6 +97,104 @@ async fn kv_commands_store_read_list_and_refuse_through_the_binary() {
         ok(&stack, &["kv", "get", "shop", "greeting.en"]).await,
         "hello"
     );
+
+    // Compare-and-swap on the revision `get --json` shows; a stale revision is refused.
+    let entry = json(&ok(&stack, &["kv", "get", "shop", "greeting.en", "--json"]).await);
+    let revision = entry["revision"].as_u64().expect("a revision").to_string();
+    ok(
+        &stack,
+        &[
+            "kv",
+            "update",
+            "shop",
+            "greeting.en",
+            "hey",
+            "--revision",
+            &revision,
+        ],
+    )
+    .await;
+    fails(
+        &stack,
+        &[
+            "kv",
+            "update",
+            "shop",
+            "greeting.en",
+            "late",
+            "--revision",
+            &revision,
+        ],
+    )
+    .await;
+    let history = ok(&stack, &["kv", "history", "shop", "greeting.en", "--json"]).await;
+    let values: Vec<String> = json(&history)
+        .as_array()
+        .unwrap_or_else(|| panic!("an array of entries: {history}"))
+        .iter()
+        .map(|entry| entry["value"].as_str().expect("a value").to_owned())
+        .collect();
+    // A namespace made on first use keeps one value per key (its history setting).
+    assert_eq!(values, ["hey"], "{history}");
+
+    ok(&stack, &["kv", "del", "shop", "greeting.fr"]).await;
+    fails(&stack, &["kv", "get", "shop", "greeting.fr"]).await;
+}
+
+#[tokio::test]
+async fn kv_watch_prints_each_change_from_the_moment_it_says_it_watches() {
+    let stack = Stack::start().await;
+    ok(&stack, &["kv", "put", "shop", "stock.apples", "3"]).await;
+    let mut watcher = command(&[
+        "--server",
+        stack.url(),
+        "kv",
+        "watch",
+        "shop",
+        "stock.",
+        "--count",
+        "2",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start apiary kv watch");
+    let stderr = watcher.stderr.take().expect("piped stderr");
+    let mut notices = tokio::io::BufReader::new(stderr).lines();
+    let notice = within(
+        PATIENCE,
+        "apiary kv watch to say it watches",
+        notices.next_line(),
+    )
+    .await
+    .expect("read stderr")
+    .expect("a notice before any change");
+    assert!(
+        notice.starts_with("watching keys under \"stock.\""),
+        "{notice}"
+    );
+
+    ok(&stack, &["kv", "put", "shop", "stock.pears", "5"]).await;
+    ok(&stack, &["kv", "put", "shop", "orders.1", "not stock"]).await;
+    ok(&stack, &["kv", "del", "shop", "stock.apples"]).await;
+    let output = within(
+        PATIENCE,
+        "apiary kv watch to exit after two",
+        watcher.wait_with_output(),
+    )
+    .await
+    .expect("apiary kv watch");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let changes: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(json)
+        .collect();
+    let keys: Vec<&str> = changes
+        .iter()
+        .map(|change| change["key"].as_str().expect("a key"))
+        .collect();
+    assert_eq!(keys, ["stock.pears", "stock.apples"], "{changes:?}");
 }
 
 #[tokio::test]
