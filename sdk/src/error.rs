@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn nobody_answering_names_the_missing_service() {
         let err = RequestError::from(rpc::RequestError::NoResponders {
-            subject: "apiary.v1.nodes.list".into(),
+            subject: apiary_proto::subject::nodes_list().to_string(),
         });
         assert_eq!(err.kind(), RequestErrorKind::NoResponders);
         assert!(err.to_string().contains("apiary-scheduler"), "{err}");

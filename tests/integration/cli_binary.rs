@@ -67,6 +67,40 @@ fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
 }
 
+/// A command that streams until it has printed enough (`sub`, `kv watch`), started with
+/// `apiary --server <stack> <args>`. Returns once it has said on stderr that it is in place
+/// (its first line, returned too), so that what happens from then on is what it prints.
+async fn start_streaming(stack: &Stack, args: &[&str]) -> (tokio::process::Child, String) {
+    let mut child = command(&[&["--server", stack.url()], args].concat())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the apiary command");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut notices = tokio::io::BufReader::new(stderr).lines();
+    let notice = within(
+        PATIENCE,
+        "the command to say it is in place",
+        notices.next_line(),
+    )
+    .await
+    .expect("read stderr")
+    .expect("a notice before anything is printed");
+    (child, notice)
+}
+
+/// Waits for a streaming command to exit, successfully, and returns its stdout's JSON lines.
+async fn json_lines_of(child: tokio::process::Child) -> Vec<Value> {
+    let output = within(PATIENCE, "the command to exit", child.wait_with_output())
+        .await
+        .expect("the apiary command");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(json)
+        .collect()
+}
+
 #[tokio::test]
 async fn kv_commands_store_read_list_and_refuse_through_the_binary() {
     let stack = Stack::start().await;
@@ -145,31 +179,11 @@ async fn kv_commands_store_read_list_and_refuse_through_the_binary() {
 async fn kv_watch_prints_each_change_from_the_moment_it_says_it_watches() {
     let stack = Stack::start().await;
     ok(&stack, &["kv", "put", "shop", "stock.apples", "3"]).await;
-    let mut watcher = command(&[
-        "--server",
-        stack.url(),
-        "kv",
-        "watch",
-        "shop",
-        "stock.",
-        "--count",
-        "2",
-        "--json",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start apiary kv watch");
-    let stderr = watcher.stderr.take().expect("piped stderr");
-    let mut notices = tokio::io::BufReader::new(stderr).lines();
-    let notice = within(
-        PATIENCE,
-        "apiary kv watch to say it watches",
-        notices.next_line(),
+    let (watcher, notice) = start_streaming(
+        &stack,
+        &["kv", "watch", "shop", "stock.", "--count", "2", "--json"],
     )
-    .await
-    .expect("read stderr")
-    .expect("a notice before any change");
+    .await;
     assert!(
         notice.starts_with("watching keys under \"stock.\""),
         "{notice}"
@@ -178,18 +192,7 @@ async fn kv_watch_prints_each_change_from_the_moment_it_says_it_watches() {
     ok(&stack, &["kv", "put", "shop", "stock.pears", "5"]).await;
     ok(&stack, &["kv", "put", "shop", "orders.1", "not stock"]).await;
     ok(&stack, &["kv", "del", "shop", "stock.apples"]).await;
-    let output = within(
-        PATIENCE,
-        "apiary kv watch to exit after two",
-        watcher.wait_with_output(),
-    )
-    .await
-    .expect("apiary kv watch");
-    assert_eq!(output.status.code(), Some(0), "{output:?}");
-    let changes: Vec<Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(json)
-        .collect();
+    let changes = json_lines_of(watcher).await;
     let keys: Vec<&str> = changes
         .iter()
         .map(|change| change["key"].as_str().expect("a key"))
@@ -200,30 +203,11 @@ async fn kv_watch_prints_each_change_from_the_moment_it_says_it_watches() {
 #[tokio::test]
 async fn sub_prints_what_pub_sends_from_the_moment_it_says_it_listens() {
     let stack = Stack::start().await;
-    let mut subscriber = command(&[
-        "--server",
-        stack.url(),
-        "sub",
-        "chat",
-        "rooms.*",
-        "--count",
-        "2",
-        "--json",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start apiary sub");
-    let stderr = subscriber.stderr.take().expect("piped stderr");
-    let mut notices = tokio::io::BufReader::new(stderr).lines();
-    let notice = within(
-        PATIENCE,
-        "apiary sub to say it listens",
-        notices.next_line(),
+    let (subscriber, notice) = start_streaming(
+        &stack,
+        &["sub", "chat", "rooms.*", "--count", "2", "--json"],
     )
-    .await
-    .expect("read stderr")
-    .expect("a notice before anything is published");
+    .await;
     assert!(notice.starts_with("listening on rooms.*"), "{notice}");
 
     // Published once each, from another process: what is published after the notice is
@@ -231,18 +215,7 @@ async fn sub_prints_what_pub_sends_from_the_moment_it_says_it_listens() {
     ok(&stack, &["pub", "chat", "rooms.lobby", "hello"]).await;
     ok(&stack, &["pub", "chat", "news.today", "not a room"]).await;
     ok(&stack, &["pub", "chat", "rooms.kitchen", "{\"n\":1}"]).await;
-    let output = within(
-        PATIENCE,
-        "apiary sub to exit after two",
-        subscriber.wait_with_output(),
-    )
-    .await
-    .expect("apiary sub");
-    assert_eq!(output.status.code(), Some(0), "{output:?}");
-    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(json)
-        .collect();
+    let lines = json_lines_of(subscriber).await;
     let topics: Vec<&str> = lines
         .iter()
         .map(|line| line["topic"].as_str().expect("a topic"))
