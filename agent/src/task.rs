@@ -282,9 +282,9 @@ impl Agent {
             self.result_objects
                 .put(object.name.as_str(), &mut reader)
                 .await
-                .map_err(|err| stored::PublishError::Publish {
-                    subject: object.name.clone(),
-                    reason: format!("failed to keep a large output in the object store: {err}"),
+                .map_err(|source| stored::PublishError::Object {
+                    name: object.name.clone(),
+                    source,
                 })?;
             tracing::info!(
                 bytes = object.size,

@@ -13,15 +13,34 @@ use crate::id::{NodeId, TaskId};
 use crate::message::{Dispatch, TaskResult, TaskSubmission};
 use crate::subject::{self, NodeVerb, Subject};
 
-/// A task message JetStream did not store.
+/// A task message JetStream did not store. The connection's own error is the
+/// [`source`](std::error::Error::source); it is in the message too, because most callers log
+/// the message alone.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("failed to publish to {subject}: {reason}")]
-    Publish { subject: String, reason: String },
-    #[error("JetStream did not store the message on {subject}: {reason}")]
-    NotStored { subject: String, reason: String },
+    /// The message did not reach the server (too large, no connection).
+    #[error("failed to publish to {subject}: {source}")]
+    Publish {
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// The server did not acknowledge it as stored.
+    #[error("JetStream did not store the message on {subject}: {source}")]
+    NotStored {
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// A result's large output could not be put in the result object store.
+    #[error("failed to keep {name} in the object store: {source}")]
+    Object {
+        name: String,
+        #[source]
+        source: jetstream::object_store::PutError,
+    },
 }
 
 /// What JetStream said about a stored message.
@@ -49,14 +68,14 @@ pub async fn publish<T: Serialize>(
     let ack = js
         .publish_with_headers(subject, headers, payload)
         .await
-        .map_err(|err| PublishError::Publish {
+        .map_err(|source| PublishError::Publish {
             subject: name.clone(),
-            reason: err.to_string(),
+            source,
         })?
         .await
-        .map_err(|err| PublishError::NotStored {
+        .map_err(|source| PublishError::NotStored {
             subject: name,
-            reason: err.to_string(),
+            source,
         })?;
     Ok(Stored {
         sequence: ack.sequence,
