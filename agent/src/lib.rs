@@ -140,6 +140,7 @@ pub async fn run_reporting_outbox(
             limits: NodeLimits::from(&config),
             modules,
             sandbox,
+            run_slots: tokio::sync::Semaphore::new(slots as usize),
             running: AtomicU32::new(0),
             cancels: cancel::Cancels::default(),
             completed: AtomicU64::new(0),
@@ -341,6 +342,10 @@ struct Agent {
     limits: NodeLimits,
     modules: Arc<ModuleCache>,
     sandbox: Arc<Sandbox>,
+    /// One permit per slot: a task runs only while it holds one. The node's consumer hands
+    /// out more dispatches than there are slots (see `topology::DISPATCHES_PER_SLOT`), and
+    /// those wait here for a permit.
+    run_slots: tokio::sync::Semaphore,
     running: AtomicU32,
     /// Stop flags of running attempts, for cancel notices.
     cancels: cancel::Cancels,

@@ -21,13 +21,17 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 use crate::Agent;
-use crate::work::drain_deadline;
+use crate::work::{drain_deadline, is_draining};
 
 impl Agent {
     /// Runs one dispatched task and publishes its result. Never panics on bad input: a
     /// message that cannot be decoded is terminated (it can never succeed), and every other
     /// failure becomes a typed result.
-    pub(crate) async fn handle(self: Arc<Self>, message: jetstream::Message) {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        message: jetstream::Message,
+        stop: &CancellationToken,
+    ) {
         let Some(dispatch) =
             apiary_proto::inbound::decode_or_terminate::<Dispatch>(&message, "dispatch").await
         else {
@@ -41,21 +45,82 @@ impl Agent {
         // A dispatch that comes back while its result waits in the outbox (or after a
         // restart, was stored from it) has run: the outbox stores the result if need be and
         // acks it.
-        if self.cancels.is_cancelled(&dispatch.msg_id()) {
-            span.in_scope(|| tracing::info!("the task was cancelled; not running it"));
-            message.ack_with(AckKind::Term).await.ok();
-            return;
-        }
         let Some(message) = self.outbox.adopt(&dispatch.msg_id(), message) else {
             span.in_scope(|| {
                 tracing::info!("this attempt's result is in the outbox; not running it again");
             });
             return;
         };
-        self.run_task(message, dispatch).instrument(span).await;
+        if self.skip_cancelled(&message, &dispatch, &span).await {
+            return;
+        }
+        let Some(slot) = self
+            .wait_for_slot(&message, stop)
+            .instrument(span.clone())
+            .await
+        else {
+            return;
+        };
+        // A cancel notice may have come while the dispatch waited for its slot.
+        if self.skip_cancelled(&message, &dispatch, &span).await {
+            return;
+        }
+        self.run_task(message, dispatch, slot)
+            .instrument(span)
+            .await;
     }
 
-    async fn run_task(&self, message: jetstream::Message, dispatch: Dispatch) {
+    /// Terminates the dispatch of an attempt cancelled before it ran; true if it was.
+    async fn skip_cancelled(
+        &self,
+        message: &jetstream::Message,
+        dispatch: &Dispatch,
+        span: &tracing::Span,
+    ) -> bool {
+        if !self.cancels.is_cancelled(&dispatch.msg_id()) {
+            return false;
+        }
+        span.in_scope(|| tracing::info!("the task was cancelled; not running it"));
+        message.ack_with(AckKind::Term).await.ok();
+        true
+    }
+
+    /// A run slot for this dispatch: at once when one is free. Otherwise the dispatch waits
+    /// here for one, kept ours with progress acks; it goes back to the queue at once
+    /// (`None`) if the agent stops or the node starts draining meanwhile, as a dispatch that
+    /// was delivered but not started does.
+    async fn wait_for_slot(
+        &self,
+        message: &jetstream::Message,
+        stop: &CancellationToken,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        if let Ok(slot) = self.run_slots.try_acquire() {
+            return Some(slot);
+        }
+        // The run's own progress acks begin one period after it starts, so the ack wait sees
+        // at most two periods without one, well within it.
+        let keep_alive = AbortOnDropHandle::new(tokio::spawn(progress_acks(message.clone())));
+        let mut schedule = self.schedule.subscribe();
+        let slot = tokio::select! {
+            slot = self.run_slots.acquire() => slot.ok(),
+            _ = stop.cancelled() => None,
+            _ = schedule.wait_for(|schedule| is_draining(*schedule)) => None,
+        };
+        drop(keep_alive);
+        if slot.is_none() {
+            message.ack_with(AckKind::Nak(None)).await.ok();
+        }
+        slot
+    }
+
+    /// Runs the task holding `slot`, which it gives back as soon as the run is over: storing
+    /// the result is network time, which the next dispatch's run need not wait for.
+    async fn run_task(
+        &self,
+        message: jetstream::Message,
+        dispatch: Dispatch,
+        slot: tokio::sync::SemaphorePermit<'_>,
+    ) {
         self.running.fetch_add(1, Ordering::Relaxed);
         let started_at_ms = now_ms();
         let attempt_id = dispatch.msg_id();
@@ -85,6 +150,8 @@ impl Agent {
                 return;
             }
         };
+        let finished_at_ms = now_ms();
+        drop(slot);
         self.cancels.finished(&attempt_id);
         keep_alive.cancel();
         progress.await.ok();
@@ -95,7 +162,7 @@ impl Agent {
             attempt: dispatch.attempt,
             outcome,
             started_at_ms,
-            finished_at_ms: now_ms(),
+            finished_at_ms,
             reply_to: dispatch.task.reply_to.clone(),
             stdout_object: None,
         };
@@ -367,6 +434,15 @@ async fn send_progress(message: jetstream::Message, started: StartSignal, done: 
         _ = done.cancelled() => return,
         _ = tokio::time::sleep(ANNOUNCE_AFTER) => started.send().await,
     }
+    tokio::select! {
+        _ = done.cancelled() => {}
+        _ = progress_acks(message) => {}
+    }
+}
+
+/// Sends a progress ack for `message` every [`topology::PROGRESS_INTERVAL`], the first one
+/// period from now, for as long as it is polled.
+async fn progress_acks(message: jetstream::Message) {
     // The first tick one period from now: an interval's immediate first tick still waits for
     // the timer wheel (about a millisecond), which would sit on every task's path.
     let mut ticker = tokio::time::interval_at(
@@ -374,13 +450,9 @@ async fn send_progress(message: jetstream::Message, started: StartSignal, done: 
         topology::PROGRESS_INTERVAL,
     );
     loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = ticker.tick() => {
-                if let Err(err) = message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %err, "failed to extend a running task's ack wait");
-                }
-            }
+        ticker.tick().await;
+        if let Err(err) = message.ack_with(AckKind::Progress).await {
+            tracing::warn!(error = %err, "failed to extend a held task's ack wait");
         }
     }
 }

@@ -46,7 +46,8 @@ pub(crate) async fn work_loop(
                 next = messages.next() => match next {
                     Some(Ok(message)) => {
                         let agent = agent.clone();
-                        running.spawn(async move { agent.handle(message).await });
+                        let stop = stop.clone();
+                        running.spawn(async move { agent.handle(message, &stop).await });
                     }
                     Some(Err(err)) => {
                         // Pull errors are transient (a server restart, a missed heartbeat of
@@ -71,7 +72,7 @@ pub(crate) async fn work_loop(
     }
 }
 
-fn is_draining(schedule: Schedule) -> bool {
+pub(crate) fn is_draining(schedule: Schedule) -> bool {
     matches!(schedule, Schedule::Draining { .. })
 }
 

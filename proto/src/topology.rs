@@ -462,8 +462,19 @@ pub fn node_dispatch_consumer_name(node: &NodeId) -> String {
     format!("node-{node}")
 }
 
-/// A node's consumer on `APIARY_DISPATCH`: only its own subject, at most `slots` tasks
-/// unacknowledged at once, so JetStream itself never hands a node more than it can run.
+/// How many dispatches a node holds per slot: one running, and one whose run has finished
+/// while its result is being stored, or that waits for the slot.
+///
+/// A dispatch is acknowledged only once its result is stored, so a node that held only as
+/// many dispatches as it has slots would leave each slot idle for a result's store and the
+/// delivery of the next dispatch, on every task: measured on the 2-core development machine,
+/// that round trip, not the run, was what bounded a node's trivial tasks. The agent runs at
+/// most `slots` at once all the same (see the agent's `work` module).
+pub const DISPATCHES_PER_SLOT: u32 = 2;
+
+/// A node's consumer on `APIARY_DISPATCH`: only its own subject, at most
+/// [`DISPATCHES_PER_SLOT`] tasks per slot unacknowledged at once, so JetStream itself never
+/// hands a node more than it can run and finish.
 pub fn node_dispatch_consumer(node: &NodeId, slots: u32) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(node_dispatch_consumer_name(node)),
@@ -472,7 +483,7 @@ pub fn node_dispatch_consumer(node: &NodeId, slots: u32) -> consumer::pull::Conf
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: ACK_WAIT,
         max_deliver: -1,
-        max_ack_pending: i64::from(slots.max(1)),
+        max_ack_pending: i64::from(slots.max(1).saturating_mul(DISPATCHES_PER_SLOT)),
         ..Default::default()
     }
 }
@@ -799,6 +810,6 @@ mod tests {
         let a = node_dispatch_consumer(&NodeId::new("a").unwrap(), 2);
         let b = node_dispatch_consumer(&NodeId::new("b").unwrap(), 2);
         assert_ne!(a.filter_subject, b.filter_subject);
-        assert_eq!(a.max_ack_pending, 2);
+        assert_eq!(a.max_ack_pending, 4);
     }
 }

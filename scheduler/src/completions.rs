@@ -42,7 +42,7 @@ pub(crate) async fn watch_completions(
             continue;
         };
         let attempt_id = attempt_id.as_str();
-        let finished = shared.view().finished(attempt_id);
+        let finished = shared.view().finished(attempt_id, apiary_proto::now_ms());
         if finished {
             shared.wake();
         }

@@ -236,7 +236,7 @@ impl Shared {
 
     /// Gives back the room reserved for an attempt that was not dispatched after all.
     fn unreserve(&self, attempt_id: &str) {
-        self.update(|view| view.finished(attempt_id));
+        self.update(|view| view.unreserve(attempt_id));
     }
 
     /// Wakes everyone waiting for the view to change.

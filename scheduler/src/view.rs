@@ -32,6 +32,63 @@ struct NodeEntry {
     admin_revision: u64,
     /// This replica's dispatches to the node that have not finished.
     outstanding: u32,
+    /// How fast this replica's dispatches to the node finish lately.
+    pace: Pace,
+}
+
+/// How long one count of a node's finished tasks runs ([`Pace`]).
+const PACE_WINDOW_MS: u64 = 100;
+
+/// How much of a node's work, in time at the pace it finishes tasks, the replica queues
+/// beyond its slots when no fixed backlog is configured: enough to cover the round trips
+/// between a task's placement and the node's next run (the dispatch's store, its delivery,
+/// the result's store and its sight), short enough that a task placed behind the queue,
+/// a high-priority one included, waits for little.
+const BACKLOG_TIME_MS: u64 = 5;
+
+/// The most tasks per slot the pace may queue beyond a node's slots.
+const MAX_BACKLOG_PER_SLOT: u32 = 8;
+
+/// Counts of a node's finished tasks (this replica's), per [`PACE_WINDOW_MS`] window.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pace {
+    window_start_ms: u64,
+    this_window: u32,
+    last_window: u32,
+}
+
+impl Pace {
+    fn finished(&mut self, now_ms: u64) {
+        if now_ms >= self.window_start_ms.saturating_add(PACE_WINDOW_MS) {
+            self.last_window = self.finished_in_last_window(now_ms);
+            self.this_window = 0;
+            self.window_start_ms = now_ms;
+        }
+        self.this_window = self.this_window.saturating_add(1);
+    }
+
+    /// The finishes of the last full window before `now_ms`; none if the node finished
+    /// nothing for a whole window since.
+    fn finished_in_last_window(&self, now_ms: u64) -> u32 {
+        let window_end = self.window_start_ms.saturating_add(PACE_WINDOW_MS);
+        if now_ms < window_end {
+            self.last_window
+        } else if now_ms < window_end.saturating_add(PACE_WINDOW_MS) {
+            self.this_window
+        } else {
+            0
+        }
+    }
+
+    /// The backlog for a node with `slots` at this pace: what it finishes in
+    /// [`BACKLOG_TIME_MS`], at least its slots (a node running long tasks has one queued
+    /// per slot, to start the moment one ends), at most [`MAX_BACKLOG_PER_SLOT`] per slot.
+    fn backlog(&self, slots: u32, now_ms: u64) -> u32 {
+        let at_pace =
+            u64::from(self.finished_in_last_window(now_ms)) * BACKLOG_TIME_MS / PACE_WINDOW_MS;
+        let at_pace = u32::try_from(at_pace).unwrap_or(u32::MAX);
+        at_pace.clamp(slots, slots.saturating_mul(MAX_BACKLOG_PER_SLOT))
+    }
 }
 
 impl NodeEntry {
@@ -325,10 +382,14 @@ impl NodeView {
             .collect()
     }
 
-    /// The most of this replica's work a node may hold: its slots plus the backlog.
-    fn capacity(&self, record: &NodeRecord) -> u32 {
+    /// The most of this replica's work a node may hold: its slots plus the backlog, fixed if
+    /// one is configured, else following the node's pace ([`Pace::backlog`]).
+    fn capacity(&self, entry: &NodeEntry, record: &NodeRecord, now_ms: u64) -> u32 {
         let slots = record.info.slots.max(1);
-        slots.saturating_add(self.backlog.unwrap_or(slots))
+        let backlog = self
+            .backlog
+            .unwrap_or_else(|| entry.pace.backlog(slots, now_ms));
+        slots.saturating_add(backlog)
     }
 
     /// Online nodes with their entries.
@@ -366,7 +427,7 @@ impl NodeView {
                 continue;
             }
             any_matching = true;
-            if entry.outstanding >= self.capacity(record) {
+            if entry.outstanding >= self.capacity(entry, record, now_ms) {
                 continue;
             }
             let running = entry
@@ -398,7 +459,10 @@ impl NodeView {
     /// their requirements.
     pub fn room(&self, now_ms: u64) -> u32 {
         self.schedulable(now_ms)
-            .map(|(_, entry, record)| self.capacity(record).saturating_sub(entry.outstanding))
+            .map(|(_, entry, record)| {
+                self.capacity(entry, record, now_ms)
+                    .saturating_sub(entry.outstanding)
+            })
             .fold(0, u32::saturating_add)
     }
 
@@ -422,16 +486,28 @@ impl NodeView {
         self.last_chosen = Some(node.clone());
     }
 
-    /// Records that attempt `attempt_id` finished (or was never stored). True if it was one
-    /// of this replica's outstanding dispatches, so its node has room again.
-    pub fn finished(&mut self, attempt_id: &str) -> bool {
-        match self.dispatched.remove(attempt_id) {
-            Some(outstanding) => {
-                self.release_on(&outstanding.node);
-                true
-            }
-            None => false,
+    /// Records that attempt `attempt_id` finished at `now_ms`. True if it was one of this
+    /// replica's outstanding dispatches, so its node has room again.
+    pub fn finished(&mut self, attempt_id: &str, now_ms: u64) -> bool {
+        self.release(attempt_id, Some(now_ms))
+    }
+
+    /// Records that attempt `attempt_id` was never stored: its room is free again, and it
+    /// does not count towards its node's pace. True if it was one of this replica's.
+    pub fn unreserve(&mut self, attempt_id: &str) -> bool {
+        self.release(attempt_id, None)
+    }
+
+    fn release(&mut self, attempt_id: &str, finished_at_ms: Option<u64>) -> bool {
+        let Some(outstanding) = self.dispatched.remove(attempt_id) else {
+            return false;
+        };
+        if let (Some(now_ms), Some(entry)) = (finished_at_ms, self.nodes.get_mut(&outstanding.node))
+        {
+            entry.pace.finished(now_ms);
         }
+        self.release_on(&outstanding.node);
+        true
     }
 
     fn release_on(&mut self, node: &NodeId) {
@@ -847,6 +923,74 @@ mod tests {
         assert_eq!(placed, 4);
     }
 
+    /// Places and finishes `count` tasks on the only node, `spacing_ms` apart from `start_ms`;
+    /// returns when the last finished.
+    fn finish_tasks(view: &mut NodeView, count: usize, start_ms: u64, spacing_ms: u64) -> u64 {
+        let mut now = start_ms;
+        for task in 0..count {
+            let node = match view.place(&Requirements::default(), now) {
+                Placement::Node(node) => node,
+                other => panic!("task {task} was not placed: {other:?}"),
+            };
+            let attempt = format!("pace{task}.1");
+            view.reserve(&node, attempt.clone(), now + 60_000);
+            assert!(view.finished(&attempt, now));
+            now += spacing_ms;
+        }
+        now
+    }
+
+    #[test]
+    fn the_backlog_follows_the_pace_a_node_finishes_tasks_at() {
+        // A node with 2 slots, seen at first: 2 slots + 2 queued.
+        let mut view = view(&[("a", 2, 2, 0)]);
+        assert_eq!(view.room(NOW), 4);
+
+        // It finishes 100 tasks within one window, a pace of 1,000 a second: it is given
+        // what it finishes in BACKLOG_TIME_MS (5 ms: 5 tasks) beyond its slots.
+        let end = finish_tasks(&mut view, 100, NOW, 0);
+        let next_window = end + PACE_WINDOW_MS;
+        assert_eq!(view.room(next_window), 2 + 5);
+
+        // Faster still: at most MAX_BACKLOG_PER_SLOT per slot beyond its slots.
+        let end = finish_tasks(&mut view, 5_000, next_window, 0);
+        assert_eq!(
+            view.room(end + PACE_WINDOW_MS),
+            2 + 2 * MAX_BACKLOG_PER_SLOT
+        );
+
+        // A window that passes with nothing finished: back to one per slot.
+        assert_eq!(view.room(end + 3 * PACE_WINDOW_MS), 4);
+    }
+
+    #[test]
+    fn a_node_running_long_tasks_keeps_one_queued_per_slot() {
+        let mut view = view(&[("a", 4, 4, 0)]);
+        // One task finished every 50 ms: two a window, far below a slot's worth in 5 ms.
+        let end = finish_tasks(&mut view, 40, NOW, 50);
+        assert_eq!(view.room(end), 4 + 4);
+    }
+
+    #[test]
+    fn a_configured_backlog_does_not_follow_the_pace() {
+        let mut view = NodeView::new(Some(1));
+        view.apply(NodeChange::Registered(record("a", 2, 2)));
+        view.apply(NodeChange::Heartbeat(id("a"), live(0, NOW)));
+        let end = finish_tasks(&mut view, 1_000, NOW, 0);
+        assert_eq!(view.room(end + PACE_WINDOW_MS), 3);
+    }
+
+    #[test]
+    fn a_dispatch_never_stored_does_not_count_towards_the_pace() {
+        let mut view = view(&[("a", 2, 2, 0)]);
+        for task in 0..1_000 {
+            let attempt = format!("never{task}.1");
+            view.reserve(&id("a"), attempt.clone(), NOW + 60_000);
+            assert!(view.unreserve(&attempt));
+        }
+        assert_eq!(view.room(NOW + PACE_WINDOW_MS), 4);
+    }
+
     #[test]
     fn a_finished_task_makes_room_and_only_our_own_count() {
         let mut view = view(&[("a", 1, 1, 0)]);
@@ -854,10 +998,10 @@ mod tests {
         assert_eq!(place_one(&mut view, 2), Some(id("a")));
         assert_eq!(place_one(&mut view, 3), None);
         // A result of another replica's dispatch changes nothing.
-        assert!(!view.finished("someone-else.1"));
+        assert!(!view.finished("someone-else.1", NOW));
         assert_eq!(view.room(NOW), 0);
-        assert!(view.finished("t1.1"));
-        assert!(!view.finished("t1.1"), "each attempt finishes once");
+        assert!(view.finished("t1.1", NOW));
+        assert!(!view.finished("t1.1", NOW), "each attempt finishes once");
         assert_eq!(view.room(NOW), 1);
         assert_eq!(place_one(&mut view, 3), Some(id("a")));
     }
@@ -952,7 +1096,7 @@ mod tests {
         let mut chosen = Vec::new();
         for task in 0..8 {
             let node = place_one(&mut view, task).expect("a placement");
-            assert!(view.finished(&format!("t{task}.1")));
+            assert!(view.finished(&format!("t{task}.1"), NOW));
             chosen.push(node.to_string());
         }
         assert_eq!(chosen, ["a", "b", "c", "d", "a", "b", "c", "d"]);

@@ -8,9 +8,9 @@ use apiary_harness::{
     Answer, PATIENCE, QUIET, Stack, eventually, sleeping_guest, sleeping_module, wasm, within,
 };
 use apiary_proto::NodeId;
-use apiary_proto::codec;
 use apiary_proto::message::{Dispatch, Requirements};
 use apiary_proto::subject::{self, NodeVerb};
+use apiary_proto::{codec, topology};
 use apiary_sdk::{Scheduling, Task};
 use futures::StreamExt as _;
 
@@ -39,6 +39,52 @@ async fn wait_running(client: &apiary_sdk::Client, node: &NodeId, running: u32) 
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_node_holds_a_second_dispatch_per_slot_but_runs_no_more_than_its_slots() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = one_slot_agent(&stack, "node-a").await;
+    let client = stack.client().await;
+    let consumer = stack
+        .consumer(
+            topology::DISPATCH_STREAM,
+            &topology::node_dispatch_consumer_name(&id("node-a")),
+        )
+        .await;
+
+    let mut handles = Vec::new();
+    for n in 0..3 {
+        let task = Task::new(sleeping_module(Duration::from_millis(400)))
+            .input(format!("task {n}"))
+            .timeout(Duration::from_secs(60));
+        handles.push(client.submit(task).await.expect("submit"));
+    }
+    // The node takes a second dispatch while its one slot runs the first: the next task is
+    // at hand the moment the first ends, instead of a result's store and a delivery later.
+    eventually(PATIENCE, "node-a to hold two dispatches", || async {
+        let info = consumer.get_info().await.ok()?;
+        (info.num_ack_pending == 2).then_some(())
+    })
+    .await;
+
+    let mut runs = Vec::new();
+    for handle in handles {
+        let output = within(PATIENCE, "a result", handle.result())
+            .await
+            .expect("the task runs");
+        assert_eq!(output.node_id.as_str(), "node-a");
+        runs.push((output.started_at_ms, output.finished_at_ms));
+    }
+    // One slot: the runs never overlap.
+    runs.sort();
+    for pair in runs.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "two runs overlapped on a one-slot node: {runs:?}"
+        );
+    }
 }
 
 #[tokio::test]
