@@ -462,15 +462,16 @@ pub fn node_dispatch_consumer_name(node: &NodeId) -> String {
     format!("node-{node}")
 }
 
-/// How many dispatches a node holds per slot: one running, and one whose run has finished
-/// while its result is being stored, or that waits for the slot.
+/// The most dispatches a node holds per slot: the one running, and others whose runs have
+/// finished while their results are being stored, or that wait for the slot.
 ///
 /// A dispatch is acknowledged only once its result is stored, so a node that held only as
-/// many dispatches as it has slots would leave each slot idle for a result's store and the
-/// delivery of the next dispatch, on every task: measured on the 2-core development machine,
-/// that round trip, not the run, was what bounded a node's trivial tasks. The agent runs at
-/// most `slots` at once all the same (see the agent's `work` module).
-pub const DISPATCHES_PER_SLOT: u32 = 2;
+/// many dispatches as it has slots would leave each slot idle, on every task, for a result's
+/// store and the delivery of the next dispatch: measured on the 2-core development machine,
+/// that wait, not the run, bounded a node's trivial tasks. The agent still runs at most
+/// `slots` at once (see the agent's `task` module), and how much is queued at a node at all
+/// is the schedulers' choice (the scheduler's `view`, which follows the node's pace).
+pub const DISPATCHES_PER_SLOT: u32 = 4;
 
 /// A node's consumer on `APIARY_DISPATCH`: only its own subject, at most
 /// [`DISPATCHES_PER_SLOT`] tasks per slot unacknowledged at once, so JetStream itself never
@@ -810,6 +811,6 @@ mod tests {
         let a = node_dispatch_consumer(&NodeId::new("a").unwrap(), 2);
         let b = node_dispatch_consumer(&NodeId::new("b").unwrap(), 2);
         assert_ne!(a.filter_subject, b.filter_subject);
-        assert_eq!(a.max_ack_pending, 4);
+        assert_eq!(a.max_ack_pending, 2 * i64::from(DISPATCHES_PER_SLOT));
     }
 }

@@ -27,8 +27,9 @@ pub struct SchedulerConfig {
     /// After the last, the task is `dead` and goes to the dead-letter stream.
     pub max_attempts: u32,
     /// `APIARY_NODE_BACKLOG`: how many of this replica's tasks may wait at a node beyond its
-    /// slots; unset means as many as the node has slots. The rest waits in the shared queue,
-    /// for whichever node has room first.
+    /// slots; unset means it follows the node's pace (what it finishes in 10 ms, between one
+    /// and eight per slot; see `view::Pace`). The rest waits in the shared queue, for
+    /// whichever node has room first.
     pub node_backlog: Option<u32>,
     /// `APIARY_TASK_RETENTION`: how long an ended task's record stays readable by id (the
     /// task archive's age limit).

@@ -2,7 +2,7 @@
 //! places each on a node, dispatches it there, then acknowledges the submission.
 //!
 //! A replica pulls only as many submissions as its nodes have room for (their slots plus a
-//! small backlog, counting this replica's unfinished dispatches; see [`crate::view`]). Work
+//! backlog that follows each node's pace, counting this replica's unfinished dispatches; see [`crate::view`]). Work
 //! that has nowhere to go stays in `APIARY_TASKS`, shared by every replica, so it goes to
 //! whichever node has room first, including nodes that register a moment later, instead of
 //! piling onto the first node that appears.

@@ -3,7 +3,8 @@
 //! The view is rebuilt from the `APIARY_NODES` KV bucket (a replica that starts fresh replays
 //! the bucket), so it is a cache of NATS state, never a source of truth. What it adds is this
 //! replica's own dispatches that have not finished yet, by attempt id. They bound how much
-//! work the replica queues at a node (its slots plus a small backlog), so that work waiting
+//! work the replica queues at a node (its slots plus a backlog that follows how fast the
+//! node finishes the replica's tasks, [`Pace`]), so that work waiting
 //! for nodes stays in the shared queue for whichever node has room, and they spread a burst
 //! of tasks before the next heartbeat reports the load.
 
@@ -44,7 +45,7 @@ const PACE_WINDOW_MS: u64 = 100;
 /// between a task's placement and the node's next run (the dispatch's store, its delivery,
 /// the result's store and its sight), short enough that a task placed behind the queue,
 /// a high-priority one included, waits for little.
-const BACKLOG_TIME_MS: u64 = 5;
+const BACKLOG_TIME_MS: u64 = 10;
 
 /// The most tasks per slot the pace may queue beyond a node's slots.
 const MAX_BACKLOG_PER_SLOT: u32 = 8;
@@ -946,11 +947,11 @@ mod tests {
         let mut view = view(&[("a", 2, 2, 0)]);
         assert_eq!(view.room(NOW), 4);
 
-        // It finishes 100 tasks within one window, a pace of 1,000 a second: it is given
-        // what it finishes in BACKLOG_TIME_MS (5 ms: 5 tasks) beyond its slots.
-        let end = finish_tasks(&mut view, 100, NOW, 0);
+        // It finishes 60 tasks within one window, a pace of 600 a second: it is given what
+        // it finishes in BACKLOG_TIME_MS (10 ms: 6 tasks) beyond its slots.
+        let end = finish_tasks(&mut view, 60, NOW, 0);
         let next_window = end + PACE_WINDOW_MS;
-        assert_eq!(view.room(next_window), 2 + 5);
+        assert_eq!(view.room(next_window), 2 + 6);
 
         // Faster still: at most MAX_BACKLOG_PER_SLOT per slot beyond its slots.
         let end = finish_tasks(&mut view, 5_000, next_window, 0);
@@ -966,7 +967,7 @@ mod tests {
     #[test]
     fn a_node_running_long_tasks_keeps_one_queued_per_slot() {
         let mut view = view(&[("a", 4, 4, 0)]);
-        // One task finished every 50 ms: two a window, far below a slot's worth in 5 ms.
+        // One task finished every 50 ms: two a window, far below a slot's worth in 10 ms.
         let end = finish_tasks(&mut view, 40, NOW, 50);
         assert_eq!(view.room(end), 4 + 4);
     }

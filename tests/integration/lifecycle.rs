@@ -42,7 +42,7 @@ async fn wait_running(client: &apiary_sdk::Client, node: &NodeId, running: u32) 
 }
 
 #[tokio::test]
-async fn a_node_holds_a_second_dispatch_per_slot_but_runs_no_more_than_its_slots() {
+async fn a_node_takes_its_next_dispatch_while_its_slot_runs_but_runs_no_more_than_its_slots() {
     let stack = Stack::start().await;
     let _scheduler = stack.spawn_scheduler().await;
     let _a = one_slot_agent(&stack, "node-a").await;
