@@ -9,23 +9,27 @@
 //! - time: epoch interruption. A ticker thread advances the engine's epoch every
 //!   [`EPOCH_TICK`], and each store traps once its deadline in ticks has passed.
 //! - memory: a resource limiter that refuses, with a trap, growth past the limit.
-//! - output: stdout and stderr are bounded in-memory pipes.
+//! - output: stdout and stderr are in-memory pipes ([`CappedOutput`]); a write past the
+//!   limit traps, so a guest that would ignore failed writes cannot spin on until its
+//!   timeout.
 //! - CPU: optional wasmtime fuel, deterministic across machines.
 //!
 //! Nothing here touches NATS: the functions take bytes and limits and return an [`Outcome`],
 //! so they are tested with plain modules.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apiary_proto::Payload;
 use apiary_proto::message::{Limits, Outcome, TaskError, TaskErrorKind};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, Trap};
-use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{I32Exit, async_trait};
 
 /// How often the engine's epoch advances: the granularity of task timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -116,6 +120,120 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// stdout or stderr of one run, kept in memory up to the task's output limit. A write that
+/// would pass the limit keeps what fits and traps the guest: WASI would otherwise report a
+/// failed write, which a careless (or hostile) guest ignores and writes again, spinning
+/// until its timeout while it holds a slot.
+#[derive(Clone)]
+struct CappedOutput {
+    buffer: Arc<Mutex<BytesMut>>,
+    limit: usize,
+}
+
+/// The error a write past the output limit traps with.
+#[derive(Debug, thiserror::Error)]
+#[error("the task wrote more than its {limit} byte output limit")]
+struct OutputLimitExceeded {
+    limit: usize,
+}
+
+/// The most a single write is offered at once; a longer write comes in several.
+const OUTPUT_PERMIT: usize = 64 * 1024;
+
+impl CappedOutput {
+    fn new(limit: usize) -> Self {
+        Self {
+            buffer: Arc::new(Mutex::new(BytesMut::new())),
+            limit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BytesMut> {
+        // Every critical section is one append or one copy, which cannot panic halfway.
+        self.buffer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What the guest wrote, at most `limit` bytes.
+    fn contents(&self) -> Bytes {
+        Bytes::copy_from_slice(&self.lock())
+    }
+}
+
+impl OutputStream for CappedOutput {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        let mut buffer = self.lock();
+        let room = self.limit.saturating_sub(buffer.len());
+        if bytes.len() > room {
+            buffer.extend_from_slice(&bytes[..room]);
+            return Err(StreamError::Trap(wasmtime::Error::new(
+                OutputLimitExceeded { limit: self.limit },
+            )));
+        }
+        buffer.extend_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        // Always ready, and always offering a full permit: a write past the limit must reach
+        // `write` to trap, not be cut down to a short write the guest could retry forever.
+        Ok(OUTPUT_PERMIT)
+    }
+}
+
+#[async_trait]
+impl Pollable for CappedOutput {
+    async fn ready(&mut self) {}
+}
+
+impl IsTerminal for CappedOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedOutput {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = OutputStream::write(&mut *self, Bytes::copy_from_slice(buf))
+            .map(|()| buf.len())
+            .map_err(|_| std::io::Error::other("output limit exceeded"));
+        std::task::Poll::Ready(result)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 impl Sandbox {
     /// Builds the engine, the WASI linker, and starts the epoch ticker.
     pub fn new() -> Result<Self, SandboxError> {
@@ -174,11 +292,9 @@ impl Sandbox {
         limits: &Limits,
         stop: &Arc<AtomicBool>,
     ) -> Outcome {
-        // One byte more than the limit: a pipe that filled past the limit tells us the module
-        // tried to write too much, even when WASI only reported a short write to the module.
         let output_limit = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
-        let stdout = MemoryOutputPipe::new(output_limit.saturating_add(1));
-        let stderr = MemoryOutputPipe::new(output_limit.saturating_add(1));
+        let stdout = CappedOutput::new(output_limit);
+        let stderr = CappedOutput::new(output_limit);
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stdin(MemoryInputPipe::new(input))
             .stdout(stdout.clone())
@@ -229,18 +345,18 @@ impl Sandbox {
             })
             .and_then(|start| start.call(&mut store, ()).map_err(|err| (Stage::Run, err)));
 
-        if stdout.contents().len() > output_limit || stderr.contents().len() > output_limit {
-            let stderr = stderr.contents();
-            return Outcome::Failed {
-                error: TaskError::new(
-                    TaskErrorKind::OutputLimit,
-                    format!(
-                        "the task wrote more than its {} byte output limit",
-                        limits.max_output_bytes
-                    ),
-                ),
-                stderr: Payload(stderr.slice(..stderr.len().min(output_limit))),
-            };
+        // Classified by the error that ended the run, so that a run that ended otherwise
+        // (out of fuel, at its timeout) is reported as what ended it.
+        let output_exceeded = matches!(&call, Err((Stage::Run, err)) if err.downcast_ref::<OutputLimitExceeded>().is_some());
+        if output_exceeded {
+            return failed(
+                TaskErrorKind::OutputLimit,
+                OutputLimitExceeded {
+                    limit: output_limit,
+                }
+                .to_string(),
+                &stderr,
+            );
         }
         match call {
             Ok(()) => completed(0, &stdout, &stderr),
@@ -325,7 +441,7 @@ fn classify(
     }
 }
 
-fn completed(exit_code: i32, stdout: &MemoryOutputPipe, stderr: &MemoryOutputPipe) -> Outcome {
+fn completed(exit_code: i32, stdout: &CappedOutput, stderr: &CappedOutput) -> Outcome {
     Outcome::Completed {
         exit_code,
         stdout: Payload(stdout.contents()),
@@ -333,7 +449,7 @@ fn completed(exit_code: i32, stdout: &MemoryOutputPipe, stderr: &MemoryOutputPip
     }
 }
 
-fn failed(kind: TaskErrorKind, message: String, stderr: &MemoryOutputPipe) -> Outcome {
+fn failed(kind: TaskErrorKind, message: String, stderr: &CappedOutput) -> Outcome {
     Outcome::Failed {
         error: TaskError::new(kind, message),
         stderr: Payload(stderr.contents()),
@@ -500,6 +616,65 @@ mod tests {
             failure_kind(sandbox.run(&module, Bytes::from_static(b"too long"), &limits)),
             TaskErrorKind::OutputLimit
         );
+    }
+
+    #[test]
+    fn a_flood_that_ignores_failed_writes_ends_at_its_output_limit() {
+        // 64 KiB per write, for ever, never looking at a write's result. Its fuel lasts
+        // about a million writes and its timeout is far away: spinning on failed writes it
+        // would end as `fuel_exhausted`; stopped at the limit, it ends as `output_limit`.
+        let flood = r#"(module
+            (import "wasi_snapshot_preview1" "fd_write"
+              (func $write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 2)
+            (func (export "_start")
+              (i32.store (i32.const 0) (i32.const 65536))
+              (i32.store (i32.const 4) (i32.const 65536))
+              (loop
+                (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+                (br 0))))"#;
+        let sandbox = sandbox();
+        let module = module(&sandbox, flood);
+        let limits = Limits {
+            timeout_ms: 600_000,
+            fuel: Some(5_000_000),
+            max_output_bytes: 1024 * 1024,
+            ..Limits::default()
+        };
+        match sandbox.run(&module, Bytes::new(), &limits) {
+            Outcome::Failed { error, .. } => {
+                assert_eq!(error.kind, TaskErrorKind::OutputLimit, "{}", error.message)
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn stderr_is_kept_up_to_the_limit_when_it_is_passed() {
+        let stderr_flood = r#"(module
+            (import "wasi_snapshot_preview1" "fd_write"
+              (func $write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 100) "0123456789")
+            (func (export "_start")
+              (i32.store (i32.const 0) (i32.const 100))
+              (i32.store (i32.const 4) (i32.const 10))
+              (loop
+                (drop (call $write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+                (br 0))))"#;
+        let sandbox = sandbox();
+        let module = module(&sandbox, stderr_flood);
+        let limits = Limits {
+            max_output_bytes: 25,
+            ..Limits::default()
+        };
+        match sandbox.run(&module, Bytes::new(), &limits) {
+            Outcome::Failed { error, stderr } => {
+                assert_eq!(error.kind, TaskErrorKind::OutputLimit);
+                assert_eq!(&stderr.0[..], b"0123456789012345678901234");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
     }
 
     #[test]

@@ -992,6 +992,26 @@ pub fn apiary_binary() -> &'static Path {
     })
 }
 
+/// A module of the hostile suite (`wasm-tasks/hostile/`): a `.wat` file compiled here, or
+/// the raw bytes of a `.wasm` one (garbage, on purpose).
+pub fn hostile(name: &str) -> Bytes {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("wasm-tasks")
+        .join("hostile");
+    let text = dir.join(format!("{name}.wat"));
+    if text.exists() {
+        let bytes = wat::parse_file(&text)
+            .unwrap_or_else(|err| panic!("cannot compile {}: {err}", text.display()));
+        return Bytes::from(bytes);
+    }
+    let binary = dir.join(format!("{name}.wasm"));
+    let bytes = std::fs::read(&binary)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", binary.display()));
+    Bytes::from(bytes)
+}
+
 fn wasm_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {

@@ -4,6 +4,7 @@
 mod app_store;
 mod cli;
 mod cli_binary;
+mod hostile;
 mod identity;
 mod lifecycle;
 mod messaging;
