@@ -79,8 +79,12 @@ pub enum OutboxError {
 /// One entry, keyed by its sequence number.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 enum Entry {
-    /// A result the server has not stored yet.
-    Waiting { result: TaskResult, kept_at_ms: u64 },
+    /// A result the server has not stored yet. Boxed: it is far larger than the other
+    /// variant (serde stores a box as what it holds, so the entries on disk are the same).
+    Waiting {
+        result: Box<TaskResult>,
+        kept_at_ms: u64,
+    },
     /// A result stored by a replay whose dispatch this process did not hold (it was an
     /// earlier process's), kept until that dispatch comes back and is acked.
     Stored {
@@ -211,7 +215,7 @@ impl Outbox {
             return Ok(());
         }
         let entry = Entry::Waiting {
-            result: result.clone(),
+            result: Box::new(result.clone()),
             kept_at_ms: now_ms(),
         };
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
@@ -459,7 +463,7 @@ async fn replay_pass(agent: &Agent) -> Result<(), ReplayError> {
             Entry::Waiting { result, kept_at_ms } => {
                 // Fitted now, to the server that is back: a large output goes to the
                 // result object store first.
-                let result = agent.fit_for_server(result).await?;
+                let result = agent.fit_for_server(*result).await?;
                 let stored = stored::result(&agent.js, &result).await?;
                 // A duplicate is stored all the same: an earlier publish of this result
                 // reached the server, only its answer did not reach us.
@@ -531,6 +535,7 @@ mod tests {
             finished_at_ms: 2,
             reply_to: Some("_INBOX.x".into()),
             stdout_object: None,
+            usage: None,
         }
     }
 
@@ -557,7 +562,7 @@ mod tests {
             .entries()
             .into_iter()
             .filter_map(|(_, entry)| match entry.unwrap() {
-                Entry::Waiting { result, .. } => Some(result),
+                Entry::Waiting { result, .. } => Some(*result),
                 Entry::Stored { .. } => None,
             })
             .collect()

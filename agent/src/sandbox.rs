@@ -19,10 +19,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apiary_proto::Payload;
-use apiary_proto::message::{Limits, Outcome, TaskError, TaskErrorKind};
+use apiary_proto::message::{Limits, Outcome, RunUsage, TaskError, TaskErrorKind};
 use bytes::{Bytes, BytesMut};
 use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -66,10 +66,12 @@ struct TaskState {
 }
 
 /// Refuses memory growth past the task's limit, and remembers that it did, so that the trap
-/// that follows is reported as a memory limit and not as a generic failure.
+/// that follows is reported as a memory limit and not as a generic failure. Also keeps the
+/// largest size the memory reached: wasmtime asks it for the memory's first allocation too.
 struct MemoryLimiter {
     max_memory_bytes: usize,
     exceeded: bool,
+    peak_bytes: usize,
 }
 
 /// The error a refused memory growth traps with.
@@ -94,6 +96,7 @@ impl ResourceLimiter for MemoryLimiter {
                 desired,
             }));
         }
+        self.peak_bytes = self.peak_bytes.max(desired);
         Ok(true)
     }
 
@@ -128,6 +131,7 @@ impl ResourceLimiter for MemoryLimiter {
 struct CappedOutput {
     buffer: Arc<Mutex<BytesMut>>,
     limit: usize,
+    cut: Arc<AtomicBool>,
 }
 
 /// The error a write past the output limit traps with.
@@ -145,6 +149,7 @@ impl CappedOutput {
         Self {
             buffer: Arc::new(Mutex::new(BytesMut::new())),
             limit,
+            cut: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -159,6 +164,12 @@ impl CappedOutput {
     fn contents(&self) -> Bytes {
         Bytes::copy_from_slice(&self.lock())
     }
+
+    /// How many bytes were kept, and whether the guest tried to write more.
+    fn written(&self) -> (u64, bool) {
+        let kept = self.lock().len() as u64;
+        (kept, self.cut.load(Ordering::Relaxed))
+    }
 }
 
 impl OutputStream for CappedOutput {
@@ -167,6 +178,7 @@ impl OutputStream for CappedOutput {
         let room = self.limit.saturating_sub(buffer.len());
         if bytes.len() > room {
             buffer.extend_from_slice(&bytes[..room]);
+            self.cut.store(true, Ordering::Relaxed);
             return Err(StreamError::Trap(wasmtime::Error::new(
                 OutputLimitExceeded { limit: self.limit },
             )));
@@ -278,7 +290,7 @@ impl Sandbox {
 
     /// Runs a compiled module's `_start` with `input` on stdin, within `limits`. Blocks the
     /// calling thread for as long as the module runs: call it off the async runtime.
-    pub fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Outcome {
+    pub fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Run {
         self.run_stoppable(module, input, limits, &Arc::new(AtomicBool::new(false)))
     }
 
@@ -291,7 +303,7 @@ impl Sandbox {
         input: Bytes,
         limits: &Limits,
         stop: &Arc<AtomicBool>,
-    ) -> Outcome {
+    ) -> Run {
         let output_limit = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
         let stdout = CappedOutput::new(output_limit);
         let stderr = CappedOutput::new(output_limit);
@@ -309,6 +321,7 @@ impl Sandbox {
                     max_memory_bytes: usize::try_from(limits.max_memory_bytes)
                         .unwrap_or(usize::MAX),
                     exceeded: false,
+                    peak_bytes: 0,
                 },
             },
         );
@@ -326,14 +339,20 @@ impl Sandbox {
             }
             Ok(wasmtime::UpdateDeadline::Continue(1))
         });
-        if let Err(err) = store.set_fuel(limits.fuel.unwrap_or(u64::MAX)) {
-            return failed(
+        let fuel = limits.fuel.unwrap_or(u64::MAX);
+        if let Err(err) = store.set_fuel(fuel) {
+            let outcome = failed(
                 TaskErrorKind::Internal,
                 format!("cannot set fuel: {err:#}"),
                 &stderr,
             );
+            return Run {
+                outcome,
+                usage: RunUsage::default(),
+            };
         }
 
+        let started = Instant::now();
         let call = self
             .linker
             .instantiate(&mut store, module)
@@ -344,6 +363,34 @@ impl Sandbox {
                     .map_err(|err| (Stage::FindStart, err))
             })
             .and_then(|start| start.call(&mut store, ()).map_err(|err| (Stage::Run, err)));
+        let (stdout_bytes, stdout_cut) = stdout.written();
+        let (stderr_bytes, stderr_cut) = stderr.written();
+        let usage = RunUsage {
+            module_sha256: String::new(),
+            // What is left after a run out of fuel is 0; after a store that could not say,
+            // nothing was counted.
+            fuel_consumed: store.get_fuel().map_or(0, |left| fuel.saturating_sub(left)),
+            wall_time_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            peak_memory_bytes: store.data().limiter.peak_bytes as u64,
+            stdout_bytes,
+            stdout_cut,
+            stderr_bytes,
+            stderr_cut,
+        };
+        let outcome = Self::outcome(call, &store, limits, &stdout, &stderr);
+        Run { outcome, usage }
+    }
+
+    /// What a run's end means for the task: completed with its exit code, or failed with the
+    /// kind of failure a user can act on.
+    fn outcome(
+        call: Result<(), (Stage, wasmtime::Error)>,
+        store: &Store<TaskState>,
+        limits: &Limits,
+        stdout: &CappedOutput,
+        stderr: &CappedOutput,
+    ) -> Outcome {
+        let output_limit = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
 
         // Classified by the error that ended the run, so that a run that ended otherwise
         // (out of fuel, at its timeout) is reported as what ended it.
@@ -355,22 +402,30 @@ impl Sandbox {
                     limit: output_limit,
                 }
                 .to_string(),
-                &stderr,
+                stderr,
             );
         }
         match call {
-            Ok(()) => completed(0, &stdout, &stderr),
+            Ok(()) => completed(0, stdout, stderr),
             Err((Stage::Run, err)) if err.downcast_ref::<I32Exit>().is_some() => {
                 let code = err.downcast_ref::<I32Exit>().map_or(0, |exit| exit.0);
-                completed(code, &stdout, &stderr)
+                completed(code, stdout, stderr)
             }
             Err((stage, err)) => {
                 let memory_exceeded = store.data().limiter.exceeded;
                 let (kind, message) = classify(stage, &err, memory_exceeded, limits);
-                failed(kind, message, &stderr)
+                failed(kind, message, stderr)
             }
         }
     }
+}
+
+/// How a run ended, and what it used. `usage.module_sha256` is left for the caller, which
+/// knows the module by its digest.
+#[derive(Debug)]
+pub struct Run {
+    pub outcome: Outcome,
+    pub usage: RunUsage,
 }
 
 /// Why a run was stopped from outside.
@@ -492,7 +547,9 @@ mod tests {
     fn runs_a_command_with_stdin_and_stdout() {
         let sandbox = sandbox();
         let module = module(&sandbox, ECHO);
-        let outcome = sandbox.run(&module, Bytes::from_static(b"hello"), &Limits::default());
+        let outcome = sandbox
+            .run(&module, Bytes::from_static(b"hello"), &Limits::default())
+            .outcome;
         assert_eq!(
             outcome,
             Outcome::Completed {
@@ -513,7 +570,10 @@ mod tests {
                  (memory (export "memory") 1)
                  (func (export "_start") (call $exit (i32.const 3))))"#,
         );
-        match sandbox.run(&module, Bytes::new(), &Limits::default()) {
+        match sandbox
+            .run(&module, Bytes::new(), &Limits::default())
+            .outcome
+        {
             Outcome::Completed { exit_code, .. } => assert_eq!(exit_code, 3),
             other => panic!("unexpected outcome {other:?}"),
         }
@@ -529,7 +589,11 @@ mod tests {
     fn fails_with(wat: &str, input: &'static [u8], limits: Limits) -> TaskErrorKind {
         let sandbox = sandbox();
         let module = module(&sandbox, wat);
-        failure_kind(sandbox.run(&module, Bytes::from_static(input), &limits))
+        failure_kind(
+            sandbox
+                .run(&module, Bytes::from_static(input), &limits)
+                .outcome,
+        )
     }
 
     fn failure_kind(outcome: Outcome) -> TaskErrorKind {
@@ -567,7 +631,9 @@ mod tests {
                     timeout_ms: 600_000,
                     ..Limits::default()
                 };
-                sandbox.run_stoppable(&module, Bytes::new(), &limits, &stop)
+                sandbox
+                    .run_stoppable(&module, Bytes::new(), &limits, &stop)
+                    .outcome
             })
         };
         stop.store(true, Ordering::Relaxed);
@@ -613,7 +679,11 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            failure_kind(sandbox.run(&module, Bytes::from_static(b"too long"), &limits)),
+            failure_kind(
+                sandbox
+                    .run(&module, Bytes::from_static(b"too long"), &limits)
+                    .outcome
+            ),
             TaskErrorKind::OutputLimit
         );
     }
@@ -641,7 +711,7 @@ mod tests {
             max_output_bytes: 1024 * 1024,
             ..Limits::default()
         };
-        match sandbox.run(&module, Bytes::new(), &limits) {
+        match sandbox.run(&module, Bytes::new(), &limits).outcome {
             Outcome::Failed { error, .. } => {
                 assert_eq!(error.kind, TaskErrorKind::OutputLimit, "{}", error.message)
             }
@@ -668,13 +738,86 @@ mod tests {
             max_output_bytes: 25,
             ..Limits::default()
         };
-        match sandbox.run(&module, Bytes::new(), &limits) {
+        match sandbox.run(&module, Bytes::new(), &limits).outcome {
             Outcome::Failed { error, stderr } => {
                 assert_eq!(error.kind, TaskErrorKind::OutputLimit);
                 assert_eq!(&stderr.0[..], b"0123456789012345678901234");
             }
             other => panic!("expected a failure, got {other:?}"),
         }
+    }
+
+    /// A module with no imports that loops 1,000 times and grows its memory by two pages:
+    /// its fuel and peak memory are the same in any wasmtime store.
+    const COUNT_AND_GROW: &str = r#"(module
+        (memory (export "memory") 1)
+        (func (export "_start")
+          (local $i i32)
+          (loop
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br_if 0 (i32.lt_u (local.get $i) (i32.const 1000))))
+          (drop (memory.grow (i32.const 2)))))"#;
+
+    #[test]
+    fn a_run_reports_the_fuel_and_peak_memory_wasmtime_counts() {
+        let sandbox = sandbox();
+        let module = module(&sandbox, COUNT_AND_GROW);
+        let run = sandbox.run(&module, Bytes::new(), &Limits::default());
+        assert!(matches!(
+            run.outcome,
+            Outcome::Completed { exit_code: 0, .. }
+        ));
+
+        // The same module in a plain store of its own engine, metered the same way.
+        let mut config = Config::new();
+        config.consume_fuel(true);
+        let engine = Engine::new(&config).unwrap();
+        let plain = Module::new(&engine, wat::parse_str(COUNT_AND_GROW).unwrap()).unwrap();
+        let mut store = Store::new(&engine, ());
+        store.set_fuel(u64::MAX).unwrap();
+        let instance = wasmtime::Instance::new(&mut store, &plain, &[]).unwrap();
+        let start = instance
+            .get_typed_func::<(), ()>(&mut store, "_start")
+            .unwrap();
+        start.call(&mut store, ()).unwrap();
+        let fuel = u64::MAX - store.get_fuel().unwrap();
+        let memory = instance.get_memory(&mut store, "memory").unwrap();
+
+        assert!(fuel > 1_000, "a thousand iterations cost more than {fuel}");
+        assert_eq!(run.usage.fuel_consumed, fuel);
+        assert_eq!(run.usage.peak_memory_bytes, memory.data_size(&store) as u64);
+        assert_eq!(run.usage.peak_memory_bytes, 3 * 65_536);
+        assert!(run.usage.wall_time_us > 0);
+    }
+
+    #[test]
+    fn a_run_reports_its_output_and_whether_it_was_cut() {
+        let sandbox = sandbox();
+        let module = module(&sandbox, ECHO);
+        let run = sandbox.run(&module, Bytes::from_static(b"hello"), &Limits::default());
+        assert_eq!((run.usage.stdout_bytes, run.usage.stdout_cut), (5, false));
+        assert_eq!((run.usage.stderr_bytes, run.usage.stderr_cut), (0, false));
+
+        let limits = Limits {
+            max_output_bytes: 4,
+            ..Limits::default()
+        };
+        let run = sandbox.run(&module, Bytes::from_static(b"hello"), &limits);
+        assert_eq!(failure_kind(run.outcome), TaskErrorKind::OutputLimit);
+        assert_eq!((run.usage.stdout_bytes, run.usage.stdout_cut), (4, true));
+    }
+
+    #[test]
+    fn a_run_out_of_fuel_consumed_all_of_it() {
+        let sandbox = sandbox();
+        let module = module(&sandbox, SPIN_FOREVER);
+        let limits = Limits {
+            fuel: Some(10_000),
+            ..Limits::default()
+        };
+        let run = sandbox.run(&module, Bytes::new(), &limits);
+        assert_eq!(failure_kind(run.outcome), TaskErrorKind::FuelExhausted);
+        assert_eq!(run.usage.fuel_consumed, 10_000);
     }
 
     #[test]
@@ -694,7 +837,11 @@ mod tests {
         let sandbox = sandbox();
         let module = module(&sandbox, r#"(module (memory (export "memory") 1))"#);
         assert_eq!(
-            failure_kind(sandbox.run(&module, Bytes::new(), &Limits::default())),
+            failure_kind(
+                sandbox
+                    .run(&module, Bytes::new(), &Limits::default())
+                    .outcome
+            ),
             TaskErrorKind::InvalidModule
         );
     }

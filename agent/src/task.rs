@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use apiary_proto::codec;
 use apiary_proto::message::{
-    AttemptStarted, Dispatch, ModuleRef, Outcome, ResultObject, TaskError, TaskErrorKind,
+    AttemptStarted, Dispatch, ModuleRef, Outcome, ResultObject, RunUsage, TaskError, TaskErrorKind,
     TaskResult, stdout_object_name,
 };
 use apiary_proto::subject::{self, NodeVerb};
@@ -21,6 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 use crate::Agent;
+use crate::sandbox::Run;
 use crate::work::{drain_deadline, is_draining};
 
 impl Agent {
@@ -135,8 +136,8 @@ impl Agent {
             started,
             keep_alive.clone(),
         )));
-        let outcome = tokio::select! {
-            outcome = self.execute(&dispatch, &stop) => outcome,
+        let run = tokio::select! {
+            run = self.execute(&dispatch, &stop) => run,
             () = drain_deadline(self.schedule.subscribe()) => {
                 // The operator's deadline for this drain passed: the task goes back to be
                 // placed elsewhere under a new attempt, and the run is stopped.
@@ -156,15 +157,20 @@ impl Agent {
         keep_alive.cancel();
         progress.await.ok();
 
+        let usage = RunUsage {
+            module_sha256: dispatch.task.module.sha256.clone(),
+            ..run.usage
+        };
         let result = TaskResult {
             task_id: dispatch.task.id.clone(),
             node_id: self.node_id.clone(),
             attempt: dispatch.attempt,
-            outcome,
+            outcome: run.outcome,
             started_at_ms,
             finished_at_ms,
             reply_to: dispatch.task.reply_to.clone(),
             stdout_object: None,
+            usage: Some(usage),
         };
         match &result.outcome {
             Outcome::Completed { exit_code, .. } => {
@@ -252,21 +258,13 @@ impl Agent {
         }
     }
 
-    async fn execute(&self, dispatch: &Dispatch, stop: &Arc<AtomicBool>) -> Outcome {
+    async fn execute(&self, dispatch: &Dispatch, stop: &Arc<AtomicBool>) -> Run {
         if let Err(error) = self.limits.admit(&dispatch.task.limits) {
-            return Outcome::Failed {
-                error,
-                stderr: Default::default(),
-            };
+            return not_run(error);
         }
         let module = match self.modules.get(&dispatch.task.module).await {
             Ok(module) => module,
-            Err(error) => {
-                return Outcome::Failed {
-                    error,
-                    stderr: Default::default(),
-                };
-            }
+            Err(error) => return not_run(error),
         };
         let sandbox = self.sandbox.clone();
         let input = dispatch.task.input.0.clone();
@@ -281,27 +279,24 @@ impl Agent {
         // then reported at its deadline all the same, and its thread is told to stop.
         let backstop = Duration::from_millis(timeout_ms).saturating_add(RUN_BACKSTOP);
         match tokio::time::timeout(backstop, run).await {
-            Ok(joined) => joined.unwrap_or_else(|err| Outcome::Failed {
-                error: TaskError::new(
+            Ok(joined) => joined.unwrap_or_else(|err| {
+                not_run(TaskError::new(
                     TaskErrorKind::Internal,
                     format!("the task's thread failed: {err}"),
-                ),
-                stderr: Default::default(),
+                ))
             }),
             Err(_) => {
                 stop.store(true, Ordering::Relaxed);
                 tracing::warn!(
                     "the run outlived its timeout inside a host call; reported as timed out"
                 );
-                Outcome::Failed {
-                    error: TaskError::new(
-                        TaskErrorKind::Timeout,
-                        format!(
-                            "the task ran longer than its {timeout_ms} ms limit (blocked outside the module)"
-                        ),
+                // What the run used is with its thread, which has not come back.
+                not_run(TaskError::new(
+                    TaskErrorKind::Timeout,
+                    format!(
+                        "the task ran longer than its {timeout_ms} ms limit (blocked outside the module)"
                     ),
-                    stderr: Default::default(),
-                }
+                ))
             }
         }
     }
@@ -381,6 +376,18 @@ enum Unpublished {
     Failed(#[from] stored::PublishError),
 }
 
+/// The run of a task that failed before its module ran, or whose figures never came back:
+/// nothing to account but the failure.
+fn not_run(error: TaskError) -> Run {
+    Run {
+        outcome: Outcome::Failed {
+            error,
+            stderr: Default::default(),
+        },
+        usage: RunUsage::default(),
+    }
+}
+
 /// A result the server can carry. A task may stay within its own output limit and still
 /// produce a result larger than the server's `max_payload` (stdout and stderr are limited
 /// separately); publishing that would fail on every retry, so it becomes an output-limit
@@ -394,6 +401,11 @@ pub(crate) fn fit_within(mut result: TaskResult, max_bytes: usize) -> TaskResult
         Outcome::Completed { stderr, .. } | Outcome::Failed { stderr, .. } => stderr.0.clone(),
     };
     let kept = stderr.slice(..stderr.len().min(max_bytes / 2));
+    if let Some(usage) = &mut result.usage
+        && kept.len() < stderr.len()
+    {
+        usage.stderr_cut = true;
+    }
     result.outcome = Outcome::Failed {
         error: TaskError::new(
             TaskErrorKind::OutputLimit,
@@ -476,6 +488,7 @@ mod tests {
             finished_at_ms: 0,
             reply_to: None,
             stdout_object: None,
+            usage: Some(RunUsage::default()),
         }
     }
 

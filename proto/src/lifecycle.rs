@@ -631,6 +631,7 @@ impl TaskRecord {
             finished_at_ms,
             reply_to: self.task.reply_to.clone(),
             stdout_object: None,
+            usage: None,
         }
     }
 
@@ -812,6 +813,7 @@ mod tests {
             finished_at_ms: 30,
             reply_to: Some("_INBOX.a".into()),
             stdout_object: None,
+            usage: None,
         }
     }
 

@@ -686,6 +686,37 @@ pub struct TaskResult {
     /// `max_payload` allows): an object in `APIARY_RESULT_OBJECTS`. `stdout` is then empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout_object: Option<ResultObject>,
+    /// What the run used, as the node measured it. Absent in results no node ran (a lost
+    /// node's, one the scheduler made up for a task that ended without a run) and in
+    /// results from agents older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<RunUsage>,
+}
+
+/// What one run of a module used, measured by the node that ran it. The figures are exact
+/// counts, not estimates, so that a ledger of what each node did can be summed from them.
+/// A run that never started (the module could not be fetched, or asked for more than the
+/// node allows) reports zeros beside the module's digest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunUsage {
+    /// The module's SHA-256, lowercase hex.
+    pub module_sha256: String,
+    /// Fuel the run consumed: wasmtime's count of the WebAssembly operations executed
+    /// (metering is always on, with or without a fuel limit).
+    pub fuel_consumed: u64,
+    /// From the module's instantiation to the end of its run, in microseconds.
+    pub wall_time_us: u64,
+    /// The largest the module's linear memory was during the run, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Bytes the module wrote to stdout, counted up to the output limit.
+    pub stdout_bytes: u64,
+    /// Whether stdout was cut: the module wrote past its output limit.
+    pub stdout_cut: bool,
+    /// Bytes the module wrote to stderr, counted up to the output limit.
+    pub stderr_bytes: u64,
+    /// Whether stderr was cut: the module wrote past its output limit, or the result was too
+    /// large for the server and stderr was shortened to fit.
+    pub stderr_cut: bool,
 }
 
 /// The name of an attempt's stdout in `APIARY_RESULT_OBJECTS`: `<task>.<attempt>.stdout`.
@@ -848,6 +879,7 @@ mod tests {
             finished_at_ms: 2,
             reply_to: Some("_INBOX.x".into()),
             stdout_object: None,
+            usage: None,
         }
     }
 

@@ -296,5 +296,6 @@ fn node_lost_result(dispatch: &Dispatch, lost: &NodeId) -> TaskResult {
         finished_at_ms: now,
         reply_to: dispatch.task.reply_to.clone(),
         stdout_object: None,
+        usage: None,
     }
 }

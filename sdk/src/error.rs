@@ -200,6 +200,9 @@ pub struct TaskFailure {
     pub error: TaskError,
     /// What the module wrote to stderr before it failed.
     pub stderr: Bytes,
+    /// What the run used, as its node measured it; absent when no node ran it (a lost
+    /// node's result) or from agents older than the figures.
+    pub usage: Option<apiary_proto::message::RunUsage>,
 }
 
 /// An error of one family of operations (the app store's, messaging's), shaped like
@@ -299,6 +302,7 @@ mod tests {
             attempt: 2,
             error: TaskError::new(TaskErrorKind::Trap, "unreachable"),
             stderr: Bytes::from_static(b"boom"),
+            usage: None,
         };
         let err = ResultError::failed(failure.clone());
         assert_eq!(err.kind(), ResultErrorKind::TaskFailed);

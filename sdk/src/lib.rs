@@ -53,7 +53,7 @@ pub use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskRecord, TaskState, T
 pub use apiary_proto::message::ErrorCode;
 pub use apiary_proto::message::{
     DeadLetter, DlqListReply, DlqListRequest, Limits, ModuleRef, NodeInfo, NodeMetrics, NodeStatus,
-    NodeSummary, Outcome, Priority, Requirements, ResultObject, TaskError, TaskErrorKind,
+    NodeSummary, Outcome, Priority, Requirements, ResultObject, RunUsage, TaskError, TaskErrorKind,
     TaskListReply, TaskListRequest, TaskResult, TaskResultReply,
 };
 pub use apiary_proto::{IdError, NodeId, Payload, TaskId};
@@ -508,6 +508,9 @@ pub struct TaskOutput {
     pub started_at_ms: u64,
     /// When the run finished (the node's clock).
     pub finished_at_ms: u64,
+    /// What the run used, as its node measured it (fuel, wall time, peak memory, output);
+    /// absent from agents older than the figures.
+    pub usage: Option<RunUsage>,
 }
 
 impl TaskHandle {
@@ -621,6 +624,7 @@ fn into_output(result: TaskResult) -> Result<TaskOutput, ResultError> {
             stderr: stderr.0,
             started_at_ms: result.started_at_ms,
             finished_at_ms: result.finished_at_ms,
+            usage: result.usage,
         }),
         Outcome::Failed { error, stderr } => Err(ResultError::failed(TaskFailure {
             task_id: result.task_id,
@@ -628,6 +632,7 @@ fn into_output(result: TaskResult) -> Result<TaskOutput, ResultError> {
             attempt: result.attempt,
             error,
             stderr: stderr.0,
+            usage: result.usage,
         })),
     }
 }

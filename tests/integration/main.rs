@@ -1,6 +1,7 @@
 //! The one integration-test binary. Every test starts its own real `nats-server` (see the
 //! harness) and runs schedulers and agents in-process.
 
+mod accounting;
 mod app_store;
 mod cli;
 mod cli_binary;

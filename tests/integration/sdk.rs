@@ -29,6 +29,7 @@ async fn a_result_stored_while_the_client_was_cut_off_still_reaches_its_handle()
         finished_at_ms: now_ms(),
         reply_to: None,
         stdout_object: None,
+        usage: None,
     };
     let js = async_nats::jetstream::new(stack.nats().await);
     stored::result(&js, &result)
