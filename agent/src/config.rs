@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub nvml_library: Option<PathBuf>,
     /// Compiled modules kept in memory.
     pub module_cache_entries: usize,
+    /// `APIARY_ARTIFACT_CACHE_BYTES`: the most compiled modules kept on disk, in the state
+    /// directory, take (least recently used go first); 0 keeps none.
+    pub artifact_cache_bytes: u64,
     /// How long to wait for the scheduler's answer to a registration or heartbeat.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -66,6 +69,7 @@ impl Default for AgentConfig {
             roles: BTreeSet::new(),
             nvml_library: None,
             module_cache_entries: 32,
+            artifact_cache_bytes: 256 * 1024 * 1024,
             request_timeout: Duration::from_secs(2),
             max_register_backoff: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),

@@ -20,6 +20,7 @@
 //! kept while the server is away, replayed when it is back).
 
 pub mod alloc;
+pub mod artifacts;
 mod backoff;
 mod bus;
 mod cancel;
@@ -56,6 +57,7 @@ use tracing::Instrument as _;
 
 pub use config::{AgentConfig, AgentFlags, NodeLimits};
 
+use crate::artifacts::ArtifactCache;
 use crate::inventory::{Gpus, MetricsSampler};
 use crate::membership::{heartbeat_loop, register_until_accepted, send_leaving};
 use crate::modules::ModuleCache;
@@ -118,10 +120,23 @@ pub async fn run_reporting_outbox(
             return Ok(());
         };
         let sandbox = Arc::new(Sandbox::new()?);
+        let artifacts = match ArtifactCache::open(
+            &state.join(artifacts::DIR_NAME),
+            sandbox.engine(),
+            config.artifact_cache_bytes,
+        ) {
+            Ok(artifacts) => Some(artifacts),
+            Err(err) => {
+                // Only a cost: every module is compiled once per process.
+                tracing::warn!(error = %err, "cannot keep compiled modules on disk");
+                None
+            }
+        };
         let modules = Arc::new(ModuleCache::new(
             topology.modules.clone(),
             sandbox.clone(),
             NonZeroUsize::new(config.module_cache_entries).unwrap_or(NonZeroUsize::MIN),
+            artifacts,
         ));
 
         let agent = Arc::new(Agent {
@@ -185,6 +200,7 @@ pub async fn run_reporting_outbox(
                         heartbeat_interval_ms: status_agent
                             .heartbeat_interval_ms
                             .load(Ordering::Relaxed),
+                        modules: status_agent.modules.stats(),
                     });
                     std::future::ready(reply)
                 },

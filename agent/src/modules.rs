@@ -1,18 +1,21 @@
-//! Fetching, checking and compiling modules, with a cache of compiled modules.
+//! Fetching, checking and compiling modules, with caches of compiled modules.
 //!
 //! Modules are named by the SHA-256 of their bytes, so a cached compilation can never be
 //! stale: the same name always means the same bytes. Compiling is the expensive step on a
 //! small host, and most clusters run a few modules many times, so the agent keeps the most
-//! recently used compiled modules in memory.
+//! recently used compiled modules in memory, and every module it compiled on disk
+//! ([`crate::artifacts`]), where a restarted agent finds them.
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use apiary_proto::message::{ModuleRef, TaskError, TaskErrorKind};
+use apiary_proto::message::{ModuleCacheStats, ModuleRef, TaskError, TaskErrorKind};
 use async_nats::jetstream::object_store::{GetErrorKind, ObjectStore};
 use tokio::io::AsyncReadExt as _;
 use wasmtime::Module;
 
+use crate::artifacts::ArtifactCache;
 use crate::sandbox::Sandbox;
 
 /// The largest module the agent will fetch. Bigger objects are refused by their recorded size
@@ -24,6 +27,10 @@ pub struct ModuleCache {
     store: ObjectStore,
     sandbox: Arc<Sandbox>,
     compiled: Mutex<lru::LruCache<String, Module>>,
+    artifacts: Option<Arc<ArtifactCache>>,
+    memory_hits: AtomicU64,
+    disk_loads: AtomicU64,
+    compilations: AtomicU64,
 }
 
 impl std::fmt::Debug for ModuleCache {
@@ -33,35 +40,94 @@ impl std::fmt::Debug for ModuleCache {
 }
 
 impl ModuleCache {
-    pub fn new(store: ObjectStore, sandbox: Arc<Sandbox>, capacity: NonZeroUsize) -> Self {
+    /// A cache of `capacity` modules in memory, in front of `artifacts` on disk when given.
+    pub fn new(
+        store: ObjectStore,
+        sandbox: Arc<Sandbox>,
+        capacity: NonZeroUsize,
+        artifacts: Option<ArtifactCache>,
+    ) -> Self {
         Self {
             store,
             sandbox,
             compiled: Mutex::new(lru::LruCache::new(capacity)),
+            artifacts: artifacts.map(Arc::new),
+            memory_hits: AtomicU64::new(0),
+            disk_loads: AtomicU64::new(0),
+            compilations: AtomicU64::new(0),
         }
     }
 
-    /// The compiled module for `module`: from the cache, or fetched, checked against its
-    /// digest and compiled.
+    /// The compiled module for `module`: from memory, from the disk cache, or fetched,
+    /// checked against its digest, compiled and kept in both.
     #[tracing::instrument(skip_all, fields(module = %module.sha256))]
     pub async fn get(&self, module: &ModuleRef) -> Result<Module, TaskError> {
+        // Checked first: the digest names the artifact's file.
+        if !is_sha256_hex(&module.sha256) {
+            return Err(TaskError::new(
+                TaskErrorKind::InvalidTask,
+                format!("{:?} is not a SHA-256 digest", module.sha256),
+            ));
+        }
         if let Some(compiled) = self.cached(&module.sha256) {
             tracing::trace!("compiled module cache hit");
+            self.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(compiled);
+        }
+        if let Some(loaded) = self.load_from_disk(&module.sha256).await {
+            tracing::debug!("module loaded from the disk cache");
+            self.disk_loads.fetch_add(1, Ordering::Relaxed);
+            self.lock().put(module.sha256.clone(), loaded.clone());
+            return Ok(loaded);
         }
         let bytes = self.fetch(module).await?;
         let sandbox = self.sandbox.clone();
-        let compiled = tokio::task::spawn_blocking(move || sandbox.compile(&bytes))
-            .await
-            .map_err(|err| {
-                TaskError::new(
-                    TaskErrorKind::Internal,
-                    format!("the compiler thread failed: {err}"),
-                )
-            })??;
+        let artifacts = self.artifacts.clone();
+        let digest = module.sha256.clone();
+        // The artifact is written before the run, on the compiler's thread: a few
+        // milliseconds on the first run of a module, and an agent killed right after it
+        // still finds the module compiled when it starts again.
+        let compiled = tokio::task::spawn_blocking(move || {
+            let compiled = sandbox.compile(&bytes)?;
+            if let Some(artifacts) = artifacts {
+                artifacts.store(&digest, &compiled);
+            }
+            Ok::<_, TaskError>(compiled)
+        })
+        .await
+        .map_err(|err| {
+            TaskError::new(
+                TaskErrorKind::Internal,
+                format!("the compiler thread failed: {err}"),
+            )
+        })??;
         tracing::debug!("module compiled");
+        self.compilations.fetch_add(1, Ordering::Relaxed);
         self.lock().put(module.sha256.clone(), compiled.clone());
         Ok(compiled)
+    }
+
+    async fn load_from_disk(&self, digest: &str) -> Option<Module> {
+        let artifacts = self.artifacts.clone()?;
+        let sandbox = self.sandbox.clone();
+        let digest = digest.to_owned();
+        tokio::task::spawn_blocking(move || artifacts.load(sandbox.engine(), &digest))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Where the modules run so far came from, and what the disk cache holds.
+    pub fn stats(&self) -> ModuleCacheStats {
+        ModuleCacheStats {
+            memory_hits: self.memory_hits.load(Ordering::Relaxed),
+            disk_loads: self.disk_loads.load(Ordering::Relaxed),
+            compiled: self.compilations.load(Ordering::Relaxed),
+            disk_bytes: self
+                .artifacts
+                .as_ref()
+                .map_or(0, |artifacts| artifacts.bytes()),
+        }
     }
 
     fn cached(&self, digest: &str) -> Option<Module> {
@@ -77,12 +143,6 @@ impl ModuleCache {
     }
 
     async fn fetch(&self, module: &ModuleRef) -> Result<Vec<u8>, TaskError> {
-        if !is_sha256_hex(&module.sha256) {
-            return Err(TaskError::new(
-                TaskErrorKind::InvalidTask,
-                format!("{:?} is not a SHA-256 digest", module.sha256),
-            ));
-        }
         let object = self.store.get(&module.sha256).await.map_err(|err| {
             if err.kind() == GetErrorKind::NotFound {
                 TaskError::new(

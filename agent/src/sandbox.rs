@@ -278,6 +278,11 @@ impl Sandbox {
         })
     }
 
+    /// The engine modules are compiled for.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Compiles module bytes. CPU-heavy: call it off the async runtime.
     pub fn compile(&self, bytes: &[u8]) -> Result<Module, TaskError> {
         Module::from_binary(&self.engine, bytes).map_err(|err| {

@@ -405,6 +405,23 @@ pub struct AgentStatus {
     pub started_at_ms: u64,
     /// The interval the cluster gave the agent at registration.
     pub heartbeat_interval_ms: u64,
+    /// Where the modules this process ran came from. Absent from older agents.
+    #[serde(default)]
+    pub modules: ModuleCacheStats,
+}
+
+/// Counts of where an agent's modules came from since it started: its memory, its disk
+/// cache of compiled artifacts, or a fetch and a compile.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleCacheStats {
+    /// Runs whose compiled module was in memory.
+    pub memory_hits: u64,
+    /// Modules loaded from the disk cache (no compile).
+    pub disk_loads: u64,
+    /// Modules fetched from the module store and compiled.
+    pub compiled: u64,
+    /// What the disk cache holds now, in bytes.
+    pub disk_bytes: u64,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 //! What a run used, in every result: the node's figures against wasmtime's own for the same
-//! module, through the SDK and through `apiary task submit --json`.
+//! module, through the SDK and through `apiary task submit --json`; and where the module came
+//! from (compiled, memory, the disk cache), in the agent's status.
 
 use apiary_cli::commands::{self, Output, SubmitOptions};
 use apiary_harness::{PATIENCE, Stack, hostile, wasm};
-use apiary_proto::message::{Limits, ModuleRef};
+use apiary_proto::message::{AgentStatus, AgentStatusRequest, Limits, ModuleCacheStats, ModuleRef};
+use apiary_proto::subject::{self, NodeVerb};
+use apiary_proto::{NodeId, rpc};
 use apiary_sdk::{Task, TaskErrorKind};
 
 /// A WASI command that loops 1,000 times, grows its memory by two pages and writes 5 bytes.
@@ -120,4 +123,56 @@ async fn task_submit_json_shows_what_the_run_used() {
     assert!(usage["fuel_consumed"].as_u64().expect("a number") > 0);
     assert!(usage["peak_memory_bytes"].as_u64().expect("a number") > 0);
     assert!(usage["wall_time_us"].is_u64());
+}
+
+async fn module_stats(stack: &Stack, node: &str) -> ModuleCacheStats {
+    let status: AgentStatus = rpc::request(
+        &stack.nats().await,
+        subject::node(&NodeId::new(node).expect("id"), NodeVerb::Status),
+        &AgentStatusRequest {},
+        PATIENCE,
+    )
+    .await
+    .expect("the agent answers");
+    status.modules
+}
+
+#[tokio::test]
+async fn a_module_is_compiled_once_then_comes_from_memory_and_after_a_restart_from_disk() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let agent = stack.spawn_agent_online("node-a").await;
+    let client = stack.client().await;
+    let run = |input: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .submit(Task::new(wasm("uppercase")).input(input))
+                .await
+                .expect("submit")
+                .result_within(PATIENCE)
+                .await
+                .expect("the task runs")
+        }
+    };
+
+    assert_eq!(run("one").await.stdout.as_ref(), b"ONE");
+    assert_eq!(run("two").await.stdout.as_ref(), b"TWO");
+    let stats = module_stats(&stack, "node-a").await;
+    assert_eq!(
+        (stats.compiled, stats.memory_hits, stats.disk_loads),
+        (1, 1, 0)
+    );
+    assert!(stats.disk_bytes > 0, "the compiled module is kept on disk");
+
+    // Killed, not stopped: the artifact was on disk before the first run.
+    agent.crash().await;
+    let _restarted = stack.spawn_agent_online("node-a").await;
+    assert_eq!(run("three").await.stdout.as_ref(), b"THREE");
+    let stats = module_stats(&stack, "node-a").await;
+    assert_eq!(
+        (stats.compiled, stats.memory_hits, stats.disk_loads),
+        (0, 0, 1),
+        "the restarted agent compiled the module again"
+    );
 }
