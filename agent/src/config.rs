@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use apiary_proto::DEFAULT_NATS_URL;
 use apiary_proto::admin::SecretToken;
-use apiary_proto::message::{Limits, TaskError, TaskErrorKind};
+use apiary_proto::message::{GrantKind, Grants, Limits, TaskError, TaskErrorKind};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub nvml_library: Option<PathBuf>,
     /// Compiled modules kept in memory.
     pub module_cache_entries: usize,
+    /// `APIARY_FORBID_GRANTS`: grants this node refuses (`args`, `env`, `clock`), e.g.
+    /// `["clock"]`; a task asking for one fails with `invalid_task`. Default: none.
+    pub forbid_grants: BTreeSet<GrantKind>,
     /// `APIARY_ARTIFACT_CACHE_BYTES`: the most compiled modules kept on disk, in the state
     /// directory, take (least recently used go first); 0 keeps none.
     pub artifact_cache_bytes: u64,
@@ -70,6 +73,7 @@ impl Default for AgentConfig {
             nvml_library: None,
             module_cache_entries: 32,
             artifact_cache_bytes: 256 * 1024 * 1024,
+            forbid_grants: BTreeSet::new(),
             request_timeout: Duration::from_secs(2),
             max_register_backoff: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
@@ -142,6 +146,7 @@ fn labels_as_map<S: serde::Serializer>(
 pub struct NodeLimits {
     pub max_timeout_ms: u64,
     pub max_memory_bytes: u64,
+    pub forbidden_grants: BTreeSet<GrantKind>,
 }
 
 impl From<&AgentConfig> for NodeLimits {
@@ -149,13 +154,21 @@ impl From<&AgentConfig> for NodeLimits {
         Self {
             max_timeout_ms: u64::try_from(config.max_task_timeout.as_millis()).unwrap_or(u64::MAX),
             max_memory_bytes: config.max_task_memory,
+            forbidden_grants: config.forbid_grants.clone(),
         }
     }
 }
 
 impl NodeLimits {
-    /// Refuses a task whose limits exceed this node's, with the reason.
-    pub fn admit(&self, limits: &Limits) -> Result<(), TaskError> {
+    /// Refuses a task whose limits exceed this node's, or that asks for a grant this node
+    /// forbids, with the reason.
+    pub fn admit(&self, limits: &Limits, grants: &Grants) -> Result<(), TaskError> {
+        if let Some(forbidden) = grants.kinds().intersection(&self.forbidden_grants).next() {
+            return Err(TaskError::new(
+                TaskErrorKind::InvalidTask,
+                format!("the task asks for the {forbidden} grant, which this node forbids"),
+            ));
+        }
         if limits.timeout_ms > self.max_timeout_ms {
             return Err(TaskError::new(
                 TaskErrorKind::InvalidTask,
@@ -222,6 +235,7 @@ mod tests {
             jail.set_env("APIARY_SLOTS", "3");
             jail.set_env("APIARY_LABELS", r#"{zone="env"}"#);
             jail.set_env("APIARY_ROLES", "[dns, host]");
+            jail.set_env("APIARY_FORBID_GRANTS", r#"["clock", "env"]"#);
             let file = Some(Path::new("agent.toml"));
             let load = |flags: &AgentFlags| {
                 apiary_bin_support::load_config_with::<AgentConfig, _>(file, flags)
@@ -235,6 +249,10 @@ mod tests {
             assert_eq!(config.node_id.as_deref(), Some("from-env"));
             assert_eq!(config.slots, Some(3));
             assert_eq!(config.roles, set(["dns", "host"]));
+            assert_eq!(
+                config.forbid_grants,
+                [GrantKind::Clock, GrantKind::Env].into()
+            );
             assert_eq!(config.labels.get("zone").map(String::as_str), Some("env"));
             assert_eq!(config.labels.get("rack").map(String::as_str), Some("file"));
 
@@ -285,15 +303,36 @@ mod tests {
     }
 
     #[test]
+    fn a_node_refuses_the_grants_it_forbids_and_only_those() {
+        let node = NodeLimits::from(&AgentConfig {
+            forbid_grants: [GrantKind::Clock].into(),
+            ..AgentConfig::default()
+        });
+        let clock = Grants {
+            clock: true,
+            ..Grants::default()
+        };
+        let refused = node.admit(&Limits::default(), &clock).unwrap_err();
+        assert_eq!(refused.kind, TaskErrorKind::InvalidTask);
+        assert!(refused.message.contains("clock"), "{}", refused.message);
+        let args = Grants {
+            args: vec!["-v".into()],
+            ..Grants::default()
+        };
+        assert!(node.admit(&Limits::default(), &args).is_ok());
+        assert!(node.admit(&Limits::default(), &Grants::default()).is_ok());
+    }
+
+    #[test]
     fn node_limits_refuse_greedy_tasks() {
         let node = NodeLimits::from(&AgentConfig::default());
-        assert!(node.admit(&Limits::default()).is_ok());
+        assert!(node.admit(&Limits::default(), &Grants::default()).is_ok());
         let forever = Limits {
             timeout_ms: u64::MAX,
             ..Limits::default()
         };
         assert_eq!(
-            node.admit(&forever).unwrap_err().kind,
+            node.admit(&forever, &Grants::default()).unwrap_err().kind,
             TaskErrorKind::InvalidTask
         );
         let greedy = Limits {
@@ -301,7 +340,7 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            node.admit(&greedy).unwrap_err().kind,
+            node.admit(&greedy, &Grants::default()).unwrap_err().kind,
             TaskErrorKind::InvalidTask
         );
     }

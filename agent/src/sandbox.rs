@@ -1,9 +1,10 @@
 //! The WebAssembly sandbox: compiles modules and runs them under WASI preview 1 with limits.
 //!
 //! A task is a WASI command (`_start`). It reads its input on stdin, writes its answer to
-//! stdout and may write diagnostics to stderr. It sees no files, no network, no environment
-//! and no clock beyond what WASI preview 1 gives every module. Each run gets a fresh store, so
-//! nothing leaks from one task to the next.
+//! stdout and may write diagnostics to stderr. It sees no files and no network, and unless
+//! its submission grants them ([`Grants`]) no arguments beyond its name, no environment, and
+//! clocks stopped at the Unix epoch. Each run gets a fresh store, so nothing leaks from one
+//! task to the next.
 //!
 //! Limits, and how each is enforced:
 //! - time: epoch interruption. A ticker thread advances the engine's epoch every
@@ -22,14 +23,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiary_proto::Payload;
-use apiary_proto::message::{Limits, Outcome, RunUsage, TaskError, TaskErrorKind};
+use apiary_proto::message::{Grants, Limits, Outcome, RunUsage, TaskError, TaskErrorKind};
 use bytes::{Bytes, BytesMut};
 use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
-use wasmtime_wasi::{I32Exit, async_trait};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, I32Exit, async_trait};
 
 /// How often the engine's epoch advances: the granularity of task timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -296,7 +297,13 @@ impl Sandbox {
     /// Runs a compiled module's `_start` with `input` on stdin, within `limits`. Blocks the
     /// calling thread for as long as the module runs: call it off the async runtime.
     pub fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Run {
-        self.run_stoppable(module, input, limits, &Arc::new(AtomicBool::new(false)))
+        self.run_stoppable(
+            module,
+            input,
+            limits,
+            &Grants::default(),
+            &Arc::new(AtomicBool::new(false)),
+        )
     }
 
     /// [`Sandbox::run`], stopped with a `cancelled` failure within one epoch tick of `stop`
@@ -307,17 +314,24 @@ impl Sandbox {
         module: &Module,
         input: Bytes,
         limits: &Limits,
+        grants: &Grants,
         stop: &Arc<AtomicBool>,
     ) -> Run {
         let output_limit = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
         let stdout = CappedOutput::new(output_limit);
         let stderr = CappedOutput::new(output_limit);
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
-            .stdin(MemoryInputPipe::new(input))
+        let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
+        wasi.stdin(MemoryInputPipe::new(input))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .arg("task")
-            .build_p1();
+            .args(&grants.args);
+        let env: Vec<(&String, &String)> = grants.env.iter().collect();
+        wasi.envs(&env);
+        if !grants.clock {
+            wasi.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
+        }
+        let wasi = wasi.build_p1();
         let mut store = Store::new(
             &self.engine,
             TaskState {
@@ -422,6 +436,30 @@ impl Sandbox {
                 failed(kind, message, stderr)
             }
         }
+    }
+}
+
+/// The clocks of a task not granted the host's: both stand at 0, the Unix epoch, so a
+/// module cannot time anything on the node (or learn when it runs) unless it is allowed to.
+struct StoppedClock;
+
+impl HostWallClock for StoppedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for StoppedClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+
+    fn now(&self) -> u64 {
+        0
     }
 }
 
@@ -637,7 +675,7 @@ mod tests {
                     ..Limits::default()
                 };
                 sandbox
-                    .run_stoppable(&module, Bytes::new(), &limits, &stop)
+                    .run_stoppable(&module, Bytes::new(), &limits, &Grants::default(), &stop)
                     .outcome
             })
         };
@@ -823,6 +861,42 @@ mod tests {
         let run = sandbox.run(&module, Bytes::new(), &limits);
         assert_eq!(failure_kind(run.outcome), TaskErrorKind::FuelExhausted);
         assert_eq!(run.usage.fuel_consumed, 10_000);
+    }
+
+    /// `wasm-tasks/probes/grants.wat`: prints argc, the number of environment variables,
+    /// and whether the wall and monotonic clocks read anything but 0.
+    const GRANTS_PROBE: &str = include_str!("../../wasm-tasks/probes/grants.wat");
+
+    fn probe(grants: &Grants) -> String {
+        let sandbox = sandbox();
+        let module = module(&sandbox, GRANTS_PROBE);
+        let run = sandbox.run_stoppable(
+            &module,
+            Bytes::new(),
+            &Limits::default(),
+            grants,
+            &Arc::new(AtomicBool::new(false)),
+        );
+        match run.outcome {
+            Outcome::Completed { stdout, .. } => String::from_utf8(stdout.0.to_vec()).unwrap(),
+            other => panic!("the probe failed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_grants_a_module_sees_its_name_no_environment_and_stopped_clocks() {
+        assert_eq!(probe(&Grants::default()), "1000");
+    }
+
+    #[test]
+    fn granted_arguments_environment_and_clock_are_seen() {
+        let grants = Grants {
+            args: vec!["--fast".into(), "file.txt".into()],
+            env: [("LANG".to_owned(), "C".to_owned())].into(),
+            clock: true,
+        };
+        let seen = probe(&grants);
+        assert_eq!(&seen[..3], "311", "argc, env count, wall clock: {seen}");
     }
 
     #[test]

@@ -259,7 +259,10 @@ impl Agent {
     }
 
     async fn execute(&self, dispatch: &Dispatch, stop: &Arc<AtomicBool>) -> Run {
-        if let Err(error) = self.limits.admit(&dispatch.task.limits) {
+        if let Err(error) = self
+            .limits
+            .admit(&dispatch.task.limits, &dispatch.task.grants)
+        {
             return not_run(error);
         }
         let module = match self.modules.get(&dispatch.task.module).await {
@@ -269,10 +272,11 @@ impl Agent {
         let sandbox = self.sandbox.clone();
         let input = dispatch.task.input.0.clone();
         let limits = dispatch.task.limits.clone();
+        let grants = dispatch.task.grants.clone();
         let timeout_ms = limits.timeout_ms;
         let thread_stop = stop.clone();
         let run = tokio::task::spawn_blocking(move || {
-            sandbox.run_stoppable(&module, input, &limits, &thread_stop)
+            sandbox.run_stoppable(&module, input, &limits, &grants, &thread_stop)
         });
         // The sandbox's epoch deadline stops guest code; a guest blocked in a host call (a
         // long WASI sleep) is past its reach until the call returns. The run's result is

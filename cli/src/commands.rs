@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use apiary_proto::lifecycle::RetryPolicy;
-use apiary_proto::message::{NodeStatus, NodeSummary, Priority};
+use apiary_proto::message::{Grants, NodeStatus, NodeSummary, Priority};
 use apiary_proto::{NodeId, TaskId};
 use apiary_sdk::{Client, NewToken, Task};
 
@@ -36,6 +36,8 @@ pub struct SubmitOptions {
     pub priority: Priority,
     pub retry: Option<RetryPolicy>,
     pub queue_timeout: Option<Duration>,
+    /// What the module may see beyond stdin and stdout.
+    pub grants: Grants,
 }
 
 impl SubmitOptions {
@@ -52,6 +54,7 @@ impl SubmitOptions {
             priority: Priority::Normal,
             retry: None,
             queue_timeout: None,
+            grants: Grants::default(),
         }
     }
 }
@@ -94,6 +97,7 @@ pub async fn task_submit<O: Write, E: Write>(
     if let Some(queue_timeout) = options.queue_timeout {
         task = task.queue_timeout(queue_timeout);
     }
+    task = task.grants(options.grants);
     let handle = client
         .submit(task)
         .await

@@ -14,7 +14,7 @@ use apiary_cli::tasks;
 use apiary_proto::admin::Approval;
 use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskState};
 use apiary_proto::message::NodeStatus;
-use apiary_proto::message::{Priority, TaskListRequest};
+use apiary_proto::message::{Grants, Priority, TaskListRequest};
 use apiary_proto::{NodeId, TaskId};
 use apiary_sdk::{DlqListRequest, NewToken};
 use clap::{CommandFactory as _, Parser, Subcommand};
@@ -180,6 +180,15 @@ enum TaskCommand {
         /// How long the task may wait to be placed before it times out.
         #[arg(long, value_parser = humantime::parse_duration)]
         queue_timeout: Option<Duration>,
+        /// Grant the module an argument after its name (repeat for more, in order).
+        #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// Grant the module an environment variable, NAME=VALUE (repeat for more).
+        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = parse_env_var)]
+        env: Vec<(String, String)>,
+        /// Grant the module the host's clocks (without it they stand at the Unix epoch).
+        #[arg(long)]
+        clock: bool,
     },
     /// Run a module once per line of input (a file, or `-` for stdin), with at most
     /// --in-flight tasks at once, and print the outputs in input order. Exits 1 if any
@@ -386,6 +395,13 @@ fn parse_label_changes(
 fn parse_priority(text: &str) -> Result<Priority, String> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| format!("{text:?} is not one of high, normal, low"))
+}
+
+fn parse_env_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not NAME=VALUE")),
+    }
 }
 
 fn parse_retry_on(text: &str) -> Result<RetryOn, String> {
@@ -659,6 +675,9 @@ async fn task(client: apiary_sdk::Client, command: TaskCommand) -> anyhow::Resul
             retry_on,
             backoff,
             queue_timeout,
+            args,
+            env,
+            clock,
         } => {
             let retry =
                 (attempts.is_some() || !retry_on.is_empty() || backoff.is_some()).then(|| {
@@ -684,6 +703,11 @@ async fn task(client: apiary_sdk::Client, command: TaskCommand) -> anyhow::Resul
                 priority,
                 retry,
                 queue_timeout,
+                grants: Grants {
+                    args,
+                    env: env.into_iter().collect(),
+                    clock,
+                },
             };
             let code = commands::task_submit(&client, options, &mut out).await?;
             Ok(ExitCode::from(code))

@@ -781,6 +781,7 @@ mod tests {
             retry: None,
             queue_timeout_ms: None,
             fresh_id: true,
+            grants: Default::default(),
         }
     }
 

@@ -581,6 +581,68 @@ pub struct TaskSubmission {
     /// resubmitted id return the existing task after JetStream's duplicate window.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh_id: bool,
+    /// What the module may see beyond stdin, stdout and stderr; nothing when absent.
+    #[serde(default, skip_serializing_if = "Grants::is_empty")]
+    pub grants: Grants,
+}
+
+/// What a task may see of its host beyond stdin, stdout and stderr. Nothing unless granted:
+/// without grants a module sees one argument (its name, `task`), no environment, no files,
+/// and clocks stopped at the Unix epoch. A node's operator may forbid any grant
+/// (`APIARY_FORBID_GRANTS`); a task asking for one its node forbids fails with
+/// `invalid_task`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Grants {
+    /// Arguments after the module's name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The host's wall clock and monotonic clock, as they are.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub clock: bool,
+}
+
+/// One kind of grant, as an operator names it to forbid it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    Args,
+    Env,
+    Clock,
+}
+
+impl Grants {
+    pub fn is_empty(&self) -> bool {
+        self.kinds().is_empty()
+    }
+
+    /// The kinds of grant asked for.
+    pub fn kinds(&self) -> BTreeSet<GrantKind> {
+        let mut kinds = BTreeSet::new();
+        if !self.args.is_empty() {
+            kinds.insert(GrantKind::Args);
+        }
+        if !self.env.is_empty() {
+            kinds.insert(GrantKind::Env);
+        }
+        if self.clock {
+            kinds.insert(GrantKind::Clock);
+        }
+        kinds
+    }
+}
+
+impl std::fmt::Display for GrantKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GrantKind::Args => "args",
+            GrantKind::Env => "env",
+            GrantKind::Clock => "clock",
+        })
+    }
 }
 
 /// `apiary.v1.node.<node>.dispatch` (stream `APIARY_DISPATCH`): a task placed on a node.

@@ -52,9 +52,9 @@ pub use apiary_proto::inventory::Inventory;
 pub use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskRecord, TaskState, Transition};
 pub use apiary_proto::message::ErrorCode;
 pub use apiary_proto::message::{
-    DeadLetter, DlqListReply, DlqListRequest, Limits, ModuleRef, NodeInfo, NodeMetrics, NodeStatus,
-    NodeSummary, Outcome, Priority, Requirements, ResultObject, RunUsage, TaskError, TaskErrorKind,
-    TaskListReply, TaskListRequest, TaskResult, TaskResultReply,
+    DeadLetter, DlqListReply, DlqListRequest, GrantKind, Grants, Limits, ModuleRef, NodeInfo,
+    NodeMetrics, NodeStatus, NodeSummary, Outcome, Priority, Requirements, ResultObject, RunUsage,
+    TaskError, TaskErrorKind, TaskListReply, TaskListRequest, TaskResult, TaskResultReply,
 };
 pub use apiary_proto::{IdError, NodeId, Payload, TaskId};
 pub use batch::BatchItem;
@@ -286,6 +286,7 @@ impl Client {
             retry: task.retry,
             queue_timeout_ms: task.queue_timeout_ms,
             fresh_id,
+            grants: task.grants,
         };
         let id = submission.id.clone();
         let span =
@@ -385,6 +386,7 @@ pub struct Task {
     id: Option<TaskId>,
     retry: Option<RetryPolicy>,
     queue_timeout_ms: Option<u64>,
+    grants: Grants,
 }
 
 impl Task {
@@ -407,6 +409,7 @@ impl Task {
             priority: Priority::default(),
             id: None,
             retry: None,
+            grants: Grants::default(),
             queue_timeout_ms: None,
         }
     }
@@ -430,6 +433,30 @@ impl Task {
     /// takes when unset.
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.queue_timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Replaces everything granted so far with `grants`.
+    pub fn grants(mut self, grants: Grants) -> Self {
+        self.grants = grants;
+        self
+    }
+
+    /// Grants the module an argument after its name (`argv[1]` onwards, in order).
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.grants.args.push(arg.into());
+        self
+    }
+
+    /// Grants the module an environment variable.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.grants.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Grants the module the host's clocks; without this they stand at the Unix epoch.
+    pub fn clock(mut self) -> Self {
+        self.grants.clock = true;
         self
     }
 

@@ -372,3 +372,46 @@ async fn completions_are_printed_for_each_shell() {
         assert!(ran.stdout.contains("kv"), "{shell} completes subcommands");
     }
 }
+
+#[tokio::test]
+async fn task_submit_grants_arguments_environment_and_the_clock() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let probe = dir.path().join("grants.wasm");
+    let wat = include_str!("../../wasm-tasks/probes/grants.wat");
+    std::fs::write(&probe, wat::parse_str(wat).expect("the probe's WAT")).expect("write");
+
+    let bare = ok(&stack, &["task", "submit", path(&probe)]).await;
+    assert_eq!(bare, "1000");
+    let granted = ok(
+        &stack,
+        &[
+            "task",
+            "submit",
+            path(&probe),
+            "--arg",
+            "-v",
+            "--arg",
+            "x",
+            "--env",
+            "A=1",
+            "--clock",
+        ],
+    )
+    .await;
+    assert!(
+        granted.starts_with("311"),
+        "argc, environment, wall clock: {granted}"
+    );
+    let ran = run(command(&[
+        "--server",
+        stack.url(),
+        "task",
+        "submit",
+        path(&probe),
+        "--env",
+        "no-equals-sign",
+    ]))
+    .await;
+    assert_eq!(ran.code, 2, "a malformed --env is a usage error: {ran:?}");
+}

@@ -5,6 +5,7 @@ mod accounting;
 mod app_store;
 mod cli;
 mod cli_binary;
+mod grants;
 mod hostile;
 mod identity;
 mod lifecycle;

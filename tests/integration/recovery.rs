@@ -29,6 +29,7 @@ fn dispatch(module: ModuleRef, reply_to: String, attempt: u32) -> Dispatch {
             retry: None,
             queue_timeout_ms: None,
             fresh_id: true,
+            grants: Default::default(),
         },
         attempt,
         dispatched_at_ms: now_ms(),
