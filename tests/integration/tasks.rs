@@ -560,3 +560,20 @@ async fn tasks_go_only_to_nodes_with_the_roles_and_free_disk_they_require() {
     assert_eq!(output.node_id.as_str(), "nginx");
     assert_eq!(output.stdout.as_ref(), b"PROXY");
 }
+
+#[tokio::test]
+async fn the_example_guests_compute_what_they_say() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let run = |module: &str, input: &'static str| stack.run(Task::new(wasm(module)).input(input));
+    // The digest `sha256sum` gives for "abc".
+    let digest = run("sha256", "abc").await.expect("sha256 runs");
+    assert_eq!(
+        digest.stdout.as_ref(),
+        b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+    );
+    let fib = run("fib", "20\n").await.expect("fib runs");
+    assert_eq!(fib.stdout.as_ref(), b"6765\n");
+    let refused = run("fib", "not a number").await.expect("fib answers");
+    assert_eq!(refused.exit_code, 1);
+    assert!(!refused.stderr.is_empty());
+}
