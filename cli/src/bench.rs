@@ -92,6 +92,10 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
         )
         .await?,
     );
+    figures.extend(
+        crate::bench_module::module_figures(options.module.clone(), options.latency_samples)
+            .await?,
+    );
     Ok(figures)
 }
 

@@ -1,0 +1,86 @@
+//! The module rows of `apiary bench`: what a node pays to get a module ready and run it,
+//! measured on this machine with the agent's own sandbox and disk cache, no server involved.
+//!
+//! - **compile (cold)**: the bytes to a ready module, as the first run of a module on a node
+//!   pays after its fetch.
+//! - **load from the disk cache**: a restarted agent's first run of a module it compiled
+//!   before (`apiary_agent::artifacts`).
+//! - **run, warm**: a new store, instantiation, the call and the output, for a module
+//!   already in memory: the part of a task's time on its node that is the sandbox's.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use apiary_agent::artifacts::ArtifactCache;
+use apiary_agent::sandbox::Sandbox;
+use apiary_proto::message::Limits;
+use bytes::Bytes;
+
+use crate::bench::{Figure, latency};
+
+/// Compiles and loads are milliseconds each; this many give a steady median.
+const COMPILE_SAMPLES: usize = 20;
+
+/// The module rows for `module`, `samples` warm runs.
+pub async fn module_figures(module: Bytes, samples: usize) -> anyhow::Result<Vec<Figure>> {
+    tokio::task::spawn_blocking(move || measure(&module, samples))
+        .await
+        .context("the module benchmark's thread failed")?
+}
+
+fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
+    let sandbox = Sandbox::new()?;
+    let timed = |run: &mut dyn FnMut() -> anyhow::Result<()>, count: usize| {
+        let mut timings = Vec::with_capacity(count);
+        for _ in 0..count {
+            let started = Instant::now();
+            run()?;
+            timings.push(started.elapsed());
+        }
+        anyhow::Ok(timings)
+    };
+
+    let compile: Vec<Duration> = timed(
+        &mut || {
+            sandbox
+                .compile(module)
+                .map(drop)
+                .map_err(|err| anyhow::anyhow!("{}", err.message))
+        },
+        COMPILE_SAMPLES,
+    )?;
+
+    let compiled = sandbox
+        .compile(module)
+        .map_err(|err| anyhow::anyhow!("{}", err.message))?;
+    let dir = tempfile::tempdir().context("failed to make a directory for the disk cache")?;
+    let cache = ArtifactCache::open(dir.path(), sandbox.engine(), 64 << 20)
+        .context("failed to open the disk cache")?;
+    let digest = apiary_proto::message::ModuleRef::for_bytes(module).sha256;
+    cache.store(&digest, &compiled);
+    let load: Vec<Duration> = timed(
+        &mut || {
+            cache
+                .load(sandbox.engine(), &digest)
+                .map(drop)
+                .context("the disk cache lost the module")
+        },
+        COMPILE_SAMPLES,
+    )?;
+
+    let input = Bytes::from_static(b"benchmark input");
+    let limits = Limits::default();
+    let run: Vec<Duration> = timed(
+        &mut || {
+            sandbox.run(&compiled, input.clone(), &limits);
+            Ok(())
+        },
+        samples,
+    )?;
+
+    Ok(vec![
+        latency("module: compile (cold)", compile),
+        latency("module: load from the disk cache", load),
+        latency("module: run, warm (store, instantiate, call)", run),
+    ])
+}
