@@ -13,10 +13,9 @@ use std::sync::{Arc, Mutex};
 use apiary_proto::message::{ModuleCacheStats, ModuleRef, TaskError, TaskErrorKind};
 use async_nats::jetstream::object_store::{GetErrorKind, ObjectStore};
 use tokio::io::AsyncReadExt as _;
-use wasmtime::Module;
 
 use crate::artifacts::ArtifactCache;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Prepared, Sandbox};
 
 /// The largest module the agent will fetch. Bigger objects are refused by their recorded size
 /// before any of them is read, and reading stops at the limit in any case.
@@ -26,7 +25,7 @@ pub const MAX_MODULE_BYTES: u64 = 64 * 1024 * 1024;
 pub struct ModuleCache {
     store: ObjectStore,
     sandbox: Arc<Sandbox>,
-    compiled: Mutex<lru::LruCache<String, Module>>,
+    compiled: Mutex<lru::LruCache<String, Prepared>>,
     artifacts: Option<Arc<ArtifactCache>>,
     memory_hits: AtomicU64,
     disk_loads: AtomicU64,
@@ -61,7 +60,7 @@ impl ModuleCache {
     /// The compiled module for `module`: from memory, from the disk cache, or fetched,
     /// checked against its digest, compiled and kept in both.
     #[tracing::instrument(skip_all, fields(module = %module.sha256))]
-    pub async fn get(&self, module: &ModuleRef) -> Result<Module, TaskError> {
+    pub async fn get(&self, module: &ModuleRef) -> Result<Prepared, TaskError> {
         // Checked first: the digest names the artifact's file.
         if !is_sha256_hex(&module.sha256) {
             return Err(TaskError::new(
@@ -92,7 +91,7 @@ impl ModuleCache {
             if let Some(artifacts) = artifacts {
                 artifacts.store(&digest, &compiled);
             }
-            Ok::<_, TaskError>(compiled)
+            sandbox.prepare(compiled)
         })
         .await
         .map_err(|err| {
@@ -107,14 +106,19 @@ impl ModuleCache {
         Ok(compiled)
     }
 
-    async fn load_from_disk(&self, digest: &str) -> Option<Module> {
+    async fn load_from_disk(&self, digest: &str) -> Option<Prepared> {
         let artifacts = self.artifacts.clone()?;
         let sandbox = self.sandbox.clone();
         let digest = digest.to_owned();
-        tokio::task::spawn_blocking(move || artifacts.load(sandbox.engine(), &digest))
-            .await
-            .ok()
-            .flatten()
+        tokio::task::spawn_blocking(move || {
+            let module = artifacts.load(sandbox.engine(), &digest)?;
+            // A module was stored only after it compiled; one that no longer prepares
+            // (the linker changed without the engine hash) is compiled again.
+            sandbox.prepare(module).ok()
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Where the modules run so far came from, and what the disk cache holds.
@@ -130,11 +134,11 @@ impl ModuleCache {
         }
     }
 
-    fn cached(&self, digest: &str) -> Option<Module> {
+    fn cached(&self, digest: &str) -> Option<Prepared> {
         self.lock().get(digest).cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<String, Module>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<String, Prepared>> {
         // A panic while holding the lock cannot leave the cache inconsistent (every operation
         // is a single call into the LRU), so a poisoned lock is still usable.
         self.compiled

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use apiary_proto::Payload;
 use apiary_proto::message::{Grants, Limits, Outcome, RunUsage, TaskError, TaskErrorKind};
 use bytes::{Bytes, BytesMut};
-use wasmtime::{Config, Engine, Linker, Module, ResourceLimiter, Store, Trap};
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -294,6 +294,18 @@ impl Sandbox {
         })
     }
 
+    /// Resolves a compiled module's imports against the WASI linker once, so that each run
+    /// only instantiates. A module that imports what the sandbox does not give is invalid.
+    pub fn prepare(&self, module: Module) -> Result<Prepared, TaskError> {
+        let pre = self.linker.instantiate_pre(&module).map_err(|err| {
+            TaskError::new(
+                TaskErrorKind::InvalidModule,
+                format!("cannot instantiate the module: {err:#}"),
+            )
+        })?;
+        Ok(Prepared { module, pre })
+    }
+
     /// Runs a compiled module's `_start` with `input` on stdin, within `limits`. Blocks the
     /// calling thread for as long as the module runs: call it off the async runtime.
     pub fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Run {
@@ -312,6 +324,27 @@ impl Sandbox {
     pub fn run_stoppable(
         &self,
         module: &Module,
+        input: Bytes,
+        limits: &Limits,
+        grants: &Grants,
+        stop: &Arc<AtomicBool>,
+    ) -> Run {
+        match self.prepare(module.clone()) {
+            Ok(prepared) => self.run_prepared(&prepared, input, limits, grants, stop),
+            Err(error) => Run {
+                outcome: Outcome::Failed {
+                    error,
+                    stderr: Payload::default(),
+                },
+                usage: RunUsage::default(),
+            },
+        }
+    }
+
+    /// [`Sandbox::run_stoppable`] for a module prepared before: what the agent runs.
+    pub fn run_prepared(
+        &self,
+        prepared: &Prepared,
         input: Bytes,
         limits: &Limits,
         grants: &Grants,
@@ -372,9 +405,9 @@ impl Sandbox {
         }
 
         let started = Instant::now();
-        let call = self
-            .linker
-            .instantiate(&mut store, module)
+        let call = prepared
+            .pre
+            .instantiate(&mut store)
             .map_err(|err| (Stage::Instantiate, err))
             .and_then(|instance| {
                 instance
@@ -460,6 +493,27 @@ impl HostMonotonicClock for StoppedClock {
 
     fn now(&self) -> u64 {
         0
+    }
+}
+
+/// A compiled module with its imports resolved ([`Sandbox::prepare`]): what the agent keeps
+/// in memory, so that a run only makes a store and instantiates. Cheap to clone.
+#[derive(Clone)]
+pub struct Prepared {
+    module: Module,
+    pre: InstancePre<TaskState>,
+}
+
+impl Prepared {
+    /// The compiled module, as the disk cache keeps it.
+    pub fn module(&self) -> &Module {
+        &self.module
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").finish_non_exhaustive()
     }
 }
 

@@ -276,7 +276,7 @@ impl Agent {
         let timeout_ms = limits.timeout_ms;
         let thread_stop = stop.clone();
         let run = tokio::task::spawn_blocking(move || {
-            sandbox.run_stoppable(&module, input, &limits, &grants, &thread_stop)
+            sandbox.run_prepared(&module, input, &limits, &grants, &thread_stop)
         });
         // The sandbox's epoch deadline stops guest code; a guest blocked in a host call (a
         // long WASI sleep) is past its reach until the call returns. The run's result is

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use apiary_agent::artifacts::ArtifactCache;
 use apiary_agent::sandbox::Sandbox;
-use apiary_proto::message::Limits;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use apiary_proto::message::{Grants, Limits};
 use bytes::Bytes;
 
 use crate::bench::{Figure, latency};
@@ -68,11 +71,17 @@ fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
         COMPILE_SAMPLES,
     )?;
 
+    // The agent keeps modules prepared (imports resolved), and runs them as here.
+    let prepared = sandbox
+        .prepare(compiled)
+        .map_err(|err| anyhow::anyhow!("{}", err.message))?;
     let input = Bytes::from_static(b"benchmark input");
     let limits = Limits::default();
+    let grants = Grants::default();
+    let stop = Arc::new(AtomicBool::new(false));
     let run: Vec<Duration> = timed(
         &mut || {
-            sandbox.run(&compiled, input.clone(), &limits);
+            sandbox.run_prepared(&prepared, input.clone(), &limits, &grants, &stop);
             Ok(())
         },
         samples,
