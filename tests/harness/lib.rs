@@ -528,6 +528,21 @@ impl Stack {
 
     /// A durable consumer of one of the cluster's streams, to read its state from. Waits for
     /// it to exist: components create their consumers a moment after they report ready.
+    /// What the agent of `node` says about itself (`apiary.v1.node.<node>.status`).
+    pub async fn agent_status(&self, node: &str) -> apiary_proto::message::AgentStatus {
+        apiary_proto::rpc::request(
+            &self.nats().await,
+            apiary_proto::subject::node(
+                &NodeId::new(node).expect("node id"),
+                apiary_proto::subject::NodeVerb::Status,
+            ),
+            &apiary_proto::message::AgentStatusRequest {},
+            PATIENCE,
+        )
+        .await
+        .expect("the agent answers its status request")
+    }
+
     pub async fn consumer(&self, stream: &str, consumer: &str) -> PullConsumer {
         let js = async_nats::jetstream::new(self.nats().await);
         eventually(

@@ -4,9 +4,7 @@
 
 use apiary_cli::commands::{self, Output, SubmitOptions};
 use apiary_harness::{PATIENCE, Stack, hostile, wasm};
-use apiary_proto::message::{AgentStatus, AgentStatusRequest, Limits, ModuleCacheStats, ModuleRef};
-use apiary_proto::subject::{self, NodeVerb};
-use apiary_proto::{NodeId, rpc};
+use apiary_proto::message::{Limits, ModuleRef};
 use apiary_sdk::{Task, TaskErrorKind};
 
 /// A WASI command that loops 1,000 times, grows its memory by two pages and writes 5 bytes.
@@ -125,18 +123,6 @@ async fn task_submit_json_shows_what_the_run_used() {
     assert!(usage["wall_time_us"].is_u64());
 }
 
-async fn module_stats(stack: &Stack, node: &str) -> ModuleCacheStats {
-    let status: AgentStatus = rpc::request(
-        &stack.nats().await,
-        subject::node(&NodeId::new(node).expect("id"), NodeVerb::Status),
-        &AgentStatusRequest {},
-        PATIENCE,
-    )
-    .await
-    .expect("the agent answers");
-    status.modules
-}
-
 #[tokio::test]
 async fn a_module_is_compiled_once_then_comes_from_memory_and_after_a_restart_from_disk() {
     let stack = Stack::start().await;
@@ -158,7 +144,7 @@ async fn a_module_is_compiled_once_then_comes_from_memory_and_after_a_restart_fr
 
     assert_eq!(run("one").await.stdout.as_ref(), b"ONE");
     assert_eq!(run("two").await.stdout.as_ref(), b"TWO");
-    let stats = module_stats(&stack, "node-a").await;
+    let stats = stack.agent_status("node-a").await.modules;
     assert_eq!(
         (stats.compiled, stats.memory_hits, stats.disk_loads),
         (1, 1, 0)
@@ -169,7 +155,7 @@ async fn a_module_is_compiled_once_then_comes_from_memory_and_after_a_restart_fr
     agent.crash().await;
     let _restarted = stack.spawn_agent_online("node-a").await;
     assert_eq!(run("three").await.stdout.as_ref(), b"THREE");
-    let stats = module_stats(&stack, "node-a").await;
+    let stats = stack.agent_status("node-a").await.modules;
     assert_eq!(
         (stats.compiled, stats.memory_hits, stats.disk_loads),
         (0, 0, 1),

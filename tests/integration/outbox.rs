@@ -8,9 +8,8 @@ use apiary_harness::{
     Answer, Component, PATIENCE, ResultWire, Stack, eventually, results_until_quiet,
     sleeping_guest, within,
 };
-use apiary_proto::message::{AgentStatus, AgentStatusRequest, Outcome, TaskResult};
-use apiary_proto::subject::{self, NodeVerb};
-use apiary_proto::{NodeId, rpc, topology};
+use apiary_proto::message::{Outcome, TaskResult};
+use apiary_proto::{NodeId, topology};
 use apiary_sdk::Task;
 
 /// How long the task runs: long enough that the server is surely stopped before it ends.
@@ -174,14 +173,7 @@ async fn a_kept_result_survives_an_agent_restart_and_the_task_does_not_run_again
     // registers, and is acknowledged without running the task again: the new process has
     // finished no task of its own.
     everything_is_settled(&stack).await;
-    let status: AgentStatus = rpc::request(
-        &stack.nats().await,
-        subject::node(&node_a(), NodeVerb::Status),
-        &AgentStatusRequest {},
-        PATIENCE,
-    )
-    .await
-    .expect("the restarted agent answers");
+    let status = stack.agent_status(node_a().as_str()).await;
     assert_eq!(status.metrics.tasks_completed, 0, "the task ran again");
     assert_eq!(status.metrics.running_tasks, 0);
     assert!(!restarted.is_finished());

@@ -8,9 +8,9 @@ use apiary_harness::{
     PATIENCE, QUIET, Stack, eventually, results_until_quiet, sleeping_module, wasm, within,
 };
 use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskState};
-use apiary_proto::message::{AgentStatus, AgentStatusRequest, Dispatch, Requirements};
-use apiary_proto::subject::{self, NodeVerb};
-use apiary_proto::{NodeId, TaskId, codec, rpc};
+use apiary_proto::message::{Dispatch, Requirements};
+use apiary_proto::subject::{self};
+use apiary_proto::{TaskId, codec};
 use apiary_sdk::{ErrorCode, RequestErrorKind, Task, TaskErrorKind};
 use futures::StreamExt as _;
 
@@ -24,17 +24,6 @@ const TRAP: &str = r#"(module (memory (export "memory") 1)
 
 fn module(wat: &str) -> Vec<u8> {
     wat::parse_str(wat).expect("valid WAT")
-}
-
-async fn agent_status(stack: &Stack, node: &str) -> AgentStatus {
-    rpc::request(
-        &stack.nats().await,
-        subject::node(&NodeId::new(node).expect("id"), NodeVerb::Status),
-        &AgentStatusRequest {},
-        PATIENCE,
-    )
-    .await
-    .expect("the agent answers")
 }
 
 /// Reads dispatches until none has come for `quiet`, and counts those of task `id`.
@@ -269,16 +258,13 @@ async fn cancelling_a_running_task_stops_it_on_its_node_and_it_is_not_retried() 
         .expect("submit");
     let id = handle.id().clone();
     until_state(&client, &id, TaskState::Running).await;
-    assert_eq!(
-        agent_status(&stack, "node-a").await.metrics.running_tasks,
-        1
-    );
+    assert_eq!(stack.agent_status("node-a").await.metrics.running_tasks, 1);
 
     let asked = Instant::now();
     let cancelled = client.cancel_task(&id).await.expect("cancel");
     assert_eq!(cancelled.state, TaskState::Cancelled);
     eventually(PATIENCE, "the node to stop the spinning module", || async {
-        (agent_status(&stack, "node-a").await.metrics.running_tasks == 0).then_some(())
+        (stack.agent_status("node-a").await.metrics.running_tasks == 0).then_some(())
     })
     .await;
     // Measured, not asserted: wall-clock bounds make flaky tests. The epoch callback looks
@@ -468,7 +454,7 @@ async fn resubmitting_an_id_returns_the_existing_task() {
         other => panic!("unexpected outcome {other:?}"),
     }
     assert_eq!(
-        agent_status(&stack, "node-a").await.metrics.tasks_completed,
+        stack.agent_status("node-a").await.metrics.tasks_completed,
         1,
         "the task ran once"
     );
