@@ -15,7 +15,7 @@
 //! - **Acks.** The dispatch of a task whose result waits here stays unacknowledged until the
 //!   result is stored (a message is acked only after its consequence is stored). The task
 //!   itself is over: it no longer counts as running, and shutdown does not wait for it. Its
-//!   dispatch still counts against the node's consumer (`max_ack_pending` = slots), which is
+//!   dispatch still counts against the node's consumer (`max_ack_pending`, four per slot), which is
 //!   right: the cluster hands the node more work only once it has the results of what the
 //!   node held, and that happens as soon as the server is reachable, which is also the only
 //!   time new work can arrive.
