@@ -37,8 +37,9 @@ pub struct AgentConfig {
     pub nvml_library: Option<PathBuf>,
     /// Compiled modules kept in memory.
     pub module_cache_entries: usize,
-    /// `APIARY_FORBID_GRANTS`: grants this node refuses (`args`, `env`, `clock`), e.g.
-    /// `["clock"]`; a task asking for one fails with `invalid_task`. Default: none.
+    /// `APIARY_FORBID_GRANTS`: grants this node refuses (`args`, `env`, `clock`, `scratch`,
+    /// `kv`, `publish`), e.g. `["scratch", "clock"]`; a task asking for one fails with
+    /// `invalid_task`. Default: none.
     pub forbid_grants: BTreeSet<GrantKind>,
     /// `APIARY_ARTIFACT_CACHE_BYTES`: the most compiled modules kept on disk, in the state
     /// directory, take (least recently used go first); 0 keeps none.
@@ -58,6 +59,9 @@ pub struct AgentConfig {
     pub max_task_timeout: Duration,
     /// `APIARY_MAX_TASK_MEMORY`: the most linear memory (bytes) this node gives one task.
     pub max_task_memory: u64,
+    /// `APIARY_MAX_SCRATCH_BYTES`: the largest scratch directory (bytes) this node gives one
+    /// task; a task asking for more fails with `invalid_task`.
+    pub max_scratch_bytes: u64,
 }
 
 impl Default for AgentConfig {
@@ -79,6 +83,7 @@ impl Default for AgentConfig {
             shutdown_grace: Duration::from_secs(30),
             max_task_timeout: Duration::from_secs(60 * 60),
             max_task_memory: 1024 * 1024 * 1024,
+            max_scratch_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -146,6 +151,7 @@ fn labels_as_map<S: serde::Serializer>(
 pub struct NodeLimits {
     pub max_timeout_ms: u64,
     pub max_memory_bytes: u64,
+    pub max_scratch_bytes: u64,
     pub forbidden_grants: BTreeSet<GrantKind>,
 }
 
@@ -154,6 +160,7 @@ impl From<&AgentConfig> for NodeLimits {
         Self {
             max_timeout_ms: u64::try_from(config.max_task_timeout.as_millis()).unwrap_or(u64::MAX),
             max_memory_bytes: config.max_task_memory,
+            max_scratch_bytes: config.max_scratch_bytes,
             forbidden_grants: config.forbid_grants.clone(),
         }
     }
@@ -163,10 +170,25 @@ impl NodeLimits {
     /// Refuses a task whose limits exceed this node's, or that asks for a grant this node
     /// forbids, with the reason.
     pub fn admit(&self, limits: &Limits, grants: &Grants) -> Result<(), TaskError> {
+        grants
+            .check()
+            .map_err(|reason| TaskError::new(TaskErrorKind::InvalidTask, reason))?;
         if let Some(forbidden) = grants.kinds().intersection(&self.forbidden_grants).next() {
             return Err(TaskError::new(
                 TaskErrorKind::InvalidTask,
                 format!("the task asks for the {forbidden} grant, which this node forbids"),
+            ));
+        }
+        if let Some(scratch) = grants
+            .scratch_bytes
+            .filter(|bytes| *bytes > self.max_scratch_bytes)
+        {
+            return Err(TaskError::new(
+                TaskErrorKind::InvalidTask,
+                format!(
+                    "the task asks for a {scratch} byte scratch directory; this node allows at most {}",
+                    self.max_scratch_bytes
+                ),
             ));
         }
         if limits.timeout_ms > self.max_timeout_ms {

@@ -20,6 +20,7 @@
 //! kept while the server is away, replayed when it is back).
 
 pub mod alloc;
+mod app_host;
 pub mod artifacts;
 mod backoff;
 mod bus;
@@ -119,7 +120,11 @@ pub async fn run_reporting_outbox(
         else {
             return Ok(());
         };
-        let sandbox = Arc::new(Sandbox::new()?);
+        let sandbox = Arc::new(
+            Sandbox::new()?
+                .with_scratch_root(state.join(sandbox::SCRATCH_DIR_NAME))
+                .context("failed to prepare the scratch directories")?,
+        );
         let artifacts = match ArtifactCache::open(
             &state.join(artifacts::DIR_NAME),
             sandbox.engine(),
@@ -155,6 +160,7 @@ pub async fn run_reporting_outbox(
             limits: NodeLimits::from(&config),
             modules,
             sandbox,
+            app_store: app_host::AppStore::new(client.clone()),
             run_slots: tokio::sync::Semaphore::new(slots as usize),
             running: AtomicU32::new(0),
             cancels: cancel::Cancels::default(),
@@ -358,6 +364,8 @@ struct Agent {
     limits: NodeLimits,
     modules: Arc<ModuleCache>,
     sandbox: Arc<Sandbox>,
+    /// Where granted guests' app-store and publish calls go.
+    app_store: Arc<app_host::AppStore>,
     /// One permit per slot: a task runs only while it holds one. The node's consumer hands
     /// out more dispatches than there are slots (see `topology::DISPATCHES_PER_SLOT`), and
     /// those wait here for a permit.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use apiary_proto::codec;
 use apiary_proto::message::{
-    AttemptStarted, Dispatch, ModuleRef, Outcome, ResultObject, RunUsage, TaskError, TaskErrorKind,
-    TaskResult, stdout_object_name,
+    AttemptStarted, Dispatch, Grants, ModuleRef, Outcome, ResultObject, RunUsage, TaskError,
+    TaskErrorKind, TaskResult, stdout_object_name,
 };
 use apiary_proto::subject::{self, NodeVerb};
 use apiary_proto::{now_ms, stored, topology};
@@ -275,8 +275,9 @@ impl Agent {
         let grants = dispatch.task.grants.clone();
         let timeout_ms = limits.timeout_ms;
         let thread_stop = stop.clone();
+        let host = self.app_host(&grants, timeout_ms);
         let run = tokio::task::spawn_blocking(move || {
-            sandbox.run_prepared(&module, input, &limits, &grants, &thread_stop)
+            sandbox.run_prepared(&module, input, &limits, &grants, &thread_stop, host)
         });
         // The sandbox's epoch deadline stops guest code; a guest blocked in a host call (a
         // long WASI sleep) is past its reach until the call returns. The run's result is
@@ -303,6 +304,24 @@ impl Agent {
                 ))
             }
         }
+    }
+
+    /// What serves the run's host APIs: the submission's namespace, when the task was
+    /// granted an API that acts in one.
+    fn app_host(
+        &self,
+        grants: &Grants,
+        timeout_ms: u64,
+    ) -> Option<Box<dyn crate::sandbox::AppHost>> {
+        if !(grants.kv || grants.publish) {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        let deadline = now
+            .checked_add(Duration::from_millis(timeout_ms))
+            .unwrap_or(now + Duration::from_secs(24 * 60 * 60));
+        let namespace = grants.namespace.clone()?;
+        Some(self.app_store.for_run(namespace, deadline))
     }
 
     /// Stores `result` in `APIARY_RESULTS`, unless it belongs in the outbox: while the

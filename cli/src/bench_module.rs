@@ -81,7 +81,7 @@ fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
     let stop = Arc::new(AtomicBool::new(false));
     let run: Vec<Duration> = timed(
         &mut || {
-            sandbox.run_prepared(&prepared, input.clone(), &limits, &grants, &stop);
+            sandbox.run_prepared(&prepared, input.clone(), &limits, &grants, &stop, None);
             Ok(())
         },
         samples,

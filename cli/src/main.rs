@@ -189,6 +189,19 @@ enum TaskCommand {
         /// Grant the module the host's clocks (without it they stand at the Unix epoch).
         #[arg(long)]
         clock: bool,
+        /// Grant the module a private scratch directory at /scratch of at most this size
+        /// (bytes, or with KiB, MiB or GiB), deleted after the run.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        scratch: Option<u64>,
+        /// The app-store namespace the --kv and --publish grants act in.
+        #[arg(long, value_name = "NAMESPACE")]
+        namespace: Option<apiary_proto::Namespace>,
+        /// Grant the module the app store of --namespace (apiary.kv_* host calls).
+        #[arg(long, requires = "namespace")]
+        kv: bool,
+        /// Grant the module publishing to the topics of --namespace (apiary.publish).
+        #[arg(long, requires = "namespace")]
+        publish: bool,
     },
     /// Run a module once per line of input (a file, or `-` for stdin), with at most
     /// --in-flight tasks at once, and print the outputs in input order. Exits 1 if any
@@ -395,6 +408,27 @@ fn parse_label_changes(
 fn parse_priority(text: &str) -> Result<Priority, String> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| format!("{text:?} is not one of high, normal, low"))
+}
+
+/// A size in bytes: a number, optionally followed by KiB, MiB or GiB.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}; use KiB, MiB or GiB")),
+    };
+    number
+        .parse::<u64>()
+        .map_err(|err| format!("expected a size such as 1048576 or 64MiB: {err}"))?
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text} is too large"))
 }
 
 fn parse_env_var(text: &str) -> Result<(String, String), String> {
@@ -678,6 +712,10 @@ async fn task(client: apiary_sdk::Client, command: TaskCommand) -> anyhow::Resul
             args,
             env,
             clock,
+            scratch,
+            namespace,
+            kv,
+            publish,
         } => {
             let retry =
                 (attempts.is_some() || !retry_on.is_empty() || backoff.is_some()).then(|| {
@@ -707,6 +745,10 @@ async fn task(client: apiary_sdk::Client, command: TaskCommand) -> anyhow::Resul
                     args,
                     env: env.into_iter().collect(),
                     clock,
+                    scratch_bytes: scratch,
+                    namespace,
+                    kv,
+                    publish,
                 },
             };
             let code = commands::task_submit(&client, options, &mut out).await?;
@@ -854,6 +896,17 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_read_as_bytes_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("1MiB"), Ok(1024 * 1024));
+        assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
+        assert!(parse_size("1MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
     }
 
     #[test]

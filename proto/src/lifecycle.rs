@@ -116,6 +116,7 @@ pub enum RetryOn {
     FuelExhausted,
     MemoryLimit,
     OutputLimit,
+    DiskLimit,
     /// The module exited with a non-zero code.
     NonZeroExit,
 }
@@ -354,6 +355,7 @@ fn verdict(outcome: &Outcome) -> Verdict {
             TaskErrorKind::FuelExhausted => Verdict::Guest(RetryOn::FuelExhausted),
             TaskErrorKind::MemoryLimit => Verdict::Guest(RetryOn::MemoryLimit),
             TaskErrorKind::OutputLimit => Verdict::Guest(RetryOn::OutputLimit),
+            TaskErrorKind::DiskLimit => Verdict::Guest(RetryOn::DiskLimit),
             TaskErrorKind::NodeLost | TaskErrorKind::Internal => Verdict::System,
             TaskErrorKind::InvalidModule
             | TaskErrorKind::ModuleNotFound

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::id::{NodeId, TaskId};
+use crate::id::{Namespace, NodeId, TaskId};
 use crate::inventory::{GpuMetrics, Inventory};
 use crate::payload::Payload;
 
@@ -603,6 +603,22 @@ pub struct Grants {
     /// The host's wall clock and monotonic clock, as they are.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub clock: bool,
+    /// A private directory, preopened as `/scratch`, empty at the start, deleted after the
+    /// run, that may hold at most this many bytes (the sizes of its files together). A run
+    /// that passes the cap fails with `disk_limit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scratch_bytes: Option<u64>,
+    /// The app-store namespace the host APIs act in (`kv`, `publish`). It comes from the
+    /// submission, never from the guest, so a guest reaches no other namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<Namespace>,
+    /// The host API `apiary.kv_*`: get, put, create, update (compare-and-swap), delete and
+    /// list the keys of `namespace`'s app store.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kv: bool,
+    /// The host API `apiary.publish`: publish to the topics of `namespace`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub publish: bool,
 }
 
 /// One kind of grant, as an operator names it to forbid it.
@@ -612,6 +628,9 @@ pub enum GrantKind {
     Args,
     Env,
     Clock,
+    Scratch,
+    Kv,
+    Publish,
 }
 
 impl Grants {
@@ -631,7 +650,25 @@ impl Grants {
         if self.clock {
             kinds.insert(GrantKind::Clock);
         }
+        if self.scratch_bytes.is_some() {
+            kinds.insert(GrantKind::Scratch);
+        }
+        if self.kv {
+            kinds.insert(GrantKind::Kv);
+        }
+        if self.publish {
+            kinds.insert(GrantKind::Publish);
+        }
         kinds
+    }
+
+    /// Why these grants cannot be given whatever the node: a host API granted without the
+    /// namespace it would act in.
+    pub fn check(&self) -> Result<(), String> {
+        if (self.kv || self.publish) && self.namespace.is_none() {
+            return Err("the kv and publish grants need a namespace to act in".into());
+        }
+        Ok(())
     }
 }
 
@@ -641,6 +678,9 @@ impl std::fmt::Display for GrantKind {
             GrantKind::Args => "args",
             GrantKind::Env => "env",
             GrantKind::Clock => "clock",
+            GrantKind::Scratch => "scratch",
+            GrantKind::Kv => "kv",
+            GrantKind::Publish => "publish",
         })
     }
 }
@@ -678,6 +718,8 @@ pub enum TaskErrorKind {
     OutputLimit,
     /// The module used up `limits.fuel`.
     FuelExhausted,
+    /// The module wrote more to its scratch directory than its grant allows.
+    DiskLimit,
     /// The task message itself was invalid.
     InvalidTask,
     /// The nodes the task was placed on kept being lost (crashing or leaving) before it
@@ -702,6 +744,7 @@ impl fmt::Display for TaskErrorKind {
             TaskErrorKind::MemoryLimit => "memory limit exceeded",
             TaskErrorKind::OutputLimit => "output limit exceeded",
             TaskErrorKind::FuelExhausted => "fuel exhausted",
+            TaskErrorKind::DiskLimit => "scratch disk limit exceeded",
             TaskErrorKind::InvalidTask => "invalid task",
             TaskErrorKind::NodeLost => "node lost",
             TaskErrorKind::Internal => "internal error",
@@ -796,6 +839,16 @@ pub struct RunUsage {
     /// Whether stderr was cut: the module wrote past its output limit, or the result was too
     /// large for the server and stderr was shortened to fit.
     pub stderr_cut: bool,
+    /// What the scratch directory held at the end of the run, in bytes (0 without one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub scratch_bytes: u64,
+    /// Calls the module made to the host APIs (`apiary.*` imports).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub host_calls: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// The name of an attempt's stdout in `APIARY_RESULT_OBJECTS`: `<task>.<attempt>.stdout`.

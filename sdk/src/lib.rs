@@ -56,7 +56,7 @@ pub use apiary_proto::message::{
     NodeMetrics, NodeStatus, NodeSummary, Outcome, Priority, Requirements, ResultObject, RunUsage,
     TaskError, TaskErrorKind, TaskListReply, TaskListRequest, TaskResult, TaskResultReply,
 };
-pub use apiary_proto::{IdError, NodeId, Payload, TaskId};
+pub use apiary_proto::{IdError, Namespace, NodeId, Payload, TaskId};
 pub use batch::BatchItem;
 pub use connect::{ConnectError, ConnectErrorKind, ConnectOptions};
 pub use error::{
@@ -457,6 +457,28 @@ impl Task {
     /// Grants the module the host's clocks; without this they stand at the Unix epoch.
     pub fn clock(mut self) -> Self {
         self.grants.clock = true;
+        self
+    }
+
+    /// Grants the module a private scratch directory, `/scratch`, that may hold at most
+    /// `max_bytes`; it is deleted after the run.
+    pub fn scratch(mut self, max_bytes: u64) -> Self {
+        self.grants.scratch_bytes = Some(max_bytes);
+        self
+    }
+
+    /// Grants the module the app store of `namespace` (the `apiary.kv_*` host calls). A task
+    /// acts in one namespace: the last one given to [`Task::kv`] or [`Task::publish`].
+    pub fn kv(mut self, namespace: Namespace) -> Self {
+        self.grants.kv = true;
+        self.grants.namespace = Some(namespace);
+        self
+    }
+
+    /// Grants the module publishing to the topics of `namespace` (`apiary.publish`).
+    pub fn publish(mut self, namespace: Namespace) -> Self {
+        self.grants.publish = true;
+        self.grants.namespace = Some(namespace);
         self
     }
 

@@ -84,6 +84,11 @@ async fn every_hostile_module_gets_its_typed_outcome_and_the_node_keeps_working(
         ),
         ("socket", Limits::default(), Expected::Completed(b"denied")),
         (
+            "ungranted-host-call",
+            Limits::default(),
+            Expected::Completed(b"denied"),
+        ),
+        (
             "stdout-flood",
             flood,
             Expected::Failed(TaskErrorKind::OutputLimit),

@@ -6,6 +6,7 @@ mod app_store;
 mod cli;
 mod cli_binary;
 mod grants;
+mod host_api;
 mod hostile;
 mod identity;
 mod lifecycle;

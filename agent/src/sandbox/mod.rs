@@ -18,19 +18,30 @@
 //! Nothing here touches NATS: the functions take bytes and limits and return an [`Outcome`],
 //! so they are tested with plain modules.
 
+mod guest_api;
+mod output;
+mod scratch;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiary_proto::Payload;
 use apiary_proto::message::{Grants, Limits, Outcome, RunUsage, TaskError, TaskErrorKind};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use wasmtime::{Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, I32Exit, async_trait};
+use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, I32Exit};
+
+pub use guest_api::{AppHost, HostError, IMPORT_MODULE, KvValue, status};
+use output::{CappedOutput, OutputLimitExceeded};
+use scratch::{DiskLimitExceeded, Scratch};
+
+/// The directory under the agent's state directory where runs get their scratch
+/// directories.
+pub const SCRATCH_DIR_NAME: &str = "scratch";
 
 /// How often the engine's epoch advances: the granularity of task timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -46,6 +57,8 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<TaskState>,
     ticker_stop: Arc<AtomicBool>,
+    /// Where runs granted a scratch directory get theirs.
+    scratch_root: PathBuf,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -61,9 +74,11 @@ impl Drop for Sandbox {
 }
 
 /// What each run's store holds.
-struct TaskState {
+pub(crate) struct TaskState {
     wasi: WasiP1Ctx,
     limiter: MemoryLimiter,
+    api: guest_api::GuestApi,
+    scratch: Option<Scratch>,
 }
 
 /// Refuses memory growth past the task's limit, and remembers that it did, so that the trap
@@ -124,129 +139,6 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// stdout or stderr of one run, kept in memory up to the task's output limit. A write that
-/// would pass the limit keeps what fits and traps the guest: WASI would otherwise report a
-/// failed write, which a careless (or hostile) guest ignores and writes again, spinning
-/// until its timeout while it holds a slot.
-#[derive(Clone)]
-struct CappedOutput {
-    buffer: Arc<Mutex<BytesMut>>,
-    limit: usize,
-    cut: Arc<AtomicBool>,
-}
-
-/// The error a write past the output limit traps with.
-#[derive(Debug, thiserror::Error)]
-#[error("the task wrote more than its {limit} byte output limit")]
-struct OutputLimitExceeded {
-    limit: usize,
-}
-
-/// The most a single write is offered at once; a longer write comes in several.
-const OUTPUT_PERMIT: usize = 64 * 1024;
-
-impl CappedOutput {
-    fn new(limit: usize) -> Self {
-        Self {
-            buffer: Arc::new(Mutex::new(BytesMut::new())),
-            limit,
-            cut: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BytesMut> {
-        // Every critical section is one append or one copy, which cannot panic halfway.
-        self.buffer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// What the guest wrote, at most `limit` bytes.
-    fn contents(&self) -> Bytes {
-        Bytes::copy_from_slice(&self.lock())
-    }
-
-    /// How many bytes were kept, and whether the guest tried to write more.
-    fn written(&self) -> (u64, bool) {
-        let kept = self.lock().len() as u64;
-        (kept, self.cut.load(Ordering::Relaxed))
-    }
-}
-
-impl OutputStream for CappedOutput {
-    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
-        let mut buffer = self.lock();
-        let room = self.limit.saturating_sub(buffer.len());
-        if bytes.len() > room {
-            buffer.extend_from_slice(&bytes[..room]);
-            self.cut.store(true, Ordering::Relaxed);
-            return Err(StreamError::Trap(wasmtime::Error::new(
-                OutputLimitExceeded { limit: self.limit },
-            )));
-        }
-        buffer.extend_from_slice(&bytes);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), StreamError> {
-        Ok(())
-    }
-
-    fn check_write(&mut self) -> Result<usize, StreamError> {
-        // Always ready, and always offering a full permit: a write past the limit must reach
-        // `write` to trap, not be cut down to a short write the guest could retry forever.
-        Ok(OUTPUT_PERMIT)
-    }
-}
-
-#[async_trait]
-impl Pollable for CappedOutput {
-    async fn ready(&mut self) {}
-}
-
-impl IsTerminal for CappedOutput {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for CappedOutput {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(self.clone())
-    }
-
-    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(self.clone())
-    }
-}
-
-impl tokio::io::AsyncWrite for CappedOutput {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let result = OutputStream::write(&mut *self, Bytes::copy_from_slice(buf))
-            .map(|()| buf.len())
-            .map_err(|_| std::io::Error::other("output limit exceeded"));
-        std::task::Poll::Ready(result)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 impl Sandbox {
     /// Builds the engine, the WASI linker, and starts the epoch ticker.
     pub fn new() -> Result<Self, SandboxError> {
@@ -258,6 +150,7 @@ impl Sandbox {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut TaskState| &mut state.wasi)
             .map_err(|err| SandboxError(format!("{err:#}")))?;
+        guest_api::add_to_linker(&mut linker).map_err(|err| SandboxError(format!("{err:#}")))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.clone();
@@ -276,7 +169,22 @@ impl Sandbox {
             engine,
             linker,
             ticker_stop,
+            scratch_root: scratch::default_root(),
         })
+    }
+
+    /// Makes runs' scratch directories under `root`, which is emptied first of what an
+    /// agent killed before its runs ended left there. The root is the sandbox's own: nothing
+    /// else may keep files in it.
+    pub fn with_scratch_root(mut self, root: PathBuf) -> Result<Self, SandboxError> {
+        scratch::reset_root(&root).map_err(|err| {
+            SandboxError(format!(
+                "cannot prepare the scratch directory {}: {err}",
+                root.display()
+            ))
+        })?;
+        self.scratch_root = root;
+        Ok(self)
     }
 
     /// The engine modules are compiled for.
@@ -330,7 +238,7 @@ impl Sandbox {
         stop: &Arc<AtomicBool>,
     ) -> Run {
         match self.prepare(module.clone()) {
-            Ok(prepared) => self.run_prepared(&prepared, input, limits, grants, stop),
+            Ok(prepared) => self.run_prepared(&prepared, input, limits, grants, stop, None),
             Err(error) => Run {
                 outcome: Outcome::Failed {
                     error,
@@ -341,7 +249,9 @@ impl Sandbox {
         }
     }
 
-    /// [`Sandbox::run_stoppable`] for a module prepared before: what the agent runs.
+    /// [`Sandbox::run_stoppable`] for a module prepared before: what the agent runs. `host`
+    /// serves the host APIs the grants allow; without one, a granted call gets
+    /// [`status::UNAVAILABLE`].
     pub fn run_prepared(
         &self,
         prepared: &Prepared,
@@ -349,6 +259,7 @@ impl Sandbox {
         limits: &Limits,
         grants: &Grants,
         stop: &Arc<AtomicBool>,
+        host: Option<Box<dyn AppHost>>,
     ) -> Run {
         let output_limit = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
         let stdout = CappedOutput::new(output_limit);
@@ -364,6 +275,13 @@ impl Sandbox {
         if !grants.clock {
             wasi.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
         }
+        let scratch = match grants.scratch_bytes {
+            Some(cap) => match self.scratch(&mut wasi, cap) {
+                Ok(scratch) => Some(scratch),
+                Err(message) => return not_started(TaskErrorKind::Internal, message, &stderr),
+            },
+            None => None,
+        };
         let wasi = wasi.build_p1();
         let mut store = Store::new(
             &self.engine,
@@ -375,15 +293,20 @@ impl Sandbox {
                     exceeded: false,
                     peak_bytes: 0,
                 },
+                api: guest_api::GuestApi::new(grants, host, stderr.clone()),
+                scratch,
             },
         );
         store.limiter(|state| &mut state.limiter);
         let mut ticks_left = deadline_ticks(limits.timeout_ms);
         let stop = stop.clone();
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
+        store.epoch_deadline_callback(move |store| {
             if stop.load(Ordering::Relaxed) {
                 return Err(wasmtime::Error::new(Stopped));
+            }
+            if let Some(scratch) = &store.data().scratch {
+                scratch.check().map_err(wasmtime::Error::new)?;
             }
             ticks_left = ticks_left.saturating_sub(1);
             if ticks_left == 0 {
@@ -393,15 +316,11 @@ impl Sandbox {
         });
         let fuel = limits.fuel.unwrap_or(u64::MAX);
         if let Err(err) = store.set_fuel(fuel) {
-            let outcome = failed(
+            return not_started(
                 TaskErrorKind::Internal,
                 format!("cannot set fuel: {err:#}"),
                 &stderr,
             );
-            return Run {
-                outcome,
-                usage: RunUsage::default(),
-            };
         }
 
         let started = Instant::now();
@@ -428,9 +347,32 @@ impl Sandbox {
             stdout_cut,
             stderr_bytes,
             stderr_cut,
+            scratch_bytes: store.data().scratch.as_ref().map_or(0, Scratch::used),
+            host_calls: store.data().api.calls,
         };
+        // A run may pass its scratch cap after the last tick's check; it fails all the same.
+        let call = call.and_then(|()| match &store.data().scratch {
+            Some(scratch) => scratch
+                .check()
+                .map(drop)
+                .map_err(|err| (Stage::Run, wasmtime::Error::new(err))),
+            None => Ok(()),
+        });
         let outcome = Self::outcome(call, &store, limits, &stdout, &stderr);
         Run { outcome, usage }
+    }
+
+    /// A scratch directory for one run, preopened for the guest at [`scratch::GUEST_PATH`].
+    fn scratch(
+        &self,
+        wasi: &mut wasmtime_wasi::WasiCtxBuilder,
+        cap: u64,
+    ) -> Result<Scratch, String> {
+        let scratch = Scratch::create(&self.scratch_root, cap)
+            .map_err(|err| format!("cannot make the task's scratch directory: {err}"))?;
+        wasi.preopened_dir(scratch.path(), scratch::GUEST_PATH, FsPerms::ReadWrite)
+            .map_err(|err| format!("cannot open the task's scratch directory: {err:#}"))?;
+        Ok(scratch)
     }
 
     /// What a run's end means for the task: completed with its exit code, or failed with the
@@ -456,6 +398,11 @@ impl Sandbox {
                 .to_string(),
                 stderr,
             );
+        }
+        if let Err((Stage::Run, err)) = &call
+            && let Some(exceeded) = err.downcast_ref::<DiskLimitExceeded>()
+        {
+            return failed(TaskErrorKind::DiskLimit, exceeded.to_string(), stderr);
         }
         match call {
             Ok(()) => completed(0, stdout, stderr),
@@ -598,6 +545,14 @@ fn completed(exit_code: i32, stdout: &CappedOutput, stderr: &CappedOutput) -> Ou
         exit_code,
         stdout: Payload(stdout.contents()),
         stderr: Payload(stderr.contents()),
+    }
+}
+
+/// A run that failed before the module started: nothing was used.
+fn not_started(kind: TaskErrorKind, message: String, stderr: &CappedOutput) -> Run {
+    Run {
+        outcome: failed(kind, message, stderr),
+        usage: RunUsage::default(),
     }
 }
 
@@ -919,7 +874,7 @@ mod tests {
 
     /// `wasm-tasks/probes/grants.wat`: prints argc, the number of environment variables,
     /// and whether the wall and monotonic clocks read anything but 0.
-    const GRANTS_PROBE: &str = include_str!("../../wasm-tasks/probes/grants.wat");
+    const GRANTS_PROBE: &str = include_str!("../../../wasm-tasks/probes/grants.wat");
 
     fn probe(grants: &Grants) -> String {
         let sandbox = sandbox();
@@ -948,6 +903,7 @@ mod tests {
             args: vec!["--fast".into(), "file.txt".into()],
             env: [("LANG".to_owned(), "C".to_owned())].into(),
             clock: true,
+            ..Grants::default()
         };
         let seen = probe(&grants);
         assert_eq!(&seen[..3], "311", "argc, env count, wall clock: {seen}");
