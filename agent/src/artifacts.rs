@@ -85,6 +85,7 @@ impl ArtifactCache {
 
     /// Keeps `module`'s artifact for `digest`, then trims the cache to its limit. Failures
     /// only cost a later compile, so they are logged, not returned. Blocking file I/O.
+    #[cfg(feature = "compiler")]
     pub fn store(&self, digest: &str, module: &Module) {
         if self.max_bytes == 0 {
             return;
@@ -109,6 +110,27 @@ impl ArtifactCache {
         }
         self.trim();
     }
+
+    /// Takes an artifact precompiled elsewhere (fetched from `APIARY_ARTIFACTS`, which only
+    /// operators write) into the cache and loads it from there, so that machine code is
+    /// still only ever loaded from this cache's own files. Kept whatever the byte limit, until
+    /// the trim that follows the load. Blocking file I/O.
+    pub fn adopt(&self, engine: &Engine, digest: &str, artifact: &[u8]) -> Result<Module, String> {
+        self.write(digest, artifact)
+            .map_err(|err| format!("cannot keep the precompiled module on disk: {err}"))?;
+        let module = self.load(engine, digest).ok_or_else(|| {
+            "the precompiled module does not load in this agent's engine (compiled by another \
+             apiary release, or for another platform); compile it again with this release's \
+             `apiary module compile`"
+                .to_owned()
+        })?;
+        self.trim();
+        Ok(module)
+    }
+
+    /// A runtime-only engine compiles nothing, so it has nothing of its own to keep.
+    #[cfg(not(feature = "compiler"))]
+    pub fn store(&self, _digest: &str, _module: &Module) {}
 
     fn write(&self, digest: &str, artifact: &[u8]) -> std::io::Result<()> {
         let mut temporary = tempfile::NamedTempFile::new_in(&self.dir)?;
@@ -158,11 +180,21 @@ impl ArtifactCache {
 }
 
 /// The directory name for `engine`'s artifacts: its compatibility hash, in hex.
+#[cfg(feature = "compiler")]
 fn engine_dir_name(engine: &Engine) -> String {
     use std::hash::{Hash as _, Hasher as _};
     let mut hasher = std::hash::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
     format!("{:016x}", hasher.finish())
+}
+
+/// The directory name for a runtime-only engine's artifacts, which wasmtime gives no
+/// compatibility hash: the agent's release (which pins its wasmtime). It only sorts the
+/// files: what keeps an incompatible artifact out is wasmtime's own check of each file's
+/// header (its version and settings), which refuses it, and the file is then removed.
+#[cfg(not(feature = "compiler"))]
+fn engine_dir_name(_engine: &Engine) -> String {
+    format!("precompiled-{}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Marks `path` used now, for the least-recently-used trim.

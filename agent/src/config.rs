@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub max_task_timeout: Duration,
     /// `APIARY_MAX_TASK_MEMORY`: the most linear memory (bytes) this node gives one task.
     pub max_task_memory: u64,
+    /// `APIARY_PRECOMPILED_ONLY`: run only modules precompiled for this platform
+    /// (`apiary module compile`), as an agent built without the compiler does; never compile.
+    pub precompiled_only: bool,
     /// `APIARY_MAX_SCRATCH_BYTES`: the largest scratch directory (bytes) this node gives one
     /// task; a task asking for more fails with `invalid_task`.
     pub max_scratch_bytes: u64,
@@ -84,6 +87,7 @@ impl Default for AgentConfig {
             max_task_timeout: Duration::from_secs(60 * 60),
             max_task_memory: 1024 * 1024 * 1024,
             max_scratch_bytes: 64 * 1024 * 1024,
+            precompiled_only: false,
         }
     }
 }

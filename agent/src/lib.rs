@@ -120,11 +120,19 @@ pub async fn run_reporting_outbox(
         else {
             return Ok(());
         };
-        let sandbox = Arc::new(
-            Sandbox::new()?
-                .with_scratch_root(state.join(sandbox::SCRATCH_DIR_NAME))
-                .context("failed to prepare the scratch directories")?,
-        );
+        let mut sandbox = Sandbox::new()?
+            .with_scratch_root(state.join(sandbox::SCRATCH_DIR_NAME))
+            .context("failed to prepare the scratch directories")?;
+        if config.precompiled_only {
+            sandbox = sandbox.precompiled_only();
+        }
+        if !sandbox.compiles() {
+            tracing::info!(
+                platform = %topology::host_platform(),
+                "runtime-only: running modules precompiled for this platform"
+            );
+        }
+        let sandbox = Arc::new(sandbox);
         let artifacts = match ArtifactCache::open(
             &state.join(artifacts::DIR_NAME),
             sandbox.engine(),
@@ -139,6 +147,7 @@ pub async fn run_reporting_outbox(
         };
         let modules = Arc::new(ModuleCache::new(
             topology.modules.clone(),
+            topology.artifacts.clone(),
             sandbox.clone(),
             NonZeroUsize::new(config.module_cache_entries).unwrap_or(NonZeroUsize::MIN),
             artifacts,

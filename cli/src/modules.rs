@@ -22,6 +22,16 @@ pub enum ModuleCommand {
     },
     /// Remove a stored module by digest.
     Rm { sha256: String },
+    /// Store a module and, for runtime-only agents (built without the compiler), the module
+    /// compiled for each target's platform; print the digest, then one line per platform.
+    Compile {
+        path: PathBuf,
+        /// A target triple to compile for (repeat for more): `aarch64-unknown-linux-musl`,
+        /// `x86_64-unknown-linux-gnu`, … (default: this host's). Compiled for the
+        /// architecture's baseline, so the result runs on every host of the platform.
+        #[arg(long = "target", value_name = "TRIPLE")]
+        targets: Vec<String>,
+    },
 }
 
 /// Runs `apiary module …`.
@@ -82,6 +92,115 @@ pub async fn module(
             modules.rm(&module_ref(&sha256)?).await?;
             writeln!(out, "removed module {sha256}")?;
         }
+        ModuleCommand::Compile { path, targets } => {
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("failed to read module {}", path.display()))?;
+            let targets = if targets.is_empty() {
+                vec![target_lexicon::HOST.to_string()]
+            } else {
+                targets
+            };
+            let compiled = compile(&bytes, &targets)?;
+            let reference = modules.put(&bytes).await?;
+            writeln!(out, "{}", reference.sha256)?;
+            for artifact in compiled {
+                modules
+                    .put_precompiled(&reference, &artifact.platform, &artifact.bytes)
+                    .await?;
+                writeln!(
+                    out,
+                    "{}\t{}\t{} bytes",
+                    artifact.platform,
+                    artifact.target,
+                    artifact.bytes.len()
+                )?;
+            }
+        }
     }
     Ok(())
+}
+
+/// A module compiled for one target.
+#[derive(Debug)]
+pub struct Precompiled {
+    /// The triple it was compiled for.
+    pub target: String,
+    /// The platform runtime-only agents know it by (`aarch64-linux`).
+    pub platform: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Checks that `module` runs in apiary's sandbox (it compiles and its imports are all
+/// given), then compiles it for each of `targets`.
+pub fn compile(module: &[u8], targets: &[String]) -> anyhow::Result<Vec<Precompiled>> {
+    let sandbox = apiary_agent::sandbox::Sandbox::new()?;
+    let compiled = sandbox
+        .compile(module)
+        .map_err(|err| anyhow::anyhow!(err))?;
+    sandbox
+        .prepare(compiled)
+        .map_err(|err| anyhow::anyhow!(err))
+        .context("the module cannot run on an apiary agent")?;
+    targets
+        .iter()
+        .map(|target| {
+            let triple: target_lexicon::Triple = target
+                .parse()
+                .map_err(|err| anyhow::anyhow!("{target} is not a target triple: {err}"))?;
+            let bytes = apiary_agent::sandbox::precompile(module, target)?;
+            Ok(Precompiled {
+                target: target.clone(),
+                platform: platform(&triple),
+                bytes,
+            })
+        })
+        .collect()
+}
+
+/// The platform of a triple, named as an agent names its own
+/// (`apiary_proto::topology::host_platform`, from Rust's `std::env::consts`).
+pub fn platform(triple: &target_lexicon::Triple) -> String {
+    let os = match triple.operating_system {
+        target_lexicon::OperatingSystem::Darwin(_) | target_lexicon::OperatingSystem::MacOSX(_) => {
+            "macos".to_owned()
+        }
+        other => other.to_string(),
+    };
+    format!("{}-{os}", triple.architecture)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_hosts_platform_is_named_as_its_agents_name_it() {
+        assert_eq!(
+            platform(&target_lexicon::HOST),
+            apiary_proto::topology::host_platform()
+        );
+        let pi: target_lexicon::Triple = "aarch64-unknown-linux-musl".parse().unwrap();
+        assert_eq!(platform(&pi), "aarch64-linux");
+    }
+
+    #[test]
+    fn a_module_compiles_for_a_raspberry_pi_and_a_pc_and_a_bad_one_is_refused() {
+        let module =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)
+                .unwrap();
+        let targets = [
+            "aarch64-unknown-linux-musl".to_owned(),
+            "x86_64-unknown-linux-gnu".to_owned(),
+        ];
+        let compiled = compile(&module, &targets).expect("compiles");
+        let platforms: Vec<_> = compiled.iter().map(|c| c.platform.as_str()).collect();
+        assert_eq!(platforms, ["aarch64-linux", "x86_64-linux"]);
+        assert!(compiled.iter().all(|c| !c.bytes.is_empty()));
+
+        let missing_import =
+            wat::parse_str(r#"(module (import "nowhere" "f" (func)) (func (export "_start")))"#)
+                .unwrap();
+        let err = compile(&missing_import, &targets).expect_err("cannot run on an agent");
+        assert!(format!("{err:#}").contains("cannot run"), "{err:#}");
+    }
 }

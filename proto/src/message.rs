@@ -422,6 +422,13 @@ pub struct ModuleCacheStats {
     pub compiled: u64,
     /// What the disk cache holds now, in bytes.
     pub disk_bytes: u64,
+    /// Modules fetched precompiled from `APIARY_ARTIFACTS` (runtime-only agents).
+    #[serde(default)]
+    pub precompiled: u64,
+    /// Whether this agent compiles modules itself; a runtime-only one runs only precompiled
+    /// modules.
+    #[serde(default)]
+    pub compiles: bool,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ pub const DISPATCH_STREAM: &str = "APIARY_DISPATCH";
 pub const RESULTS_STREAM: &str = "APIARY_RESULTS";
 pub const NODES_BUCKET: &str = "APIARY_NODES";
 pub const MODULES_BUCKET: &str = "APIARY_MODULES";
+/// Modules precompiled for a platform, for runtime-only agents ([`artifact_name`]). Agents
+/// load what they find here as machine code, so only operators may write it (see
+/// broker-config/production.conf.example).
+pub const ARTIFACTS_BUCKET: &str = "APIARY_ARTIFACTS";
 pub const CLUSTER_BUCKET: &str = "APIARY_CLUSTER";
 pub const TASK_RECORDS_BUCKET: &str = "APIARY_TASK_RECORDS";
 pub const TASK_ARCHIVE_STREAM: &str = "APIARY_TASK_ARCHIVE";
@@ -402,6 +406,29 @@ pub fn modules_bucket() -> object_store::Config {
     }
 }
 
+pub fn artifacts_bucket() -> object_store::Config {
+    object_store::Config {
+        bucket: ARTIFACTS_BUCKET.into(),
+        description: Some(
+            "apiary: modules precompiled for runtime-only agents, by digest and platform".into(),
+        ),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// The name in `APIARY_ARTIFACTS` of module `sha256` precompiled for `platform`
+/// (`<architecture>-<operating system>`, as [`host_platform`] names it): `<sha256>.<platform>`.
+pub fn artifact_name(sha256: &str, platform: &str) -> String {
+    format!("{sha256}.{platform}")
+}
+
+/// This host's platform as artifacts name it, e.g. `x86_64-linux` or `aarch64-linux`: what
+/// a precompiled module must have been compiled for to run here.
+pub fn host_platform() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
 /// The name of the consumer of the queue of `priority` on `APIARY_TASKS`.
 pub fn scheduler_tasks_consumer_name(priority: Priority) -> &'static str {
     match priority {
@@ -593,6 +620,8 @@ pub struct Topology {
     /// `APIARY_TASK_RECORDS`: live tasks' records.
     pub records: kv::Store,
     pub modules: object_store::ObjectStore,
+    /// `APIARY_ARTIFACTS`: modules precompiled for runtime-only agents.
+    pub artifacts: object_store::ObjectStore,
     /// `APIARY_RESULT_OBJECTS`: outputs too large for a result message.
     pub result_objects: object_store::ObjectStore,
 }
@@ -604,6 +633,7 @@ impl std::fmt::Debug for Topology {
             .field("cluster", &CLUSTER_BUCKET)
             .field("records", &TASK_RECORDS_BUCKET)
             .field("modules", &MODULES_BUCKET)
+            .field("artifacts", &ARTIFACTS_BUCKET)
             .field("result_objects", &RESULT_OBJECTS_BUCKET)
             .finish()
     }
@@ -637,6 +667,7 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
     let cluster = ensure_bucket(js, CLUSTER_BUCKET, cluster_bucket()).await?;
     let records = ensure_bucket(js, TASK_RECORDS_BUCKET, task_records_bucket()).await?;
     let modules = ensure_object_store(js, MODULES_BUCKET, modules_bucket()).await?;
+    let artifacts = ensure_object_store(js, ARTIFACTS_BUCKET, artifacts_bucket()).await?;
     let result_objects =
         ensure_object_store(js, RESULT_OBJECTS_BUCKET, result_objects_bucket()).await?;
     Ok(Topology {
@@ -644,6 +675,7 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Topology, TopologyError> 
         cluster,
         records,
         modules,
+        artifacts,
         result_objects,
     })
 }

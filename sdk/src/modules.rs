@@ -133,6 +133,34 @@ impl Modules {
         Ok(reference)
     }
 
+    /// Stores `artifact`, `module` precompiled for `platform` (`x86_64-linux`,
+    /// `aarch64-linux`, …), where runtime-only agents of that platform fetch it
+    /// (`APIARY_ARTIFACTS`, `<sha256>.<platform>`). Only operators may write there on a
+    /// deployment that follows broker-config/production.conf.example: agents load it as
+    /// machine code.
+    pub async fn put_precompiled(
+        &self,
+        module: &ModuleRef,
+        platform: &str,
+        artifact: &[u8],
+    ) -> Result<(), ModuleError> {
+        let store = self
+            .client
+            .topology()
+            .await
+            .map(|topology| &topology.artifacts)
+            .map_err(|err| store_error("open the precompiled module store", err))?;
+        let mut reader = artifact;
+        store
+            .put(
+                apiary_proto::topology::artifact_name(&module.sha256, platform).as_str(),
+                &mut reader,
+            )
+            .await
+            .map_err(|err| store_error("store a precompiled module", err))?;
+        Ok(())
+    }
+
     /// The module's bytes, checked against its digest.
     pub async fn get(&self, module: &ModuleRef) -> Result<Bytes, ModuleError> {
         let store = self.store().await?;

@@ -13,6 +13,7 @@ mod lifecycle;
 mod messaging;
 mod nodes;
 mod outbox;
+mod precompiled;
 mod priorities;
 mod recovery;
 mod restarts;

@@ -39,6 +39,31 @@ pub use guest_api::{AppHost, HostError, IMPORT_MODULE, KvValue, status};
 use output::{CappedOutput, OutputLimitExceeded};
 use scratch::{DiskLimitExceeded, Scratch};
 
+/// The engine settings of every apiary engine, the agents' and `apiary module compile`'s, so
+/// that a module precompiled elsewhere loads in an agent's engine.
+pub fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.consume_fuel(true);
+    config
+}
+
+/// Compiles module bytes for `target` (a target triple such as
+/// `aarch64-unknown-linux-musl`), as a runtime-only agent of that platform loads them.
+/// Cranelift's baseline for the architecture: no CPU features beyond it are assumed, so the
+/// artifact runs on every host of the platform.
+#[cfg(feature = "compiler")]
+pub fn precompile(bytes: &[u8], target: &str) -> Result<Vec<u8>, SandboxError> {
+    let mut config = engine_config();
+    config
+        .target(target)
+        .map_err(|err| SandboxError(format!("unsupported target {target}: {err:#}")))?;
+    let engine = Engine::new(&config).map_err(|err| SandboxError(format!("{err:#}")))?;
+    engine
+        .precompile_module(bytes)
+        .map_err(|err| SandboxError(format!("cannot compile the module for {target}: {err:#}")))
+}
+
 /// The directory under the agent's state directory where runs get their scratch
 /// directories.
 pub const SCRATCH_DIR_NAME: &str = "scratch";
@@ -55,6 +80,8 @@ pub struct SandboxError(String);
 /// A compiled-module runner. Cheap to share: one per agent.
 pub struct Sandbox {
     engine: Engine,
+    /// Whether modules are compiled here; a runtime-only sandbox loads precompiled ones.
+    compiles: bool,
     linker: Linker<TaskState>,
     ticker_stop: Arc<AtomicBool>,
     /// Where runs granted a scratch directory get theirs.
@@ -142,10 +169,8 @@ impl ResourceLimiter for MemoryLimiter {
 impl Sandbox {
     /// Builds the engine, the WASI linker, and starts the epoch ticker.
     pub fn new() -> Result<Self, SandboxError> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.consume_fuel(true);
-        let engine = Engine::new(&config).map_err(|err| SandboxError(format!("{err:#}")))?;
+        let engine =
+            Engine::new(&engine_config()).map_err(|err| SandboxError(format!("{err:#}")))?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut TaskState| &mut state.wasi)
@@ -170,7 +195,20 @@ impl Sandbox {
             linker,
             ticker_stop,
             scratch_root: scratch::default_root(),
+            compiles: cfg!(feature = "compiler"),
         })
+    }
+
+    /// Makes this sandbox run only precompiled modules, as an agent built without the
+    /// compiler does, even if it has one.
+    pub fn precompiled_only(mut self) -> Self {
+        self.compiles = false;
+        self
+    }
+
+    /// Whether [`Sandbox::compile`] compiles; otherwise modules must come precompiled.
+    pub fn compiles(&self) -> bool {
+        self.compiles
     }
 
     /// Makes runs' scratch directories under `root`, which is emptied first of what an
@@ -192,14 +230,23 @@ impl Sandbox {
         &self.engine
     }
 
-    /// Compiles module bytes. CPU-heavy: call it off the async runtime.
+    /// Compiles module bytes. CPU-heavy: call it off the async runtime. A runtime-only
+    /// sandbox ([`Sandbox::compiles`] false) refuses, with `internal`: not the module's fault.
     pub fn compile(&self, bytes: &[u8]) -> Result<Module, TaskError> {
-        Module::from_binary(&self.engine, bytes).map_err(|err| {
-            TaskError::new(
-                TaskErrorKind::InvalidModule,
-                format!("not a valid WebAssembly module: {err:#}"),
-            )
-        })
+        #[cfg(feature = "compiler")]
+        if self.compiles {
+            return Module::from_binary(&self.engine, bytes).map_err(|err| {
+                TaskError::new(
+                    TaskErrorKind::InvalidModule,
+                    format!("not a valid WebAssembly module: {err:#}"),
+                )
+            });
+        }
+        let _ = bytes;
+        Err(TaskError::new(
+            TaskErrorKind::Internal,
+            "this agent runs only precompiled modules and cannot compile",
+        ))
     }
 
     /// Resolves a compiled module's imports against the WASI linker once, so that each run
