@@ -35,6 +35,7 @@ pub mod sandbox;
 pub mod state;
 mod systemd;
 mod task;
+mod timings;
 mod work;
 
 use std::num::NonZeroUsize;
@@ -176,6 +177,7 @@ pub async fn run_reporting_outbox(
             completed: AtomicU64::new(0),
             sampler: std::sync::Mutex::new(sampler),
             heartbeat_interval_ms: AtomicU64::new(0),
+            dispatch_to_result: timings::RecentDurations::default(),
         });
 
         // Results kept while the server was away are stored as soon as it is back, whether
@@ -216,6 +218,7 @@ pub async fn run_reporting_outbox(
                             .heartbeat_interval_ms
                             .load(Ordering::Relaxed),
                         modules: status_agent.modules.stats(),
+                        dispatch_to_result: status_agent.dispatch_to_result.summary(),
                     });
                     std::future::ready(reply)
                 },
@@ -387,6 +390,8 @@ struct Agent {
     sampler: std::sync::Mutex<MetricsSampler>,
     /// Set by registration; 0 until then.
     heartbeat_interval_ms: AtomicU64,
+    /// From a dispatch's arrival to its result being ready, for the last tasks.
+    dispatch_to_result: timings::RecentDurations,
 }
 
 impl Agent {

@@ -33,6 +33,7 @@ impl Agent {
         message: jetstream::Message,
         stop: &CancellationToken,
     ) {
+        let received = std::time::Instant::now();
         let Some(dispatch) =
             apiary_proto::inbound::decode_or_terminate::<Dispatch>(&message, "dispatch").await
         else {
@@ -66,7 +67,7 @@ impl Agent {
         if self.skip_cancelled(&message, &dispatch, &span).await {
             return;
         }
-        self.run_task(message, dispatch, slot)
+        self.run_task(message, dispatch, slot, received)
             .instrument(span)
             .await;
     }
@@ -121,6 +122,7 @@ impl Agent {
         message: jetstream::Message,
         dispatch: Dispatch,
         slot: tokio::sync::SemaphorePermit<'_>,
+        received: std::time::Instant,
     ) {
         self.running.fetch_add(1, Ordering::Relaxed);
         let started_at_ms = now_ms();
@@ -172,6 +174,7 @@ impl Agent {
             stdout_object: None,
             usage: Some(usage),
         };
+        self.dispatch_to_result.record(received.elapsed());
         match &result.outcome {
             Outcome::Completed { exit_code, .. } => {
                 tracing::info!(

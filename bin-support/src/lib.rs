@@ -12,7 +12,7 @@ use figment::providers::{Env, Format as _, Serialized, Toml};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -78,9 +78,13 @@ struct NoFlags {}
 
 /// Installs the global subscriber: filtered by `APIARY_LOG` (default `default_filter`), written
 /// to stderr so that stdout stays free for command output.
+///
+/// The filter is RUST_LOG's common form, comma-separated `level` and `target=level`
+/// directives (`info,apiary_agent=debug`), without its span and field filters: those need a
+/// regular-expression engine, which is a tenth of a runtime-only agent's binary. A filter
+/// that does not parse is reported on stderr and the default used.
 pub fn init_tracing(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = log_filter(std::env::var(LOG_ENV).ok().as_deref(), default_filter);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Text => registry
@@ -99,6 +103,21 @@ pub fn init_tracing(format: LogFormat, default_filter: &str) {
     // A second call (a test that starts two binaries' mains in one process) keeps the first
     // subscriber, which is what we want.
     drop(result);
+}
+
+/// The filter for `APIARY_LOG`'s value `configured`, else for `default_filter`.
+pub fn log_filter(configured: Option<&str>, default_filter: &str) -> Targets {
+    if let Some(configured) = configured.filter(|text| !text.trim().is_empty()) {
+        match configured.parse::<Targets>() {
+            Ok(filter) => return filter,
+            Err(err) => eprintln!(
+                "warning: {LOG_ENV}={configured:?} is not a log filter ({err}); using {default_filter:?}"
+            ),
+        }
+    }
+    default_filter
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
 }
 
 /// A token that is cancelled on the first SIGINT (Ctrl-C) or SIGTERM (systemd's stop).
@@ -171,6 +190,22 @@ where
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filters_take_levels_and_targets_and_fall_back_to_the_default() {
+        use tracing::Level;
+        use tracing_subscriber::filter::LevelFilter;
+        let filter = log_filter(Some("warn,apiary_agent=debug"), "info");
+        assert!(filter.would_enable("apiary_agent::task", &Level::DEBUG));
+        assert!(!filter.would_enable("async_nats", &Level::INFO));
+        let fallback = log_filter(Some("apiary_agent[span{x=1}]=debug"), "info");
+        assert!(fallback.would_enable("anything", &Level::INFO));
+        assert!(!fallback.would_enable("anything", &Level::DEBUG));
+        assert_eq!(
+            log_filter(None, "warn").default_level(),
+            Some(LevelFilter::WARN)
+        );
+    }
     use serde::Deserialize;
 
     #[derive(Debug, Default, Serialize, Deserialize)]

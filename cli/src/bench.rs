@@ -82,6 +82,8 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
             .await?;
     }
     figures.push(task_latency(&client, &module, options.latency_samples).await?);
+    figures.extend(agent_overhead(&client).await?);
+    figures.push(cold_task_latency(&client, &options.module).await?);
     figures.push(status_latency(&client, &module, options.latency_samples).await?);
     figures.push(
         task_throughput(
@@ -197,6 +199,60 @@ async fn task_latency(
     Ok(latency("apiary task: submit → result", timings))
 }
 
+/// New modules measured for the cold row: each is fetched and compiled once.
+const COLD_SAMPLES: usize = 20;
+
+/// The first run of a module no node has seen: its fetch from the module store and its
+/// compile on the node, then the run. Each sample is the benchmark module made new by a
+/// custom section holding a counter (stored beforehand, as a client that uploads once
+/// does), so its digest is one no agent has cached.
+async fn cold_task_latency(client: &Client, module: &[u8]) -> anyhow::Result<Figure> {
+    let nonce = apiary_proto::now_ms();
+    let mut timings = Vec::with_capacity(COLD_SAMPLES);
+    for sample in 0..COLD_SAMPLES {
+        let fresh = with_custom_section(module, format!("{nonce}-{sample}").as_bytes());
+        let stored = client.upload_module(&fresh).await?;
+        let started = Instant::now();
+        client
+            .submit(Task::stored(stored).input("bench"))
+            .await?
+            .result_within(Duration::from_secs(60))
+            .await?;
+        timings.push(started.elapsed());
+    }
+    Ok(latency(
+        "apiary task: first run of a new module (fetch + compile)",
+        timings,
+    ))
+}
+
+/// `module` with a custom section `apiary-bench` holding `payload` appended: the same code
+/// under another digest.
+fn with_custom_section(module: &[u8], payload: &[u8]) -> Vec<u8> {
+    const NAME: &[u8] = b"apiary-bench";
+    let mut content = leb128(NAME.len());
+    content.extend_from_slice(NAME);
+    content.extend_from_slice(payload);
+    let mut out = module.to_vec();
+    out.push(0); // the custom section's id
+    out.extend(leb128(content.len()));
+    out.extend(content);
+    out
+}
+
+fn leb128(mut value: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            bytes.push(byte);
+            return bytes;
+        }
+        bytes.push(byte | 0x80);
+    }
+}
+
 /// A task's record by id once it has ended: the lookup reads the live bucket, misses, and
 /// scans the task's archive shard.
 async fn status_latency(
@@ -242,6 +298,31 @@ async fn task_throughput(
         count,
         started.elapsed(),
     ))
+}
+
+/// The node's own part of the round trips just measured, as its agent reports it: from a
+/// dispatch's arrival to its result being ready (`AgentStatus::dispatch_to_result`), from
+/// the agent that ran the most of them.
+async fn agent_overhead(client: &Client) -> anyhow::Result<Option<Figure>> {
+    let mut busiest: Option<apiary_proto::message::Percentiles> = None;
+    for node in client.nodes().await.context("failed to list the nodes")? {
+        let Ok(status) = client.agent_status(&node.info.node_id).await else {
+            continue;
+        };
+        if let Some(timings) = status.dispatch_to_result
+            && busiest
+                .as_ref()
+                .is_none_or(|busiest| timings.samples > busiest.samples)
+        {
+            busiest = Some(timings);
+        }
+    }
+    Ok(busiest.map(|timings| Figure {
+        name: "agent: dispatch received → result ready".into(),
+        p50_us: Some(timings.p50_us as f64),
+        p99_us: Some(timings.p99_us as f64),
+        per_second: None,
+    }))
 }
 
 pub(crate) fn latency(name: &str, mut timings: Vec<Duration>) -> Figure {
@@ -331,6 +412,19 @@ fn format_us(us: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_custom_section_makes_a_new_digest_of_the_same_valid_module() {
+        let module = wat::parse_str(ECHO_MODULE_WAT).expect("the bench module");
+        let fresh = with_custom_section(&module, &[7u8; 200]);
+        assert_ne!(
+            apiary_proto::message::ModuleRef::for_bytes(&module).sha256,
+            apiary_proto::message::ModuleRef::for_bytes(&fresh).sha256
+        );
+        let sandbox = apiary_agent::sandbox::Sandbox::new().expect("sandbox");
+        sandbox.compile(&fresh).expect("still a valid module");
+        assert_eq!(leb128(300), [0xac, 0x02]);
+    }
 
     #[test]
     fn percentiles_come_from_sorted_samples() {

@@ -7,6 +7,8 @@
 //!   before (`apiary_agent::artifacts`).
 //! - **run, warm**: a new store, instantiation, the call and the output, for a module
 //!   already in memory: the part of a task's time on its node that is the sandbox's.
+//! - **run, warm (pooling)**: the same, with instances, memories and tables taken from
+//!   wasmtime's pooling allocator instead of mapped for each run.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,9 @@ use apiary_proto::message::{Grants, Limits};
 use bytes::Bytes;
 
 use crate::bench::{Figure, latency};
+
+/// Slots of the pool in the pooled row: a node's worth.
+const POOLED_INSTANCES: u32 = 16;
 
 /// Compiles and loads are milliseconds each; this many give a steady median.
 const COMPILE_SAMPLES: usize = 20;
@@ -87,9 +92,30 @@ fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
         samples,
     )?;
 
+    let pooled = Sandbox::pooled(POOLED_INSTANCES, limits.max_memory_bytes)?;
+    let prepared_in_pool = pooled
+        .compile(module)
+        .and_then(|compiled| pooled.prepare(compiled))
+        .map_err(|err| anyhow::anyhow!("{}", err.message))?;
+    let pooled_run: Vec<Duration> = timed(
+        &mut || {
+            pooled.run_prepared(
+                &prepared_in_pool,
+                input.clone(),
+                &limits,
+                &grants,
+                &stop,
+                None,
+            );
+            Ok(())
+        },
+        samples,
+    )?;
+
     Ok(vec![
         latency("module: compile (cold)", compile),
         latency("module: load from the disk cache", load),
         latency("module: run, warm (store, instantiate, call)", run),
+        latency("module: run, warm (pooling allocator)", pooled_run),
     ])
 }

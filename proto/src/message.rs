@@ -408,6 +408,41 @@ pub struct AgentStatus {
     /// Where the modules this process ran came from. Absent from older agents.
     #[serde(default)]
     pub modules: ModuleCacheStats,
+    /// How long the node took over its last tasks (up to 1,024), from a dispatch's arrival
+    /// to its result being ready to store: decode, a slot, the module, the run, the result.
+    /// Absent until a task has run, and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_to_result: Option<Percentiles>,
+}
+
+/// A summary of recent durations, in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub samples: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl Percentiles {
+    /// The summary of `samples` (any order); `None` for none.
+    pub fn of(samples: impl IntoIterator<Item = u64>) -> Option<Self> {
+        let mut sorted: Vec<u64> = samples.into_iter().collect();
+        if sorted.is_empty() {
+            return None;
+        }
+        sorted.sort_unstable();
+        let at = |quantile: f64| {
+            let index = ((sorted.len() as f64 * quantile).ceil() as usize).saturating_sub(1);
+            sorted[index.min(sorted.len() - 1)]
+        };
+        Some(Self {
+            samples: sorted.len() as u64,
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            max_us: sorted[sorted.len() - 1],
+        })
+    }
 }
 
 /// Counts of where an agent's modules came from since it started: its memory, its disk
@@ -1002,6 +1037,22 @@ pub struct DlqListReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_are_taken_from_the_sorted_samples() {
+        let summary = Percentiles::of((1..=100).rev()).expect("samples");
+        assert_eq!(
+            (
+                summary.samples,
+                summary.p50_us,
+                summary.p99_us,
+                summary.max_us
+            ),
+            (100, 50, 99, 100)
+        );
+        assert_eq!(Percentiles::of([7]).map(|p| p.p99_us), Some(7));
+        assert_eq!(Percentiles::of(std::iter::empty()), None);
+    }
     use crate::codec::Encoding;
 
     fn sample_result() -> TaskResult {

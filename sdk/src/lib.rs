@@ -339,6 +339,22 @@ impl Client {
         .await?;
         Ok(reply.nodes)
     }
+
+    /// What the agent of `node` says about itself (`apiary.v1.node.<node>.status`): its
+    /// inventory and metrics, where its modules came from, and how long it takes over a task.
+    /// Answered by the agent itself, not a scheduler.
+    pub async fn agent_status(
+        &self,
+        node: &NodeId,
+    ) -> Result<apiary_proto::message::AgentStatus, RequestError> {
+        Ok(rpc::request(
+            self.nats(),
+            subject::node(node, subject::NodeVerb::Status),
+            &apiary_proto::message::AgentStatusRequest {},
+            REQUEST_TIMEOUT,
+        )
+        .await?)
+    }
 }
 
 /// How long a request to the scheduler waits for its answer.

@@ -157,11 +157,15 @@ pub const QUIET: Duration = Duration::from_millis(1500);
 pub fn init_logging() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("APIARY_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let filter = apiary_bin_support::log_filter(
+            std::env::var(apiary_bin_support::LOG_ENV).ok().as_deref(),
+            "warn",
+        );
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_test_writer())
+            .with(filter)
             .try_init();
     });
 }
@@ -530,17 +534,11 @@ impl Stack {
     /// it to exist: components create their consumers a moment after they report ready.
     /// What the agent of `node` says about itself (`apiary.v1.node.<node>.status`).
     pub async fn agent_status(&self, node: &str) -> apiary_proto::message::AgentStatus {
-        apiary_proto::rpc::request(
-            &self.nats().await,
-            apiary_proto::subject::node(
-                &NodeId::new(node).expect("node id"),
-                apiary_proto::subject::NodeVerb::Status,
-            ),
-            &apiary_proto::message::AgentStatusRequest {},
-            PATIENCE,
-        )
-        .await
-        .expect("the agent answers its status request")
+        self.client()
+            .await
+            .agent_status(&NodeId::new(node).expect("node id"))
+            .await
+            .expect("the agent answers its status request")
     }
 
     pub async fn consumer(&self, stream: &str, consumer: &str) -> PullConsumer {

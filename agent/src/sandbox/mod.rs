@@ -68,6 +68,13 @@ pub fn precompile(bytes: &[u8], target: &str) -> Result<Vec<u8>, SandboxError> {
 /// directories.
 pub const SCRATCH_DIR_NAME: &str = "scratch";
 
+/// Tables a module may have in a pooled sandbox (as the memory limiter allows elsewhere).
+const POOLED_TABLES_PER_MODULE: u32 = 4;
+/// Elements a table may have in a pooled sandbox.
+const POOLED_TABLE_ELEMENTS: usize = 100_000;
+/// What a pooled slot keeps mapped between runs.
+const POOLED_KEEP_RESIDENT: usize = 256 * 1024;
+
 /// How often the engine's epoch advances: the granularity of task timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -169,8 +176,32 @@ impl ResourceLimiter for MemoryLimiter {
 impl Sandbox {
     /// Builds the engine, the WASI linker, and starts the epoch ticker.
     pub fn new() -> Result<Self, SandboxError> {
-        let engine =
-            Engine::new(&engine_config()).map_err(|err| SandboxError(format!("{err:#}")))?;
+        Self::with_config(&engine_config())
+    }
+
+    /// A sandbox whose runs take their instance, memory and table from a pool made once for
+    /// `instances` runs at a time, each with at most `max_memory_bytes` of linear memory,
+    /// instead of mapping and unmapping them for every run (wasmtime's pooling allocator).
+    /// A run past `instances` at once fails to instantiate, with `internal`.
+    pub fn pooled(instances: u32, max_memory_bytes: u64) -> Result<Self, SandboxError> {
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_core_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances.saturating_mul(POOLED_TABLES_PER_MODULE))
+            .max_tables_per_module(POOLED_TABLES_PER_MODULE)
+            .table_elements(POOLED_TABLE_ELEMENTS)
+            .max_memory_size(usize::try_from(max_memory_bytes).unwrap_or(usize::MAX))
+            // The first pages a run touches stay mapped for the next run of the slot, so a
+            // small module does not fault its memory in again every time.
+            .linear_memory_keep_resident(POOLED_KEEP_RESIDENT)
+            .table_keep_resident(POOLED_KEEP_RESIDENT);
+        let mut config = engine_config();
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        Self::with_config(&config)
+    }
+
+    fn with_config(config: &Config) -> Result<Self, SandboxError> {
+        let engine = Engine::new(config).map_err(|err| SandboxError(format!("{err:#}")))?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut TaskState| &mut state.wasi)
@@ -765,6 +796,36 @@ mod tests {
                 b"",
                 limits
             ),
+            TaskErrorKind::MemoryLimit
+        );
+    }
+
+    #[test]
+    fn a_pooled_sandbox_runs_one_module_after_another_with_the_same_limits() {
+        let sandbox = Sandbox::pooled(2, 64 * 1024 * 1024).expect("pooled sandbox");
+        let echo = module(&sandbox, ECHO);
+        // More runs than the pool has slots: each gives its slot back.
+        for round in 0..5 {
+            let input = format!("round {round}");
+            match sandbox
+                .run(&echo, Bytes::from(input.clone()), &Limits::default())
+                .outcome
+            {
+                Outcome::Completed { stdout, .. } => assert_eq!(stdout.0, input.as_bytes()),
+                other => panic!("expected the echo, got {other:?}"),
+            }
+        }
+        let bomb = module(
+            &sandbox,
+            r#"(module (memory (export "memory") 1)
+             (func (export "_start") (drop (memory.grow (i32.const 100)))))"#,
+        );
+        let limits = Limits {
+            max_memory_bytes: 2 * 65536,
+            ..Limits::default()
+        };
+        assert_eq!(
+            failure_kind(sandbox.run(&bomb, Bytes::new(), &limits).outcome),
             TaskErrorKind::MemoryLimit
         );
     }

@@ -1,5 +1,10 @@
 //! Echoes its input in upper case. Non-ASCII bytes pass through unchanged, so any input,
-//! text or not, comes back the same length.
+//! text or not, comes back the same length. The smallest task there is: a plain WASI command,
+//! input on stdin, answer on stdout.
+//!
+//! ```sh
+//! echo hello | apiary task submit wasm-tasks/target/wasm32-wasip1/release/uppercase.wasm --input -
+//! ```
 
 use std::io::{self, Read, Write};
 

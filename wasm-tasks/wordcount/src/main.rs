@@ -1,5 +1,11 @@
 //! Counts the lines, words and bytes of its input, like `wc`, and prints them as
-//! `lines words bytes`. Words are runs of non-whitespace, as `wc` counts them.
+//! `lines words bytes`. Words are runs of non-whitespace, as `wc` counts them. A plain WASI
+//! command with no crate of apiary's: any `fn main` reading stdin is a task.
+//!
+//! ```sh
+//! apiary task submit wasm-tasks/target/wasm32-wasip1/release/wordcount.wasm --input notes.txt
+//! apiary task map wasm-tasks/target/wasm32-wasip1/release/wordcount.wasm --lines notes.txt
+//! ```
 
 use std::io::{self, Read, Write};
 
