@@ -49,6 +49,14 @@ impl Cancels {
         stop
     }
 
+    /// Stops every running attempt: the agent is going and will not wait for them. Their
+    /// dispatches, never acknowledged, are delivered again.
+    pub fn stop_all(&self) {
+        for stop in self.lock().running.values() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+
     pub fn finished(&self, attempt_id: &str) {
         self.lock().running.remove(attempt_id);
     }
@@ -122,5 +130,16 @@ mod tests {
         assert!(cancels.is_cancelled("t.2"));
         assert!(cancels.starting("t.2").load(Ordering::Relaxed));
         assert!(!cancels.is_cancelled("t.3"));
+    }
+
+    #[test]
+    fn stopping_all_reaches_every_running_attempt_and_no_finished_one() {
+        let cancels = Cancels::default();
+        let (a, b) = (cancels.starting("a.1"), cancels.starting("b.1"));
+        let done = cancels.starting("c.1");
+        cancels.finished("c.1");
+        cancels.stop_all();
+        assert!(a.load(Ordering::Relaxed) && b.load(Ordering::Relaxed));
+        assert!(!done.load(Ordering::Relaxed));
     }
 }

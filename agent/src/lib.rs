@@ -121,7 +121,11 @@ pub async fn run_reporting_outbox(
         else {
             return Ok(());
         };
-        let mut sandbox = Sandbox::new()?
+        // Runs take their instance and memory from a pool sized for the slots (twice over,
+        // for runs given up on whose threads have not come back yet): 6 µs a warm run
+        // instead of 15 µs with a mapping per run (docs/BENCHMARKS.md).
+        let pool_size = slots.saturating_mul(2).saturating_add(2);
+        let mut sandbox = Sandbox::pooled(pool_size, config.max_task_memory)?
             .with_scratch_root(state.join(sandbox::SCRATCH_DIR_NAME))
             .context("failed to prepare the scratch directories")?;
         if config.precompiled_only {
@@ -296,6 +300,9 @@ pub async fn run_reporting_outbox(
             }
         };
         drain(running, config.shutdown_grace).await;
+        // What still runs is abandoned: its guest is stopped at its next epoch tick, so that
+        // no run (on a worker thread or a pool thread) holds the process's exit.
+        agent.cancels.stop_all();
         // The replay runs until the tasks are drained, so that results kept during the drain
         // can still go out; what waits after that stays on disk for the next start.
         stop_replay.cancel();

@@ -21,6 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 use crate::Agent;
+use crate::Schedule;
 use crate::sandbox::Run;
 use crate::work::{drain_deadline, is_draining};
 
@@ -132,32 +133,38 @@ impl Agent {
         // Keep the message ours while the task runs: without progress acks JetStream would
         // hand it to someone else after the ack wait.
         let keep_alive = CancellationToken::new();
+        let announcement = Arc::new(Announcement::default());
         let started = self.start_signal(&dispatch, started_at_ms);
         let progress = AbortOnDropHandle::new(tokio::spawn(send_progress(
             message.clone(),
             started,
+            announcement.clone(),
             keep_alive.clone(),
         )));
-        let run = tokio::select! {
-            run = self.execute(&dispatch, &stop) => run,
-            () = drain_deadline(self.schedule.subscribe()) => {
-                // The operator's deadline for this drain passed: the task goes back to be
-                // placed elsewhere under a new attempt, and the run is stopped.
-                stop.store(true, Ordering::Relaxed);
-                self.cancels.finished(&attempt_id);
-                keep_alive.cancel();
-                progress.await.ok();
-                tracing::warn!("handing the task back: the node's drain deadline passed");
-                message.ack_with(AckKind::Nak(None)).await.ok();
-                self.running.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
-        };
+        // The operator's deadline for a drain stops the run (within an epoch tick) from a
+        // task of its own, so that it also reaches a run on this very thread.
+        let drained = Arc::new(AtomicBool::new(false));
+        let drain_watch = AbortOnDropHandle::new(tokio::spawn(stop_at_drain_deadline(
+            self.schedule.subscribe(),
+            stop.clone(),
+            drained.clone(),
+        )));
+        let run = self.execute(&dispatch, &stop).await;
+        drop(drain_watch);
+        if drained.load(Ordering::Relaxed) {
+            // The task goes back to be placed elsewhere under a new attempt; what this run
+            // did is not its result.
+            self.cancels.finished(&attempt_id);
+            stop_progress(progress, &announcement, &keep_alive).await;
+            tracing::warn!("handing the task back: the node's drain deadline passed");
+            message.ack_with(AckKind::Nak(None)).await.ok();
+            self.running.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         let finished_at_ms = now_ms();
         drop(slot);
         self.cancels.finished(&attempt_id);
-        keep_alive.cancel();
-        progress.await.ok();
+        stop_progress(progress, &announcement, &keep_alive).await;
 
         let usage = RunUsage {
             module_sha256: dispatch.task.module.sha256.clone(),
@@ -279,21 +286,46 @@ impl Agent {
         let timeout_ms = limits.timeout_ms;
         let thread_stop = stop.clone();
         let host = self.app_host(&grants, timeout_ms);
+        // A run that cannot outlast its deadline runs right here, on this worker thread, which
+        // tokio hands its other tasks away from for the while: handing the run to a pool
+        // thread and back costs two thread wake-ups, most of a trivial task's time on the
+        // node (docs/BENCHMARKS.md). A current-thread runtime (the tests') has no other
+        // worker to hand to.
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        if !module.may_block() && multi_thread {
+            return tokio::task::block_in_place(|| {
+                sandbox.run_prepared(&module, input, &limits, &grants, &thread_stop, host)
+            });
+        }
         let run = tokio::task::spawn_blocking(move || {
             sandbox.run_prepared(&module, input, &limits, &grants, &thread_stop, host)
         });
         // The sandbox's epoch deadline stops guest code; a guest blocked in a host call (a
         // long WASI sleep) is past its reach until the call returns. The run's result is
-        // then reported at its deadline all the same, and its thread is told to stop.
+        // then reported at its deadline all the same, and its thread is told to stop; and a
+        // run told to stop (cancelled, or its node's drain deadline passed) that has not
+        // within the same grace is given up on.
         let backstop = Duration::from_millis(timeout_ms).saturating_add(RUN_BACKSTOP);
-        match tokio::time::timeout(backstop, run).await {
+        let joined = tokio::select! {
+            joined = run => Ok(joined),
+            () = tokio::time::sleep(backstop) => Err(()),
+            () = stopped_then(stop, RUN_BACKSTOP) => {
+                tracing::warn!("the run did not stop inside a host call; given up on");
+                return not_run(TaskError::new(
+                    TaskErrorKind::Cancelled,
+                    "the run was stopped while blocked outside the module",
+                ));
+            }
+        };
+        match joined {
             Ok(joined) => joined.unwrap_or_else(|err| {
                 not_run(TaskError::new(
                     TaskErrorKind::Internal,
                     format!("the task's thread failed: {err}"),
                 ))
             }),
-            Err(_) => {
+            Err(()) => {
                 stop.store(true, Ordering::Relaxed);
                 tracing::warn!(
                     "the run outlived its timeout inside a host call; reported as timed out"
@@ -465,12 +497,65 @@ impl StartSignal {
     }
 }
 
-/// Announces the run's start once it has gone [`ANNOUNCE_AFTER`], then sends a progress ack
-/// every [`topology::PROGRESS_INTERVAL`], until `done`.
-async fn send_progress(message: jetstream::Message, started: StartSignal, done: CancellationToken) {
+/// Whether a run's start is announced, decided once by whichever comes first: the
+/// announcement, [`ANNOUNCE_AFTER`] into the run, or the run's end. A run that ended first
+/// needs no wait for its progress task, which has sent nothing and never will; one that was
+/// announced waits, so that the started signal always goes out before the result.
+#[derive(Debug, Default)]
+struct Announcement(std::sync::atomic::AtomicU8);
+
+impl Announcement {
+    const OPEN: u8 = 0;
+    const ANNOUNCED: u8 = 1;
+    const CLOSED: u8 = 2;
+
+    /// True if the start may be announced (the run has not ended).
+    fn announce(&self) -> bool {
+        self.decide(Self::ANNOUNCED)
+    }
+
+    /// True if the start was not announced, and now never will be.
+    fn close(&self) -> bool {
+        self.decide(Self::CLOSED)
+    }
+
+    fn decide(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(Self::OPEN, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// Ends a run's progress task: at once (dropped, so aborted) when it never announced the
+/// start, else once it has finished sending.
+async fn stop_progress(
+    progress: AbortOnDropHandle<()>,
+    announcement: &Announcement,
+    keep_alive: &CancellationToken,
+) {
+    keep_alive.cancel();
+    if announcement.close() {
+        return;
+    }
+    progress.await.ok();
+}
+
+/// Announces the run's start once it has gone [`ANNOUNCE_AFTER`] (unless it ended first),
+/// then sends a progress ack every [`topology::PROGRESS_INTERVAL`], until `done`.
+async fn send_progress(
+    message: jetstream::Message,
+    started: StartSignal,
+    announcement: Arc<Announcement>,
+    done: CancellationToken,
+) {
     tokio::select! {
         _ = done.cancelled() => return,
-        _ = tokio::time::sleep(ANNOUNCE_AFTER) => started.send().await,
+        _ = tokio::time::sleep(ANNOUNCE_AFTER) => {
+            if !announcement.announce() {
+                return;
+            }
+            started.send().await;
+        }
     }
     tokio::select! {
         _ = done.cancelled() => {}
@@ -519,6 +604,19 @@ mod tests {
     }
 
     #[test]
+    fn a_start_is_announced_or_closed_once_and_never_both() {
+        let ended_first = Announcement::default();
+        assert!(ended_first.close());
+        assert!(!ended_first.announce(), "announced after the run ended");
+        let announced_first = Announcement::default();
+        assert!(announced_first.announce());
+        assert!(
+            !announced_first.close(),
+            "the end must wait for the announcement"
+        );
+    }
+
+    #[test]
     fn results_that_fit_are_left_alone() {
         let result = result_with_output(100, 10);
         assert_eq!(fit_within(result.clone(), 10_000), result);
@@ -536,4 +634,23 @@ mod tests {
         }
         assert!(codec::encode(&fitted).unwrap().len() <= 4_000);
     }
+}
+
+/// Waits for the node's drain deadline, then stops the run and says so.
+async fn stop_at_drain_deadline(
+    schedule: tokio::sync::watch::Receiver<Schedule>,
+    stop: Arc<AtomicBool>,
+    drained: Arc<AtomicBool>,
+) {
+    drain_deadline(schedule).await;
+    drained.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// Returns `grace` after `stop` is set (looked at every epoch tick).
+async fn stopped_then(stop: &AtomicBool, grace: Duration) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(crate::sandbox::EPOCH_TICK).await;
+    }
+    tokio::time::sleep(grace).await;
 }

@@ -356,3 +356,59 @@ async fn a_cordon_outlives_the_replica_that_recorded_it() {
     let shown = client.node(&id("node-a")).await.expect("show");
     assert_eq!(shown.scheduling, Scheduling::Cordoned);
 }
+
+/// On a multi-thread runtime (as the agent's binary has) a run whose module cannot block in
+/// a host call runs on the worker thread itself (`block_in_place`), with no task of its own
+/// to race it: a cancel and the drain deadline must still reach it. The spinning module
+/// would otherwise run to its 60 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_the_worker_thread_still_stop_at_a_cancel_and_at_the_drain_deadline() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = one_slot_agent(&stack, "node-a").await;
+    let client = stack.client().await;
+    let output = stack
+        .run(Task::new(wasm("uppercase")).input("fast"))
+        .await
+        .expect("runs");
+    assert_eq!(&output.stdout[..], b"FAST");
+
+    let spin = || {
+        Task::new(apiary_harness::hostile("spin"))
+            .timeout(Duration::from_secs(60))
+            .retry(apiary_sdk::RetryPolicy {
+                max_attempts: 1,
+                ..apiary_sdk::RetryPolicy::default()
+            })
+    };
+    let cancelled = client.submit(spin()).await.expect("submit");
+    wait_running(&client, &id("node-a"), 1).await;
+    cancelled.cancel().await.expect("cancel");
+    let err = within(PATIENCE, "the cancelled spin", cancelled.result())
+        .await
+        .expect_err("cancelled");
+    assert_eq!(
+        err.task_failure().map(|failure| failure.error.kind),
+        Some(apiary_sdk::TaskErrorKind::Cancelled),
+        "{err}"
+    );
+
+    let drained = client.submit(spin()).await.expect("submit");
+    wait_running(&client, &id("node-a"), 1).await;
+    let _b = one_slot_agent(&stack, "node-b").await;
+    client
+        .drain(&id("node-a"), Some(Duration::from_millis(200)))
+        .await
+        .expect("drain");
+    // Handed back at the deadline and placed on node-b, where it spins again.
+    wait_running(&client, &id("node-b"), 1).await;
+    let record = client.task_status(drained.id()).await.expect("status");
+    assert_eq!(record.attempt, 2, "the move is a new attempt");
+    // Stopped before the test ends: a run on a worker thread holds the runtime's shutdown.
+    drained.cancel().await.expect("cancel");
+    within(PATIENCE, "the moved spin's cancel", drained.result())
+        .await
+        .expect_err("cancelled");
+    // The record says cancelled whatever the node does; the run itself must have stopped.
+    wait_running(&client, &id("node-b"), 0).await;
+}

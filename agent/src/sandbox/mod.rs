@@ -289,7 +289,14 @@ impl Sandbox {
                 format!("cannot instantiate the module: {err:#}"),
             )
         })?;
-        Ok(Prepared { module, pre })
+        let may_block = module
+            .imports()
+            .any(|import| BLOCKING_IMPORTS.contains(&(import.module(), import.name())));
+        Ok(Prepared {
+            module,
+            pre,
+            may_block,
+        })
     }
 
     /// Runs a compiled module's `_start` with `input` on stdin, within `limits`. Blocks the
@@ -527,6 +534,7 @@ impl HostMonotonicClock for StoppedClock {
 pub struct Prepared {
     module: Module,
     pre: InstancePre<TaskState>,
+    may_block: bool,
 }
 
 impl Prepared {
@@ -534,7 +542,20 @@ impl Prepared {
     pub fn module(&self) -> &Module {
         &self.module
     }
+
+    /// Whether a run of this module can be held past its deadline by a host call, which the
+    /// epoch deadline cannot interrupt: it imports a WASI call that waits ([`BLOCKING_IMPORTS`]).
+    /// Every other host call returns within the run's deadline, so a run of a module that
+    /// imports none of them ends by its deadline.
+    pub fn may_block(&self) -> bool {
+        self.may_block
+    }
 }
+
+/// The WASI preview 1 calls that can wait as long as the guest asks: `poll_oneoff` (sleeps
+/// and clock subscriptions). Reading stdin and writing stdout or stderr are in memory and
+/// never wait; the host APIs are bounded by the run's deadline.
+pub const BLOCKING_IMPORTS: [(&str, &str); 1] = [("wasi_snapshot_preview1", "poll_oneoff")];
 
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
