@@ -580,6 +580,25 @@ async fn progress_acks(message: jetstream::Message) {
     }
 }
 
+/// Waits for the node's drain deadline, then stops the run and says so.
+async fn stop_at_drain_deadline(
+    schedule: tokio::sync::watch::Receiver<Schedule>,
+    stop: Arc<AtomicBool>,
+    drained: Arc<AtomicBool>,
+) {
+    drain_deadline(schedule).await;
+    drained.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// Returns `grace` after `stop` is set (looked at every epoch tick).
+async fn stopped_then(stop: &AtomicBool, grace: Duration) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(crate::sandbox::EPOCH_TICK).await;
+    }
+    tokio::time::sleep(grace).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -634,23 +653,4 @@ mod tests {
         }
         assert!(codec::encode(&fitted).unwrap().len() <= 4_000);
     }
-}
-
-/// Waits for the node's drain deadline, then stops the run and says so.
-async fn stop_at_drain_deadline(
-    schedule: tokio::sync::watch::Receiver<Schedule>,
-    stop: Arc<AtomicBool>,
-    drained: Arc<AtomicBool>,
-) {
-    drain_deadline(schedule).await;
-    drained.store(true, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-}
-
-/// Returns `grace` after `stop` is set (looked at every epoch tick).
-async fn stopped_then(stop: &AtomicBool, grace: Duration) {
-    while !stop.load(Ordering::Relaxed) {
-        tokio::time::sleep(crate::sandbox::EPOCH_TICK).await;
-    }
-    tokio::time::sleep(grace).await;
 }
