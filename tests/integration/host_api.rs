@@ -5,7 +5,7 @@
 
 use apiary_harness::{PATIENCE, Stack, wasm, within};
 use apiary_proto::message::{GrantKind, Limits};
-use apiary_sdk::{Client, KvErrorKind, Namespace, Task, TaskErrorKind, TaskOutput};
+use apiary_sdk::{KvErrorKind, Namespace, Task, TaskErrorKind, TaskOutput};
 use futures::StreamExt as _;
 use std::collections::BTreeSet;
 
@@ -13,12 +13,9 @@ fn namespace(name: &str) -> Namespace {
     Namespace::new(name).expect("namespace")
 }
 
-async fn output(client: &Client, task: Task) -> TaskOutput {
-    client
-        .submit(task)
-        .await
-        .expect("submit")
-        .result_within(PATIENCE)
+async fn output(stack: &Stack, task: Task) -> TaskOutput {
+    stack
+        .run(task)
         .await
         .expect("the task ends with an exit code")
 }
@@ -83,7 +80,7 @@ async fn a_guest_publish_reaches_an_sdk_subscriber_and_its_log_line_reaches_the_
         .publish(namespace("alerts"))
         .arg("disk.sda")
         .input("91% full");
-    let output = output(&client, task).await;
+    let output = output(&stack, task).await;
     assert_eq!(stdout(&output), "published 8 bytes on disk.sda\n");
 
     let message = within(PATIENCE, "the guest's message", messages.next())
@@ -114,13 +111,13 @@ async fn a_guest_reaches_only_the_namespace_of_its_submission() {
             .kv(namespace("a"))
             .input(input)
     };
-    assert_eq!(stdout(&output(&client, in_a("shared")).await), "1\n");
-    assert_eq!(stdout(&output(&client, in_a("shared")).await), "2\n");
+    assert_eq!(stdout(&output(&stack, in_a("shared")).await), "1\n");
+    assert_eq!(stdout(&output(&stack, in_a("shared")).await), "2\n");
     let in_b = Task::new(wasm("kv-counter"))
         .kv(namespace("b"))
         .input("shared");
     assert_eq!(
-        stdout(&output(&client, in_b).await),
+        stdout(&output(&stack, in_b).await),
         "1\n",
         "namespace b's counter started from a's"
     );
@@ -139,12 +136,12 @@ async fn a_guest_reaches_only_the_namespace_of_its_submission() {
     let publish_a = Task::new(wasm("publish"))
         .publish(namespace("a"))
         .arg("b.anything");
-    output(&client, publish_a).await;
+    output(&stack, publish_a).await;
     let publish_b = Task::new(wasm("publish"))
         .publish(namespace("b"))
         .arg("marker")
         .input("from b");
-    output(&client, publish_b).await;
+    output(&stack, publish_b).await;
     let first = within(PATIENCE, "b's own message", b_messages.next())
         .await
         .expect("a message");
@@ -165,7 +162,7 @@ async fn host_apis_without_their_grant_are_refused_to_the_guest() {
     let task = Task::new(wasm("kv-counter"))
         .publish(namespace("quiet"))
         .input("hits");
-    let refused = output(&client, task).await;
+    let refused = output(&stack, task).await;
     assert_eq!(refused.exit_code, 1, "{refused:?}");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("not granted"), "{stderr}");
@@ -208,10 +205,9 @@ async fn a_scratch_directory_works_is_capped_and_is_gone_after_the_run() {
         .expect("a state directory")
         .join(apiary_agent::sandbox::SCRATCH_DIR_NAME);
     let _agent = stack.spawn_agent_online_with(config).await;
-    let client = stack.client().await;
 
     let sorted = output(
-        &client,
+        &stack,
         Task::new(wasm("scratch"))
             .scratch(64 * 1024)
             .input("pear\napple\nfig\nkiwi\nbanana\n"),
@@ -229,7 +225,7 @@ async fn a_scratch_directory_works_is_capped_and_is_gone_after_the_run() {
     );
 
     // Without the grant there is no directory; the guest says so.
-    let refused = output(&client, Task::new(wasm("scratch")).input("b\na\n")).await;
+    let refused = output(&stack, Task::new(wasm("scratch")).input("b\na\n")).await;
     assert_eq!(refused.exit_code, 1, "{refused:?}");
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("no scratch directory"),

@@ -8,25 +8,16 @@
 
 use apiary_agent::AgentConfig;
 use apiary_cli::modules::{self, ModuleCommand};
-use apiary_harness::{PATIENCE, Stack, wasm};
+use apiary_harness::{Stack, wasm};
 use apiary_proto::message::ModuleRef;
 use apiary_proto::topology;
-use apiary_sdk::{Client, Task, TaskErrorKind, TaskOutput};
+use apiary_sdk::{Task, TaskErrorKind};
 
 fn runtime_only(stack: &Stack) -> AgentConfig {
     AgentConfig {
         precompiled_only: true,
         ..stack.agent_config("pi-1")
     }
-}
-
-async fn run(client: &Client, task: Task) -> Result<TaskOutput, apiary_sdk::ResultError> {
-    client
-        .submit(task)
-        .await
-        .expect("submit")
-        .result_within(PATIENCE)
-        .await
 }
 
 #[tokio::test]
@@ -38,7 +29,8 @@ async fn a_runtime_only_agent_runs_what_module_compile_stored_for_its_platform()
     let uppercase = wasm("uppercase");
 
     // Not precompiled yet: a typed refusal that says what to do.
-    let err = run(&client, Task::new(uppercase.clone()).input("early"))
+    let err = stack
+        .run(Task::new(uppercase.clone()).input("early"))
         .await
         .expect_err("nothing to run yet");
     let failure = err.task_failure().expect("a task failure");
@@ -65,7 +57,8 @@ async fn a_runtime_only_agent_runs_what_module_compile_stored_for_its_platform()
     );
     assert!(printed.contains(&topology::host_platform()), "{printed}");
 
-    let output = run(&client, Task::new(uppercase.clone()).input("hello"))
+    let output = stack
+        .run(Task::new(uppercase.clone()).input("hello"))
         .await
         .expect("runs precompiled");
     assert_eq!(output.stdout.as_ref(), b"HELLO");
@@ -75,7 +68,8 @@ async fn a_runtime_only_agent_runs_what_module_compile_stored_for_its_platform()
 
     agent.crash().await;
     let _restarted = stack.spawn_agent_online_with(runtime_only(&stack)).await;
-    let output = run(&client, Task::new(uppercase).input("again"))
+    let output = stack
+        .run(Task::new(uppercase).input("again"))
         .await
         .expect("runs from the disk cache");
     assert_eq!(output.stdout.as_ref(), b"AGAIN");
@@ -104,7 +98,8 @@ async fn garbage_in_the_artifact_store_is_an_invalid_module_and_the_agent_carrie
         .await
         .expect("store the garbage");
 
-    let err = run(&client, Task::new(module).input("a b"))
+    let err = stack
+        .run(Task::new(module).input("a b"))
         .await
         .expect_err("garbage does not load");
     let failure = err.task_failure().expect("a task failure");
