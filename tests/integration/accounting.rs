@@ -162,3 +162,34 @@ async fn a_module_is_compiled_once_then_comes_from_memory_and_after_a_restart_fr
         "the restarted agent compiled the module again"
     );
 }
+
+#[tokio::test]
+async fn a_corrupted_module_in_the_store_is_refused_by_its_digest() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let client = stack.client().await;
+    let reference = client
+        .upload_module(&wasm("uppercase"))
+        .await
+        .expect("upload");
+    // Another valid module under uppercase's name, as a botched hand upload or a tampered
+    // store leaves it: it would run, and answer for the wrong module.
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let store = js
+        .get_object_store(apiary_proto::topology::MODULES_BUCKET)
+        .await
+        .expect("the module store");
+    store
+        .put(reference.sha256.as_str(), &mut &wasm("wordcount")[..])
+        .await
+        .expect("overwrite");
+
+    let failure = stack
+        .run_expecting_failure(
+            Task::stored(reference).input("not run"),
+            TaskErrorKind::ModuleDigestMismatch,
+        )
+        .await;
+    assert!(failure.error.message.contains("do not hash"), "{failure}");
+    let stats = stack.agent_status("node-a").await.modules;
+    assert_eq!(stats.compiled, 0, "the wrong module was compiled");
+}
