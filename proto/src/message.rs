@@ -132,6 +132,9 @@ pub enum ErrorCode {
     NotFound,
     /// The responder failed on its side.
     Internal,
+    /// The reply would be larger than the server carries (`max_payload`): ask for less (a
+    /// smaller page).
+    TooLarge,
 }
 
 impl ErrorCode {
@@ -143,6 +146,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Internal => 500,
+            ErrorCode::TooLarge => 413,
         }
     }
 }
@@ -155,6 +159,7 @@ impl fmt::Display for ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not found",
             ErrorCode::Internal => "internal error",
+            ErrorCode::TooLarge => "reply too large",
         })
     }
 }
@@ -386,11 +391,29 @@ pub struct NodesListRequest {
     /// Only nodes in this status; all nodes when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<NodeStatus>,
+    /// The page after this node id (the previous reply's `next`); from the first node when
+    /// absent. Nodes come in node-id order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<NodeId>,
+    /// The most nodes in the reply: [`NODES_PAGE_DEFAULT`] when absent, at most
+    /// [`NODES_PAGE_MAX`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
+
+/// The nodes in a `nodes.list` reply when the request names no limit: a page that fits the
+/// default 1 MiB `max_payload` in JSON with room to spare (a node's summary is 300 to 500
+/// bytes, more with many GPUs, services or labels).
+pub const NODES_PAGE_DEFAULT: u32 = 500;
+/// The most nodes a `nodes.list` reply holds, whatever the request asks.
+pub const NODES_PAGE_MAX: u32 = 2_000;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodesListReply {
     pub nodes: Vec<NodeSummary>,
+    /// Where the next page starts (`after` for the next request); absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<NodeId>,
 }
 
 /// `apiary.v1.node.<node>.status`: ask an agent directly. An empty body is a valid request.

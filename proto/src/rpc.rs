@@ -139,6 +139,50 @@ pub fn encode_reply<T: Serialize>(
     Ok((headers, body))
 }
 
+/// An encoded reply, or the `too_large` refusal that replaced one the server would not carry.
+enum Fitted {
+    Reply(HeaderMap, Bytes),
+    Refused(ErrorBody, HeaderMap, Bytes),
+}
+
+impl Fitted {
+    fn into_parts(self) -> (HeaderMap, Bytes) {
+        match self {
+            Fitted::Reply(headers, body) | Fitted::Refused(_, headers, body) => (headers, body),
+        }
+    }
+}
+
+/// `encoded` if it fits within `max_payload` (0: unknown, as before the first INFO), else a
+/// `too_large` refusal in its place, so that the requester learns why instead of waiting
+/// out its timeout.
+fn fitting(
+    encoded: Result<(HeaderMap, Bytes), CodecError>,
+    encoding: Encoding,
+    max_payload: usize,
+    subject: &str,
+) -> Result<Fitted, CodecError> {
+    let (headers, body) = encoded?;
+    if max_payload == 0 || body.len() <= max_payload {
+        return Ok(Fitted::Reply(headers, body));
+    }
+    tracing::warn!(
+        subject,
+        bytes = body.len(),
+        max_payload,
+        "a reply too large for the server was refused"
+    );
+    let error = ErrorBody::new(
+        ErrorCode::TooLarge,
+        format!(
+            "the reply is {} bytes, more than the server's max_payload of {max_payload}; ask for less (a smaller page)",
+            body.len()
+        ),
+    );
+    let (headers, body) = encode_reply::<()>(encoding, &Reply::Error(error.clone()))?;
+    Ok(Fitted::Refused(error, headers, body))
+}
+
 /// A request as it arrived, for handlers that look past the decoded body: the node named in
 /// the subject (for `apiary.v1.node.<node>.…` subjects), the headers, and the exact body
 /// bytes (what a signature covers).
@@ -216,14 +260,26 @@ pub async fn serve_inbound<Req, Resp, H, Fut>(
         let Some(reply) = handler(inbound, decoded).await else {
             continue;
         };
-        let refusal = match &reply {
-            Reply::Error(error) => Some(async_nats::service::error::Error {
+        let encoded = fitting(
+            encode_reply(encoding, &reply),
+            encoding,
+            client.server_info().max_payload,
+            message.subject.as_str(),
+        );
+        let refusal = match (&reply, &encoded) {
+            (Reply::Error(error), _) => Some(async_nats::service::error::Error {
                 status: error.message.clone(),
                 code: usize::from(error.code.status()),
             }),
-            Reply::Ok(_) => None,
+            (Reply::Ok(_), Ok(Fitted::Refused(error, ..))) => {
+                Some(async_nats::service::error::Error {
+                    status: error.message.clone(),
+                    code: usize::from(error.code.status()),
+                })
+            }
+            (Reply::Ok(_), _) => None,
         };
-        let encoded = encode_reply(encoding, &reply);
+        let encoded = encoded.map(Fitted::into_parts);
         drop(reply);
         let sent = match encoded {
             Ok((headers, body)) => match (refusal, message.reply.clone()) {
@@ -268,6 +324,30 @@ mod tests {
                 .to_string()
                 .ends_with("is apiary-agent on node pi-1 running?")
         );
+    }
+
+    #[test]
+    fn a_reply_larger_than_the_server_carries_becomes_a_too_large_refusal() {
+        let reply: Reply<String> = Reply::Ok("x".repeat(2_000));
+        let encoded = encode_reply(Encoding::Json, &reply);
+        let Ok(Fitted::Refused(error, headers, body)) =
+            fitting(encoded, Encoding::Json, 1_000, "apiary.v1.nodes.list")
+        else {
+            panic!("a 2 KB reply passed a 1 KB limit");
+        };
+        assert_eq!(error.code, ErrorCode::TooLarge);
+        assert!(body.len() < 1_000);
+        assert_eq!(
+            headers
+                .get(crate::headers::SERVICE_ERROR_CODE)
+                .map(|v| v.as_str()),
+            Some("413")
+        );
+        let small = encode_reply(Encoding::Json, &Reply::Ok("x"));
+        assert!(matches!(
+            fitting(small, Encoding::Json, 1_000, "s"),
+            Ok(Fitted::Reply(..))
+        ));
     }
 
     #[test]

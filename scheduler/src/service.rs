@@ -8,7 +8,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use apiary_proto::admin::{TokenCreateRequest, TokenList, TokenListRequest, TokenRevokeRequest};
-use apiary_proto::message::{ErrorBody, ErrorCode, NodesListReply, NodesListRequest, Reply};
+use apiary_proto::message::{
+    ErrorBody, ErrorCode, NODES_PAGE_DEFAULT, NODES_PAGE_MAX, NodesListReply, NodesListRequest,
+    Reply,
+};
 use apiary_proto::rpc::{self, Inbound};
 use apiary_proto::subject::{
     self, DlqCommand, NodeVerb, NodesCommand, TasksCommand, TokensCommand,
@@ -207,13 +210,24 @@ pub(crate) fn check_subject(
     }
 }
 
+/// One page of the node list (`NodesListRequest::after`, `limit`); a reply the server would
+/// not carry becomes a `too_large` refusal (`apiary_proto::rpc`), never silence.
 async fn list_nodes(shared: Arc<Shared>, request: NodesListRequest) -> Reply<NodesListReply> {
-    shared.wait_synced(SYNC_WAIT).await;
-    let mut nodes = shared.view().summaries(now_ms());
-    if let Some(status) = request.status {
-        nodes.retain(|node| node.status == status);
+    let limit = request.limit.unwrap_or(NODES_PAGE_DEFAULT);
+    if limit == 0 || limit > NODES_PAGE_MAX {
+        return Reply::Error(ErrorBody::new(
+            ErrorCode::BadRequest,
+            format!("limit must be 1 to {NODES_PAGE_MAX}, not {limit}"),
+        ));
     }
-    Reply::Ok(NodesListReply { nodes })
+    shared.wait_synced(SYNC_WAIT).await;
+    let (nodes, next) = shared.view().summaries_page(
+        now_ms(),
+        request.status,
+        request.after.as_ref(),
+        limit as usize,
+    );
+    Reply::Ok(NodesListReply { nodes, next })
 }
 
 async fn create_token(

@@ -369,18 +369,42 @@ impl NodeView {
 
     /// The node table at `now_ms`, sorted by node id.
     pub fn summaries(&self, now_ms: u64) -> Vec<NodeSummary> {
-        self.nodes
-            .values()
-            .filter_map(|entry| {
-                let record = entry.record.as_ref()?;
-                Some(liveness::summarize(
-                    record,
-                    entry.live.as_ref(),
-                    entry.admin.as_ref(),
-                    now_ms,
-                ))
-            })
-            .collect()
+        self.summaries_page(now_ms, None, None, usize::MAX).0
+    }
+
+    /// One page of [`NodeView::summaries`], in node-id order: up to `limit` nodes in
+    /// `status` (any when `None`) after node `after`, and the node to continue after when
+    /// more follow. Only the page's summaries are built, so a list of a large fleet costs
+    /// memory for one page.
+    pub fn summaries_page(
+        &self,
+        now_ms: u64,
+        status: Option<NodeStatus>,
+        after: Option<&NodeId>,
+        limit: usize,
+    ) -> (Vec<NodeSummary>, Option<NodeId>) {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = Vec::new();
+        for (_, entry) in self.nodes.range::<NodeId, _>((start, Bound::Unbounded)) {
+            let Some(record) = entry.record.as_ref() else {
+                continue;
+            };
+            let summary =
+                liveness::summarize(record, entry.live.as_ref(), entry.admin.as_ref(), now_ms);
+            if status.is_some_and(|status| summary.status != status) {
+                continue;
+            }
+            if page.len() == limit {
+                // One more matches: the page is full and another follows.
+                let next = page
+                    .last()
+                    .map(|last: &NodeSummary| last.info.node_id.clone());
+                return (page, next);
+            }
+            page.push(summary);
+        }
+        (page, None)
     }
 
     /// The most of this replica's work a node may hold: its slots plus the backlog, fixed if
@@ -1336,6 +1360,35 @@ mod tests {
         assert_eq!(view.handover(&id("dead"), NOW), Some(Handover::Lost));
         assert_eq!(view.handover(&id("gone"), NOW), Some(Handover::Lost));
         assert_eq!(view.handover(&id("unknown"), NOW), None);
+    }
+
+    #[test]
+    fn the_node_list_comes_in_pages_in_node_id_order_filtered_by_status() {
+        let names: Vec<String> = (0..7).map(|n| format!("n{n}")).collect();
+        let rows: Vec<(&str, u32, u32, u32)> =
+            names.iter().map(|name| (name.as_str(), 2, 2, 0)).collect();
+        let mut view = view(&rows);
+        view.apply(NodeChange::Heartbeat(id("n3"), live(0, NOW - 10_000)));
+
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, next) = view.summaries_page(NOW, None, after.as_ref(), 3);
+            assert!(page.len() <= 3);
+            seen.extend(page.iter().map(|node| node.info.node_id.to_string()));
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, names, "every node once, in order");
+
+        let (online, next) = view.summaries_page(NOW, Some(NodeStatus::Online), None, 10);
+        assert_eq!(online.len(), 6);
+        assert_eq!(next, None);
+        // A full last page says nothing follows when nothing does.
+        let (exact, next) = view.summaries_page(NOW, Some(NodeStatus::Offline), None, 1);
+        assert_eq!((exact.len(), next), (1, None));
     }
 
     #[test]

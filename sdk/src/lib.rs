@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apiary_proto::codec;
-use apiary_proto::message::{NodesListReply, NodesListRequest, TaskSubmission};
+use apiary_proto::message::TaskSubmission;
 use apiary_proto::topology::{self, Topology, TopologyError};
 use apiary_proto::{now_ms, stored};
 use apiary_proto::{rpc, subject};
@@ -53,8 +53,9 @@ pub use apiary_proto::lifecycle::{RetryOn, RetryPolicy, TaskRecord, TaskState, T
 pub use apiary_proto::message::ErrorCode;
 pub use apiary_proto::message::{
     DeadLetter, DlqListReply, DlqListRequest, GrantKind, Grants, Limits, ModuleRef, NodeInfo,
-    NodeMetrics, NodeStatus, NodeSummary, Outcome, Priority, Requirements, ResultObject, RunUsage,
-    TaskError, TaskErrorKind, TaskListReply, TaskListRequest, TaskResult, TaskResultReply,
+    NodeMetrics, NodeStatus, NodeSummary, NodesListReply, NodesListRequest, Outcome, Priority,
+    Requirements, ResultObject, RunUsage, TaskError, TaskErrorKind, TaskListReply, TaskListRequest,
+    TaskResult, TaskResultReply,
 };
 pub use apiary_proto::{IdError, Namespace, NodeId, Payload, TaskId};
 pub use batch::BatchItem;
@@ -330,14 +331,26 @@ impl Client {
     /// judged there, by the one rule and clock every reader shares, never by this client's
     /// clock.
     pub async fn nodes(&self) -> Result<Vec<NodeSummary>, RequestError> {
-        let reply: NodesListReply = rpc::request(
-            self.nats(),
-            subject::nodes_list(),
-            &NodesListRequest::default(),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-        Ok(reply.nodes)
+        let mut nodes = Vec::new();
+        let mut request = NodesListRequest::default();
+        loop {
+            let page = self.nodes_page(&request).await?;
+            nodes.extend(page.nodes);
+            match page.next {
+                Some(next) => request.after = Some(next),
+                None => return Ok(nodes),
+            }
+        }
+    }
+
+    /// One page of the node list: `request.limit` nodes (500 when absent) after
+    /// `request.after`, in node-id order, with where the next page starts. [`Client::nodes`]
+    /// reads them all.
+    pub async fn nodes_page(
+        &self,
+        request: &NodesListRequest,
+    ) -> Result<NodesListReply, RequestError> {
+        Ok(rpc::request(self.nats(), subject::nodes_list(), request, REQUEST_TIMEOUT).await?)
     }
 
     /// What the agent of `node` says about itself (`apiary.v1.node.<node>.status`): its

@@ -481,3 +481,52 @@ async fn a_task_submitted_after_a_cordon_drain_or_rm_is_answered_goes_to_another
             .await;
     }
 }
+
+/// The node list comes in pages (a list of a large fleet once outgrew the server's
+/// `max_payload` and went unanswered): a JSON client pages through with `limit` and
+/// `after`, sees every node once in node-id order, and the SDK reads them all.
+#[tokio::test]
+async fn the_node_list_comes_in_pages_that_together_hold_every_node_once() {
+    let stack = Stack::with_heartbeat(Duration::from_secs(60)).await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let nats = stack.nats().await;
+    let ids: Vec<String> = (0..23).map(|n| format!("paged-{n:02}")).collect();
+    for id in &ids {
+        register_by_hand(&nats, &HandNode::new(id), &stack.token).await;
+    }
+
+    let mut seen = Vec::new();
+    let mut request = json!({"limit": 5});
+    let mut pages = 0;
+    loop {
+        let reply = json_request(&nats, subject::nodes_list().to_string(), request.clone()).await;
+        let nodes = reply["nodes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{reply}"));
+        assert!(nodes.len() <= 5, "a page larger than its limit: {reply}");
+        seen.extend(
+            nodes
+                .iter()
+                .map(|node| node["info"]["node_id"].as_str().unwrap().to_owned()),
+        );
+        pages += 1;
+        match reply.get("next").and_then(Value::as_str) {
+            Some(next) => request = json!({"limit": 5, "after": next}),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every node once, in order");
+    assert_eq!(pages, 5);
+
+    let client = stack.client().await;
+    let all = client.nodes().await.expect("nodes");
+    assert_eq!(all.len(), ids.len());
+    let refused = client
+        .nodes_page(&NodesListRequest {
+            limit: Some(0),
+            ..NodesListRequest::default()
+        })
+        .await
+        .expect_err("a page of nothing");
+    assert!(refused.to_string().contains("limit"), "{refused}");
+}
