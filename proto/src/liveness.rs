@@ -11,11 +11,22 @@ pub fn offline_after_ms(heartbeat_interval_ms: u64) -> u64 {
     heartbeat_interval_ms.saturating_mul(5) / 2
 }
 
+/// The heartbeat interval schedulers give agents unless configured otherwise.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
+
 /// The status of a node at `now_ms`, from its latest liveness record. A node that registered
-/// but never heartbeated is judged from its registration time.
+/// but has no liveness record yet (the registration stores the node's record, then its
+/// liveness, and a reader can look in between) is judged from its registration time, as if
+/// it had heartbeated then at the default interval: online at once, offline if nothing
+/// follows.
 pub fn node_status(record: &NodeRecord, live: Option<&NodeLiveness>, now_ms: u64) -> NodeStatus {
     let Some(live) = live else {
-        return NodeStatus::Offline;
+        let since = now_ms.saturating_sub(record.registered_at_ms);
+        return if since > offline_after_ms(DEFAULT_HEARTBEAT_INTERVAL_MS) {
+            NodeStatus::Offline
+        } else {
+            NodeStatus::Online
+        };
     };
     if live.state == NodeState::Leaving {
         return NodeStatus::Left;
@@ -124,8 +135,11 @@ mod tests {
     }
 
     #[test]
-    fn a_node_that_never_heartbeated_is_offline() {
-        assert_eq!(node_status(&record(), None, 1_000), NodeStatus::Offline);
+    fn a_node_is_online_the_moment_it_registers_and_offline_if_no_heartbeat_follows() {
+        assert_eq!(node_status(&record(), None, 1_000), NodeStatus::Online);
+        let due = 1_000 + offline_after_ms(DEFAULT_HEARTBEAT_INTERVAL_MS);
+        assert_eq!(node_status(&record(), None, due), NodeStatus::Online);
+        assert_eq!(node_status(&record(), None, due + 1), NodeStatus::Offline);
     }
 
     #[test]

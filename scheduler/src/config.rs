@@ -44,7 +44,9 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             nats_url: DEFAULT_NATS_URL.into(),
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_millis(
+                apiary_proto::liveness::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            ),
             max_in_flight: 256,
             reply_subject_prefixes: vec![subject::DEFAULT_REPLY_PREFIX.to_owned()],
             max_attempts: 3,
