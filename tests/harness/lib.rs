@@ -487,6 +487,18 @@ impl Stack {
         dispatches
     }
 
+    /// Stores `bytes` in the module store under `name` as they are, with no digest check: what
+    /// a botched hand upload or a tampered store leaves there.
+    pub async fn put_module_object(&self, name: &str, bytes: &[u8]) {
+        async_nats::jetstream::new(self.nats().await)
+            .get_object_store(apiary_proto::topology::MODULES_BUCKET)
+            .await
+            .expect("the module store")
+            .put(name, &mut &bytes[..])
+            .await
+            .expect("put the object");
+    }
+
     /// The cluster's node bucket, `APIARY_NODES`.
     pub async fn nodes_bucket(&self) -> async_nats::jetstream::kv::Store {
         let js = async_nats::jetstream::new(self.nats().await);

@@ -173,15 +173,9 @@ async fn a_corrupted_module_in_the_store_is_refused_by_its_digest() {
         .expect("upload");
     // Another valid module under uppercase's name, as a botched hand upload or a tampered
     // store leaves it: it would run, and answer for the wrong module.
-    let js = async_nats::jetstream::new(stack.nats().await);
-    let store = js
-        .get_object_store(apiary_proto::topology::MODULES_BUCKET)
-        .await
-        .expect("the module store");
-    store
-        .put(reference.sha256.as_str(), &mut &wasm("wordcount")[..])
-        .await
-        .expect("overwrite");
+    stack
+        .put_module_object(&reference.sha256, &wasm("wordcount"))
+        .await;
 
     let failure = stack
         .run_expecting_failure(

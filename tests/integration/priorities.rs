@@ -199,12 +199,7 @@ async fn a_task_stream_and_consumer_from_before_priorities_are_brought_up_to_dat
     // itself, and this is about the scheduler doing it.
     let uppercase = wasm("uppercase");
     let module = ModuleRef::for_bytes(&uppercase);
-    js.get_object_store(topology::MODULES_BUCKET)
-        .await
-        .expect("module store")
-        .put(module.sha256.as_str(), &mut uppercase.as_ref())
-        .await
-        .expect("module stored");
+    stack.put_module_object(&module.sha256, &uppercase).await;
     let inbox = nats.new_inbox();
     let mut delivered = nats.subscribe(inbox.clone()).await.expect("subscribe");
     apiary_sdk::round_trip(&nats)

@@ -145,15 +145,9 @@ async fn the_module_store_puts_once_lists_gets_checked_bytes_and_removes() {
     assert_eq!(modules.get(&reference).await.expect("get"), bytes);
 
     // Other bytes under the module's name, as a botched hand upload leaves them.
-    let js = async_nats::jetstream::new(stack.nats().await);
-    let store = js
-        .get_object_store(apiary_proto::topology::MODULES_BUCKET)
-        .await
-        .expect("the module store");
-    store
-        .put(reference.sha256.as_str(), &mut &b"not the module"[..])
-        .await
-        .expect("overwrite");
+    stack
+        .put_module_object(&reference.sha256, b"not the module")
+        .await;
     assert_eq!(
         modules.get(&reference).await.expect_err("corrupt").kind(),
         ModuleErrorKind::Corrupt
