@@ -287,3 +287,24 @@ async fn a_node_that_forbids_scratch_and_host_apis_refuses_them() {
         assert!(failure.error.message.contains(grant), "{}", failure.error);
     }
 }
+
+/// On a multi-thread runtime, as the agent's binary has, a module that cannot block (the
+/// kv-counter imports no `poll_oneoff`) runs on the async worker itself, and its host calls
+/// are made on the runtime from inside that run (`Handle::block_on` within
+/// `block_in_place`). The other tests here run on a current-thread runtime, where runs go to
+/// the blocking pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_calls_work_from_a_run_on_the_worker_thread() {
+    let (stack, _running) = Stack::with_one_node().await;
+    let count = || {
+        Task::new(wasm("kv-counter"))
+            .kv(namespace("fast"))
+            .input("n")
+    };
+    assert_eq!(stdout(&output(&stack, count()).await), "1\n");
+    assert_eq!(stdout(&output(&stack, count()).await), "2\n");
+    let published = Task::new(wasm("publish"))
+        .publish(namespace("fast"))
+        .input("x");
+    assert!(stdout(&output(&stack, published).await).starts_with("published 1 bytes"));
+}
