@@ -237,7 +237,7 @@ pub fn malformed<T>(inbound: &Inbound, err: &CodecError) -> Reply<T> {
 /// `last_error`. A requester takes the first answer; the second goes nowhere.
 pub async fn serve_inbound<Req, Resp, H, Fut>(
     client: async_nats::Client,
-    mut endpoint: Endpoint,
+    endpoint: Endpoint,
     handler: H,
 ) where
     Req: DeserializeOwned,
@@ -245,60 +245,81 @@ pub async fn serve_inbound<Req, Resp, H, Fut>(
     H: Fn(Inbound, Result<Req, CodecError>) -> Fut,
     Fut: Future<Output = Option<Reply<Resp>>>,
 {
-    while let Some(request) = endpoint.next().await {
-        let message = &request.message;
-        let node = subject::parse_node_subject(message.subject.as_str()).map(|(node, _)| node);
-        let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
-        let decoded = codec::decode_message::<Req>(message.headers.as_ref(), &message.payload)
-            .map(|(decoded, _)| decoded);
-        let inbound = Inbound {
-            subject: message.subject.to_string(),
-            node,
-            headers: message.headers.clone(),
-            payload: message.payload.clone(),
-        };
-        let Some(reply) = handler(inbound, decoded).await else {
-            continue;
-        };
-        let encoded = fitting(
-            encode_reply(encoding, &reply),
-            encoding,
-            client.server_info().max_payload,
-            message.subject.as_str(),
-        );
-        let refusal = match (&reply, &encoded) {
-            (Reply::Error(error), _) => Some(async_nats::service::error::Error {
-                status: error.message.clone(),
-                code: usize::from(error.code.status()),
-            }),
-            (Reply::Ok(_), Ok(Fitted::Refused(error, ..))) => {
-                Some(async_nats::service::error::Error {
-                    status: error.message.clone(),
-                    code: usize::from(error.code.status()),
-                })
-            }
-            (Reply::Ok(_), _) => None,
-        };
-        let encoded = encoded.map(Fitted::into_parts);
-        drop(reply);
-        let sent = match encoded {
-            Ok((headers, body)) => match (refusal, message.reply.clone()) {
-                (Some(refusal), Some(reply_to)) => {
-                    match client.publish_with_headers(reply_to, headers, body).await {
-                        Ok(()) => request.respond(Err(refusal)).await,
-                        Err(err) => Err(err),
-                    }
+    // Requests are answered concurrently: a handler mostly waits on JetStream (a KV put for
+    // every heartbeat), and answering one at a time capped a replica at one store round trip
+    // per request. The bound keeps a flood from holding unbounded memory; past it the
+    // endpoint's subscription buffers, as it did before.
+    endpoint
+        .for_each_concurrent(MAX_CONCURRENT_REQUESTS, |request| {
+            answer(&client, request, &handler)
+        })
+        .await;
+}
+
+/// How many requests one endpoint handles at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 256;
+
+/// Decodes one request, hands it to `handler` and sends its answer, if it has one.
+async fn answer<Req, Resp, H, Fut>(
+    client: &async_nats::Client,
+    request: async_nats::service::Request,
+    handler: &H,
+) where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    H: Fn(Inbound, Result<Req, CodecError>) -> Fut,
+    Fut: Future<Output = Option<Reply<Resp>>>,
+{
+    let message = &request.message;
+    let node = subject::parse_node_subject(message.subject.as_str()).map(|(node, _)| node);
+    let encoding = Encoding::detect(message.headers.as_ref(), &message.payload);
+    let decoded = codec::decode_message::<Req>(message.headers.as_ref(), &message.payload)
+        .map(|(decoded, _)| decoded);
+    let inbound = Inbound {
+        subject: message.subject.to_string(),
+        node,
+        headers: message.headers.clone(),
+        payload: message.payload.clone(),
+    };
+    let Some(reply) = handler(inbound, decoded).await else {
+        return;
+    };
+    let encoded = fitting(
+        encode_reply(encoding, &reply),
+        encoding,
+        client.server_info().max_payload,
+        message.subject.as_str(),
+    );
+    let refusal = match (&reply, &encoded) {
+        (Reply::Error(error), _) => Some(async_nats::service::error::Error {
+            status: error.message.clone(),
+            code: usize::from(error.code.status()),
+        }),
+        (Reply::Ok(_), Ok(Fitted::Refused(error, ..))) => Some(async_nats::service::error::Error {
+            status: error.message.clone(),
+            code: usize::from(error.code.status()),
+        }),
+        (Reply::Ok(_), _) => None,
+    };
+    let encoded = encoded.map(Fitted::into_parts);
+    drop(reply);
+    let sent = match encoded {
+        Ok((headers, body)) => match (refusal, message.reply.clone()) {
+            (Some(refusal), Some(reply_to)) => {
+                match client.publish_with_headers(reply_to, headers, body).await {
+                    Ok(()) => request.respond(Err(refusal)).await,
+                    Err(err) => Err(err),
                 }
-                _ => request.respond_with_headers(Ok(body), headers).await,
-            },
-            Err(err) => {
-                tracing::error!(error = %err, "failed to encode a reply");
-                continue;
             }
-        };
-        if let Err(err) = sent {
-            tracing::warn!(error = %err, "failed to send a reply");
+            _ => request.respond_with_headers(Ok(body), headers).await,
+        },
+        Err(err) => {
+            tracing::error!(error = %err, "failed to encode a reply");
+            return;
         }
+    };
+    if let Err(err) = sent {
+        tracing::warn!(error = %err, "failed to send a reply");
     }
 }
 

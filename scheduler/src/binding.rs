@@ -63,7 +63,15 @@ pub(crate) async fn admit(
                 token_id: binding.token_id,
             });
         }
-        let token_id = match tokens::redeem(&shared.cluster, token, public_key, now_ms()).await {
+        // One redemption at a time in this replica: every node of a fleet that boots
+        // together presents the same token, and its use count is one key, so concurrent
+        // redemptions would mostly lose their compare-and-set and retry. Queued, each costs
+        // one read and one write; only other replicas' redemptions still contend.
+        let redeemed = {
+            let _turn = shared.redeeming.lock().await;
+            tokens::redeem(&shared.cluster, token, public_key, now_ms()).await
+        };
+        let token_id = match redeemed {
             Ok(token_id) => token_id,
             Err(refusal) => {
                 if refusal.reason.is_some() {

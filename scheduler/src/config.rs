@@ -7,6 +7,11 @@ use apiary_proto::DEFAULT_NATS_URL;
 use apiary_proto::subject;
 use serde::{Deserialize, Serialize};
 
+/// A day, as Nomad forgets down nodes: long enough that a host switched off overnight or
+/// over a weekend's power cut is still listed, short enough that a fleet that churns
+/// through hosts does not carry them all forever.
+pub const DEFAULT_FORGET_OFFLINE_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
@@ -38,6 +43,12 @@ pub struct SchedulerConfig {
     /// `APIARY_TASK_ARCHIVE_MAX_BYTES`: the most disk the task archive may use; the oldest
     /// records go first when it is full, even inside the retention period.
     pub task_archive_max_bytes: i64,
+    /// `APIARY_FORGET_OFFLINE_AFTER`: how long a node may be offline (or gone, having left)
+    /// before it leaves the node table and its dispatch queue is deleted, once it holds no
+    /// work. Its key stays bound to its id and its operator settings stay, so a node that
+    /// comes back later registers again without a token. `0s` keeps offline nodes forever.
+    #[serde(with = "humantime_serde")]
+    pub forget_offline_after: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -53,6 +64,7 @@ impl Default for SchedulerConfig {
             node_backlog: None,
             task_retention: apiary_proto::topology::TASK_RETENTION,
             task_archive_max_bytes: apiary_proto::topology::TASK_ARCHIVE_MAX_BYTES,
+            forget_offline_after: DEFAULT_FORGET_OFFLINE_AFTER,
         }
     }
 }

@@ -43,6 +43,7 @@ pub mod config;
 mod delivery;
 mod dlq;
 pub mod fairness;
+mod forget;
 mod intake;
 mod nodes;
 mod pull;
@@ -118,6 +119,7 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
             changed,
             synced,
             counters: Arc::default(),
+            redeeming: tokio::sync::Mutex::default(),
         });
 
         let counters = shared.counters.clone();
@@ -194,6 +196,8 @@ struct Shared {
     /// True once the replica has read the whole node bucket.
     synced: watch::Sender<bool>,
     counters: Arc<Counters>,
+    /// Taken while a join token is redeemed (see `binding::admit`).
+    redeeming: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -301,6 +305,8 @@ struct Counters {
     tasks_cancelled: AtomicU64,
     /// Tasks that timed out in the queue.
     tasks_timed_out: AtomicU64,
+    /// Nodes forgotten after being offline longer than `forget_offline_after`.
+    nodes_forgotten: AtomicU64,
 }
 
 /// [`Counters`] as they appear in `$SRV.STATS`.
@@ -322,6 +328,7 @@ struct CountersSnapshot {
     tasks_dead: u64,
     tasks_cancelled: u64,
     tasks_timed_out: u64,
+    nodes_forgotten: u64,
 }
 
 impl Counters {
@@ -348,6 +355,7 @@ impl Counters {
             tasks_dead: read(&self.tasks_dead),
             tasks_cancelled: read(&self.tasks_cancelled),
             tasks_timed_out: read(&self.tasks_timed_out),
+            nodes_forgotten: read(&self.nodes_forgotten),
         })
         .unwrap_or_default()
     }

@@ -19,7 +19,7 @@ use crate::delivery::CAS_TRIES;
 use crate::records::WriteError;
 use crate::settle;
 use crate::view::Handover;
-use crate::{Counters, Shared, contention_pause};
+use crate::{Counters, Shared, contention_pause, forget};
 
 /// Hands out again, at once, every task a node's previous process held: the node's consumer
 /// is deleted, and the agent's next pull creates it anew, which delivers everything still in
@@ -81,27 +81,48 @@ pub(crate) async fn recover_lost_work(
             _ = ticker.tick() => {}
         }
         tidy_outstanding(&shared, &mut connects);
-        let lost = shared.view().lost_nodes(now_ms());
-        for node in lost {
-            // Bounded, so that one lost reply (a server restart mid-fetch) cannot stall
-            // recovery for every other node.
-            let recovering =
-                tokio::time::timeout(RECOVERY_TIMEOUT, recover_node(&shared, &stream, &node));
-            // A stopping replica leaves a round half done: what it fetched and did not move
-            // goes back to the node's consumer after the ack wait, and another replica moves
-            // it.
-            let recovered = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                recovered = recovering => recovered,
-            };
-            let error = match recovered {
-                Ok(Ok(())) => continue,
-                Ok(Err(err)) => format!("{err:#}"),
-                Err(_) => format!("no answer within {RECOVERY_TIMEOUT:?}"),
-            };
-            tracing::warn!(node_id = %node, error, "failed to recover work from a lost node");
+        let lost = shared.view().nodes_to_recover(now_ms());
+        // A few nodes at a time: after a rack loses power, hundreds of nodes are lost at
+        // once, and looking at them one after another would take many rounds.
+        let round = futures::stream::iter(lost).for_each_concurrent(RECOVERY_CONCURRENCY, |node| {
+            let shared = &shared;
+            let stream = &stream;
+            async move {
+                // Bounded, so that one lost reply (a server restart mid-fetch) cannot
+                // stall recovery for every other node.
+                let recovered =
+                    tokio::time::timeout(RECOVERY_TIMEOUT, recover_node(shared, stream, &node))
+                        .await;
+                let error = match recovered {
+                    Ok(Ok(Drained::Yes)) => {
+                        shared.update(|view| view.mark_drained(&node, now_ms()));
+                        return;
+                    }
+                    Ok(Ok(Drained::No)) => return,
+                    Ok(Err(err)) => format!("{err:#}"),
+                    Err(_) => format!("no answer within {RECOVERY_TIMEOUT:?}"),
+                };
+                tracing::warn!(node_id = %node, error, "failed to recover work from a lost node");
+            }
+        });
+        // A stopping replica leaves a round half done: what it fetched and did not move goes
+        // back to the node's consumer after the ack wait, and another replica moves it.
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            () = round => {}
+        }
+        let forgetting = forget::forget_gone_nodes(&shared, &stream);
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            () = forgetting => {}
         }
     }
+}
+
+/// Whether a recovery round found the node's queue empty, nothing queued and nothing held.
+enum Drained {
+    Yes,
+    No,
 }
 
 /// Keeps the view's count of this replica's unfinished dispatches honest, once a tick: work
@@ -130,6 +151,8 @@ fn tidy_outstanding(shared: &Shared, connects: &mut u64) {
     }
 }
 
+/// How many lost nodes one replica looks at at once.
+const RECOVERY_CONCURRENCY: usize = 16;
 /// How many of a lost node's tasks one replica moves per round.
 const RECOVERY_BATCH: usize = 64;
 /// The longest one node's recovery round may take.
@@ -139,7 +162,7 @@ async fn recover_node(
     shared: &Shared,
     stream: &jetstream::stream::Stream,
     node: &NodeId,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Drained> {
     // Created if missing: a node that registered but died before making its consumer may
     // still have had work placed on it.
     let mut consumer: jetstream::consumer::PullConsumer = stream
@@ -154,7 +177,7 @@ async fn recover_node(
         .await
         .context("failed to read the node's consumer")?;
     if info.num_pending == 0 && info.num_ack_pending == 0 {
-        return Ok(());
+        return Ok(Drained::Yes);
     }
     let mut batch = consumer
         .fetch()
@@ -178,7 +201,7 @@ async fn recover_node(
             }
         }
     }
-    Ok(())
+    Ok(Drained::No)
 }
 
 /// Moves one task off a lost or drained node, if the dispatch is still the task's current

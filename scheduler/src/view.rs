@@ -35,6 +35,10 @@ struct NodeEntry {
     outstanding: u32,
     /// How fast this replica's dispatches to the node finish lately.
     pace: Pace,
+    /// When a recovery round last found nothing of the node's work left to move, while it
+    /// was lost; cleared by anything that may give it work again (a heartbeat, a
+    /// registration, a dispatch from this replica).
+    drained_at_ms: Option<u64>,
 }
 
 /// How long one count of a node's finished tasks runs ([`Pace`]).
@@ -296,7 +300,9 @@ impl NodeView {
         match change {
             NodeChange::Registered(record) => {
                 let node = record.info.node_id.clone();
-                self.nodes.entry(node).or_default().record = Some(record);
+                let entry = self.nodes.entry(node).or_default();
+                entry.record = Some(record);
+                entry.drained_at_ms = None;
             }
             NodeChange::Forgotten(node) => {
                 if let Some(entry) = self.nodes.get_mut(&node) {
@@ -305,7 +311,9 @@ impl NodeView {
                 self.drop_if_empty(&node);
             }
             NodeChange::Heartbeat(node, live) => {
-                self.nodes.entry(node).or_default().live = Some(live);
+                let entry = self.nodes.entry(node).or_default();
+                entry.live = Some(live);
+                entry.drained_at_ms = None;
             }
             NodeChange::LivenessCleared(node) => {
                 if let Some(entry) = self.nodes.get_mut(&node) {
@@ -507,6 +515,7 @@ impl NodeView {
         }
         if let Some(entry) = self.nodes.get_mut(node) {
             entry.outstanding = entry.outstanding.saturating_add(1);
+            entry.drained_at_ms = None;
         }
         self.last_chosen = Some(node.clone());
     }
@@ -593,12 +602,78 @@ impl NodeView {
             .collect()
     }
 
+    /// The lost nodes (see [`NodeView::lost_nodes`]) that a recovery round should look at
+    /// now: those not found drained within the last [`RECHECK_DRAINED_MS`]. Looking at a
+    /// node costs two JetStream API calls, so a fleet with many long-dead nodes would
+    /// otherwise pay them for every dead node on every round; this way the cost follows the
+    /// work actually stranded, plus one look per drained node every recheck period (which
+    /// catches a dispatch another replica stored just as the node was lost).
+    pub fn nodes_to_recover(&self, now_ms: u64) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, entry)| entry.handover(now_ms).is_some())
+            .filter(|(_, entry)| {
+                entry
+                    .drained_at_ms
+                    .is_none_or(|at| now_ms.saturating_sub(at) >= RECHECK_DRAINED_MS)
+            })
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    /// Records that a recovery round found nothing of `node`'s work left to move.
+    pub fn mark_drained(&mut self, node: &NodeId, now_ms: u64) {
+        if let Some(entry) = self.nodes.get_mut(node) {
+            entry.drained_at_ms = Some(now_ms);
+        }
+    }
+
+    /// Nodes that have been offline (or have left) for longer than `after_ms` and hold no
+    /// work, with the revisions of their registration and liveness records: the records to
+    /// delete, each only if it is still that revision, so that a node that comes back in
+    /// the meantime is not forgotten.
+    pub fn forgettable(&self, now_ms: u64, after_ms: u64) -> Vec<Forgettable> {
+        self.nodes
+            .iter()
+            .filter(|(_, entry)| entry.drained_at_ms.is_some() && entry.outstanding == 0)
+            .filter_map(|(node, entry)| {
+                let record = entry.record.as_ref()?;
+                let status = liveness::node_status(record, entry.live.as_ref(), now_ms);
+                let last_seen = entry
+                    .live
+                    .as_ref()
+                    .map_or(0, |live| live.last_seen_ms)
+                    .max(record.registered_at_ms);
+                (status != NodeStatus::Online && now_ms.saturating_sub(last_seen) > after_ms).then(
+                    || Forgettable {
+                        node: node.clone(),
+                        record_revision: entry.record_revision,
+                        live_revision: entry.live.as_ref().map(|_| entry.live_revision),
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// Why `node`'s queued work must go elsewhere now, if it must (see
     /// [`NodeView::lost_nodes`]).
     pub fn handover(&self, node: &NodeId, now_ms: u64) -> Option<Handover> {
         self.nodes.get(node)?.handover(now_ms)
     }
 }
+
+/// A node to forget, with the revisions of the records that say so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forgettable {
+    pub node: NodeId,
+    pub record_revision: u64,
+    /// `None` when the node never heartbeated.
+    pub live_revision: Option<u64>,
+}
+
+/// How long a lost node found drained is left alone by recovery before it is looked at
+/// again.
+pub const RECHECK_DRAINED_MS: u64 = 60_000;
 
 /// The node bucket's revisions went backwards: it was deleted and created again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -758,6 +833,77 @@ mod tests {
             view.apply(NodeChange::Heartbeat(id(name), live(running, NOW)));
         }
         view
+    }
+
+    #[test]
+    fn recovery_leaves_a_drained_lost_node_alone_until_the_recheck_or_news_of_it() {
+        let mut view = view(&[("a", 2, 2, 0), ("b", 2, 2, 0)]);
+        let later = NOW + 10_000;
+        assert_eq!(view.nodes_to_recover(later), vec![id("a"), id("b")]);
+        view.mark_drained(&id("a"), later);
+        assert_eq!(view.nodes_to_recover(later + 1), vec![id("b")]);
+        assert_eq!(
+            view.nodes_to_recover(later + RECHECK_DRAINED_MS),
+            vec![id("a"), id("b")]
+        );
+        // The lost list itself still holds it: only the look at its queue is spared.
+        assert_eq!(view.lost_nodes(later + 1), vec![id("a"), id("b")]);
+        // A dispatch from this replica may have given it work again.
+        view.reserve(&id("a"), "t.1".into(), later + 60_000);
+        assert_eq!(view.nodes_to_recover(later + 1), vec![id("a"), id("b")]);
+        view.mark_drained(&id("a"), later);
+        // So may a heartbeat (an agent that was only cut off), even an old one.
+        view.apply(NodeChange::Heartbeat(id("a"), live(0, NOW)));
+        assert_eq!(view.nodes_to_recover(later + 1), vec![id("a"), id("b")]);
+    }
+
+    #[test]
+    fn only_drained_nodes_gone_longer_than_the_period_are_forgettable() {
+        let mut view = NodeView::default();
+        for (name, last_seen) in [("gone", NOW - 50_000), ("lately", NOW - 5_000)] {
+            view.apply_written(1, NodeChange::Registered(record(name, 2, 2)));
+            view.apply_written(7, NodeChange::Heartbeat(id(name), live(0, last_seen)));
+        }
+        // Registered and never heard of since: judged from the registration time.
+        let mut silent = record("silent", 2, 2);
+        silent.registered_at_ms = NOW - 50_000;
+        view.apply_written(3, NodeChange::Registered(silent));
+        let mut left = live(0, NOW - 50_000);
+        left.state = NodeState::Leaving;
+        view.apply_written(1, NodeChange::Registered(record("left", 2, 2)));
+        view.apply_written(4, NodeChange::Heartbeat(id("left"), left));
+        view.apply_written(1, NodeChange::Registered(record("online", 2, 2)));
+        view.apply_written(4, NodeChange::Heartbeat(id("online"), live(0, NOW)));
+        let forget_after = 30_000;
+        // Nothing is forgotten before recovery has found it holds no work.
+        assert_eq!(view.forgettable(NOW, forget_after), vec![]);
+        for name in ["gone", "lately", "silent", "left", "online"] {
+            view.mark_drained(&id(name), NOW);
+        }
+        let nodes: Vec<_> = view
+            .forgettable(NOW, forget_after)
+            .into_iter()
+            .map(|forget| forget.node)
+            .collect();
+        assert_eq!(nodes, vec![id("gone"), id("left"), id("silent")]);
+        assert_eq!(
+            view.forgettable(NOW, forget_after)[0],
+            Forgettable {
+                node: id("gone"),
+                record_revision: 1,
+                live_revision: Some(7),
+            }
+        );
+        assert_eq!(view.forgettable(NOW, forget_after)[2].live_revision, None);
+        // Work of this replica's still out there keeps a node.
+        view.reserve(&id("gone"), "t.1".into(), NOW + 60_000);
+        view.mark_drained(&id("gone"), NOW);
+        assert!(
+            !view
+                .forgettable(NOW, forget_after)
+                .iter()
+                .any(|forget| forget.node == id("gone"))
+        );
     }
 
     #[test]

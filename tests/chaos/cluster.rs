@@ -26,6 +26,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a killed process may take to be reaped. SIGKILL cannot be ignored, so this only
 /// bounds a kernel that is very busy.
 const REAP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of a process's log a failed start prints.
+const START_LOG_TAIL_LINES: usize = 40;
 
 /// What the cluster is made of and where its binaries are.
 #[derive(Clone, Debug)]
@@ -387,11 +389,14 @@ impl Cluster {
         if let Some(child) = proc.child.as_mut()
             && let Ok(Some(status)) = child.try_wait()
         {
+            // CI keeps only what is printed, not the run directory: the log's last lines
+            // go into the error, so a failed start can be understood from CI's output.
             bail!(
-                "{} {} while starting; see {}",
+                "{} {} while starting; the end of {}:\n{}",
                 proc.spec.name,
                 describe(status),
-                proc.spec.log.display()
+                proc.spec.log.display(),
+                log_tail(&proc.spec.log, START_LOG_TAIL_LINES)
             );
         }
         Ok(())
@@ -490,6 +495,17 @@ fn free_port() -> anyhow::Result<u16> {
         .local_addr()
         .context("failed to read the free port")?
         .port())
+}
+
+/// The last `lines` lines of a process's log, or why they could not be read.
+fn log_tail(log: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(log) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(err) => format!("(could not read it: {err})"),
+    }
 }
 
 fn describe(status: ExitStatus) -> String {

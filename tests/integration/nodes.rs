@@ -3,10 +3,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use apiary_agent::config::AgentConfig;
 use apiary_harness::{HandNode, PATIENCE, Stack, eventually, wasm, within};
+use apiary_proto::admin::Schedule;
 use apiary_proto::message::{Dispatch, NodeStatus, NodesListReply, NodesListRequest};
 use apiary_proto::subject::NodeVerb;
-use apiary_proto::{codec, rpc, subject};
+use apiary_proto::{codec, rpc, subject, topology};
+use apiary_scheduler::config::SchedulerConfig;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -151,6 +154,71 @@ async fn a_forgotten_node_registers_again() {
         (nodes.first()?.status == NodeStatus::Online).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_node_gone_longer_than_the_forget_period_is_forgotten_and_comes_back_by_its_key() {
+    let stack = Stack::start().await;
+    let replica = stack
+        .spawn_scheduler_with(SchedulerConfig {
+            forget_offline_after: Duration::from_secs(2),
+            ..stack.scheduler_config()
+        })
+        .await;
+    let gone = stack.spawn_agent_online("node-a").await;
+    let _staying = stack.spawn_agent_online("node-b").await;
+    let client = stack.client().await;
+    let node_a = apiary_proto::NodeId::new("node-a").expect("id");
+    client.cordon(&node_a).await.expect("cordon node-a");
+    let js = async_nats::jetstream::new(stack.nats().await);
+    let dispatch = js
+        .get_stream(topology::DISPATCH_STREAM)
+        .await
+        .expect("the dispatch stream");
+    let consumer = topology::node_dispatch_consumer_name(&node_a);
+    dispatch
+        .consumer_info(&consumer)
+        .await
+        .expect("node-a pulls through its own consumer");
+
+    gone.crash().await;
+    let left = eventually(PATIENCE, "node-a to be forgotten", || async {
+        let nodes = client.nodes().await.ok()?;
+        (!nodes.iter().any(|node| node.info.node_id == node_a)).then_some(nodes)
+    })
+    .await;
+    // Only the node that was gone: the one still heartbeating stays, online.
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].info.node_id.as_str(), "node-b");
+    assert_eq!(left[0].status, NodeStatus::Online);
+    let err = dispatch
+        .consumer_info(&consumer)
+        .await
+        .expect_err("the forgotten node's consumer is deleted");
+    assert_eq!(
+        err.kind(),
+        async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound
+    );
+    assert_eq!(
+        stack
+            .scheduler_counters(&replica)
+            .await
+            .get("nodes_forgotten"),
+        1
+    );
+
+    // Its key is still bound to its id, so it comes back without a token; and the cordon
+    // its operator set is still there.
+    let back = stack
+        .spawn_agent_online_with(AgentConfig {
+            token: None,
+            ..stack.agent_config("node-a")
+        })
+        .await;
+    let summary = client.node(&node_a).await.expect("node-a is listed again");
+    assert_eq!(summary.status, NodeStatus::Online);
+    assert_eq!(summary.admin.schedule, Schedule::Cordoned);
+    drop(back);
 }
 
 /// Sends `body` as JSON to `subject`, as a client in another language would, and returns
