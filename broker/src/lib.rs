@@ -173,6 +173,11 @@ impl NatsServer {
         &self.url
     }
 
+    /// The server's process id, for reading its resource use.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's directory (store, log, ports file).
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -70,21 +70,83 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
         raw_publish_latency(&nats, options.latency_samples).await?,
         raw_publish_throughput(&nats, options.throughput_count, options.in_flight).await?,
     ];
-    let client = Client::connect(url).await?;
-    // Upload once and warm every agent's compiled-module cache, so the figures are of the
-    // task path and not of the first compilation.
-    let module = client.upload_module(&options.module).await?;
-    for _ in 0..8 {
-        client
-            .submit(Task::stored(module.clone()).input("warm up"))
-            .await?
-            .result_within(Duration::from_secs(60))
-            .await?;
-    }
+    let (client, module) = warmed_client(url, options).await?;
     figures.push(task_latency(&client, &module, options.latency_samples).await?);
     figures.extend(agent_overhead(&client).await?);
     figures.push(cold_task_latency(&client, &options.module).await?);
     figures.push(status_latency(&client, &module, options.latency_samples).await?);
+    figures.push(status_throughput(&client, &module, options).await?);
+    let most = task_throughput(
+        &client,
+        &module,
+        options.throughput_count,
+        options.in_flight,
+    )
+    .await?;
+    let half = most.per_second.unwrap_or(0.0) / 2.0;
+    figures.push(most);
+    if half >= 1.0 {
+        figures.push(task_latency_at_rate(&client, &module, half, options.latency_samples).await?);
+    }
+    figures.push(map_throughput(&client, &module, options).await?);
+    figures.extend(
+        crate::bench_module::module_figures(options.module.clone(), options.latency_samples)
+            .await?,
+    );
+    Ok(figures)
+}
+
+/// An SDK client, with the benchmark's module uploaded and run a few times, so that every
+/// agent's compiled-module cache is warm and the figures are of the task path and not of the
+/// first compilation.
+async fn warmed_client(
+    url: &str,
+    options: &BenchOptions,
+) -> anyhow::Result<(Client, apiary_proto::message::ModuleRef)> {
+    let client = Client::connect(url).await?;
+    let module = client.upload_module(&options.module).await?;
+    let warm_ups = (0..16).map(|_| Task::stored(module.clone()).input("warm up"));
+    let mut warming = client.submit_batch(warm_ups, 16);
+    while let Some(item) = warming.next().await {
+        item.outcome?;
+    }
+    drop(warming);
+    Ok((client, module))
+}
+
+/// Task throughput on a stack with `agents` agents: the row `apiary bench --local --agents`
+/// prints for each size after the first.
+pub async fn agents_throughput(
+    url: &str,
+    options: &BenchOptions,
+    agents: usize,
+) -> anyhow::Result<Figure> {
+    let (client, module) = warmed_client(url, options).await?;
+    let mut figure = task_throughput(
+        &client,
+        &module,
+        options.throughput_count,
+        options.in_flight,
+    )
+    .await?;
+    figure.name = format!("{}, {agents} agents", figure.name);
+    Ok(figure)
+}
+
+/// The figures that depend on the server's disk writes, on a server that syncs every
+/// JetStream write to disk before acknowledging it (`sync_interval: always`): what
+/// durability against power loss costs (Jepsen's 2025 analysis lost acknowledged writes
+/// under the default, which syncs every two minutes).
+pub async fn durability(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let nats = async_nats::connect(url)
+        .await
+        .with_context(|| format!("failed to connect to {url}"))?;
+    let mut figures = vec![
+        raw_publish_latency(&nats, options.latency_samples).await?,
+        raw_publish_throughput(&nats, options.throughput_count, options.in_flight).await?,
+    ];
+    let (client, module) = warmed_client(url, options).await?;
+    figures.push(task_latency(&client, &module, options.latency_samples).await?);
     figures.push(
         task_throughput(
             &client,
@@ -94,10 +156,9 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
         )
         .await?,
     );
-    figures.extend(
-        crate::bench_module::module_figures(options.module.clone(), options.latency_samples)
-            .await?,
-    );
+    for figure in &mut figures {
+        figure.name = format!("{} [sync always]", figure.name);
+    }
     Ok(figures)
 }
 
@@ -272,6 +333,96 @@ async fn status_latency(
         timings.push(started.elapsed());
     }
     Ok(latency("apiary task status by id (ended)", timings))
+}
+
+/// Status queries by id of an ended task, `in_flight` at once: the rate one replica answers
+/// them at, and each one's round trip under that load.
+async fn status_throughput(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+    options: &BenchOptions,
+) -> anyhow::Result<Figure> {
+    let handle = client
+        .submit(Task::stored(module.clone()).input("bench"))
+        .await?;
+    let id = handle.id().clone();
+    handle.result_within(Duration::from_secs(60)).await?;
+    let started = Instant::now();
+    let mut asked = futures::stream::iter(0..options.throughput_count)
+        .map(|_| async {
+            let sent = Instant::now();
+            client.task_status(&id).await.map(|_| sent.elapsed())
+        })
+        .buffer_unordered(options.in_flight.max(1));
+    let mut timings = Vec::with_capacity(options.throughput_count);
+    while let Some(took) = asked.next().await {
+        timings.push(took?);
+    }
+    let elapsed = started.elapsed();
+    let name = format!("apiary task status by id, {} in flight", options.in_flight);
+    let rate = throughput(&name, timings.len(), elapsed);
+    Ok(Figure {
+        per_second: rate.per_second,
+        ..latency(&name, timings)
+    })
+}
+
+/// Round trips of tasks submitted at a steady `rate` (open loop: each is submitted on time,
+/// whether or not the earlier ones have ended), half of the most the cluster did.
+async fn task_latency_at_rate(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+    rate: f64,
+    samples: usize,
+) -> anyhow::Result<Figure> {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..samples {
+        ticker.tick().await;
+        let client = client.clone();
+        let task = Task::stored(module.clone()).input("bench");
+        running.spawn(async move {
+            let started = Instant::now();
+            client
+                .submit(task)
+                .await?
+                .result_within(Duration::from_secs(120))
+                .await?;
+            anyhow::Ok(started.elapsed())
+        });
+    }
+    let mut timings = Vec::with_capacity(samples);
+    while let Some(took) = running.join_next().await {
+        timings.push(took??);
+    }
+    Ok(latency(
+        &format!("apiary task: submit → result at {rate:.0}/s (half the most)"),
+        timings,
+    ))
+}
+
+/// One module over many inputs, submitted together through the SDK's batch API
+/// (`Client::submit_batch`), as `apiary map` does: items per second.
+async fn map_throughput(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+    options: &BenchOptions,
+) -> anyhow::Result<Figure> {
+    let count = options.throughput_count;
+    let tasks = (0..count).map(|item| Task::stored(module.clone()).input(item.to_string()));
+    let started = Instant::now();
+    let mut items = client.submit_batch(tasks, options.in_flight.max(1));
+    let mut done = 0;
+    while let Some(item) = items.next().await {
+        item.outcome?;
+        done += 1;
+    }
+    Ok(throughput(
+        &format!("apiary map: {count} items through submit_batch, items/s"),
+        done,
+        started.elapsed(),
+    ))
 }
 
 async fn task_throughput(

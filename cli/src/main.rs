@@ -123,6 +123,14 @@ enum Command {
         /// The module tasks run; a tiny built-in echo module by default.
         #[arg(long)]
         module: Option<PathBuf>,
+        /// With --local: stacks of this many agents, one after another (comma-separated).
+        /// The first gets every figure; each other adds its task throughput as a row.
+        #[arg(long, value_delimiter = ',', default_value = "1", requires = "local")]
+        agents: Vec<usize>,
+        /// With --local: also measure on a server that syncs every JetStream write to disk
+        /// before acknowledging it (`sync_interval: always`), rows marked `[sync always]`.
+        #[arg(long, requires = "local")]
+        durability: bool,
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
@@ -505,6 +513,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             count,
             in_flight,
             module,
+            agents,
+            durability,
             json,
         } => {
             let module = match module {
@@ -529,10 +539,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let figures = if local {
-                let stack = apiary_cli::dev::DevStack::start(0).await?;
-                let figures = measure(stack.url().to_owned()).await;
-                stack.stop().await?;
-                figures?
+                let mut figures = Vec::new();
+                for (index, &count) in agents.iter().enumerate() {
+                    let stack = apiary_cli::dev::DevStack::start_with(apiary_cli::dev::DevOptions {
+                        agents: count,
+                        ..apiary_cli::dev::DevOptions::default()
+                    })
+                    .await?;
+                    let measured = if index == 0 {
+                        measure(stack.url().to_owned()).await
+                    } else {
+                        apiary_cli::bench::agents_throughput(stack.url(), &options, count)
+                            .await
+                            .map(|figure| vec![figure])
+                    };
+                    stack.stop().await?;
+                    figures.extend(measured?);
+                }
+                if durability {
+                    let stack = apiary_cli::dev::DevStack::start_with(apiary_cli::dev::DevOptions {
+                        agents: agents.first().copied().unwrap_or(1),
+                        sync_always: true,
+                        ..apiary_cli::dev::DevOptions::default()
+                    })
+                    .await?;
+                    let measured = apiary_cli::bench::durability(stack.url(), &options).await;
+                    stack.stop().await?;
+                    figures.extend(measured?);
+                }
+                figures
             } else {
                 measure(
                     selected_context(&connection)?

@@ -28,9 +28,15 @@ impl Backbone {
     /// Starts `nats-server` on `port` (0 picks a free one), sets up the cluster's streams
     /// and buckets, and mints a join token described as `purpose`.
     pub async fn start(port: u16, purpose: &str) -> anyhow::Result<Self> {
+        Self::start_with(port, purpose, DEV_CONFIG.to_owned()).await
+    }
+
+    /// [`Backbone::start`] with the server configured by `config` instead of
+    /// `broker-config/dev.conf`.
+    pub async fn start_with(port: u16, purpose: &str, config: String) -> anyhow::Result<Self> {
         let server = NatsServer::start(BrokerOptions {
             port,
-            config: Some(DEV_CONFIG.to_owned()),
+            config: Some(config),
         })
         .await
         .context("failed to start nats-server")?;
@@ -53,6 +59,16 @@ impl Backbone {
         .map_err(|err| anyhow::anyhow!("failed to create a join token: {err}"))?
         .token;
         Ok(Self { server, token })
+    }
+
+    /// The local server's configuration (`broker-config/dev.conf`); with `sync_always`, the
+    /// server writes every JetStream message to disk before acknowledging it.
+    pub fn server_config(sync_always: bool) -> String {
+        if sync_always {
+            DEV_CONFIG.replacen("jetstream {", "jetstream {\n    sync_interval: always", 1)
+        } else {
+            DEV_CONFIG.to_owned()
+        }
     }
 
     pub fn url(&self) -> &str {
