@@ -73,6 +73,7 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
     let (client, module) = warmed_client(url, options).await?;
     figures.push(task_latency(&client, &module, options.latency_samples).await?);
     figures.extend(agent_overhead(&client).await?);
+    figures.extend(crate::bench_hops::hops(url, &client, &module, options.latency_samples).await?);
     figures.push(cold_task_latency(&client, &options.module).await?);
     figures.push(status_latency(&client, &module, options.latency_samples).await?);
     figures.push(status_throughput(&client, &module, options).await?);

@@ -73,7 +73,7 @@ impl DevStack {
             vec![None]
         } else {
             (0..agents)
-                .map(|index| NodeId::new(&format!("local-{index}")).map(Some))
+                .map(|index| NodeId::new(format!("local-{index}")).map(Some))
                 .collect::<Result<_, _>>()
                 .context("failed to name the local agents")?
         };

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod bench;
 pub mod bench_app;
+pub mod bench_hops;
 pub mod bench_module;
 pub mod commands;
 pub mod context;

@@ -541,11 +541,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let figures = if local {
                 let mut figures = Vec::new();
                 for (index, &count) in agents.iter().enumerate() {
-                    let stack = apiary_cli::dev::DevStack::start_with(apiary_cli::dev::DevOptions {
-                        agents: count,
-                        ..apiary_cli::dev::DevOptions::default()
-                    })
-                    .await?;
+                    let stack =
+                        apiary_cli::dev::DevStack::start_with(apiary_cli::dev::DevOptions {
+                            agents: count,
+                            ..apiary_cli::dev::DevOptions::default()
+                        })
+                        .await?;
                     let measured = if index == 0 {
                         measure(stack.url().to_owned()).await
                     } else {
@@ -557,12 +558,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     figures.extend(measured?);
                 }
                 if durability {
-                    let stack = apiary_cli::dev::DevStack::start_with(apiary_cli::dev::DevOptions {
-                        agents: agents.first().copied().unwrap_or(1),
-                        sync_always: true,
-                        ..apiary_cli::dev::DevOptions::default()
-                    })
-                    .await?;
+                    let stack =
+                        apiary_cli::dev::DevStack::start_with(apiary_cli::dev::DevOptions {
+                            agents: agents.first().copied().unwrap_or(1),
+                            sync_always: true,
+                            ..apiary_cli::dev::DevOptions::default()
+                        })
+                        .await?;
                     let measured = apiary_cli::bench::durability(stack.url(), &options).await;
                     stack.stop().await?;
                     figures.extend(measured?);

@@ -9,7 +9,7 @@ use apiary_proto::{NodeId, codec, now_ms, topology};
 use async_nats::jetstream::kv;
 
 use crate::nodes::decode_value;
-use crate::{Counters, Shared, admin, tokens};
+use crate::{Counters, Shared, admin};
 
 /// How often an admission looks again when another registration of the same id came first.
 const ADMIT_ATTEMPTS: usize = 8;
@@ -63,14 +63,10 @@ pub(crate) async fn admit(
                 token_id: binding.token_id,
             });
         }
-        // One redemption at a time in this replica: every node of a fleet that boots
-        // together presents the same token, and its use count is one key, so concurrent
-        // redemptions would mostly lose their compare-and-set and retry. Queued, each costs
-        // one read and one write; only other replicas' redemptions still contend.
-        let redeemed = {
-            let _turn = shared.redeeming.lock().await;
-            tokens::redeem(&shared.cluster, token, public_key, now_ms()).await
-        };
+        let redeemed = shared
+            .redeemer
+            .redeem(&shared.cluster, token, public_key, now_ms())
+            .await;
         let token_id = match redeemed {
             Ok(token_id) => token_id,
             Err(refusal) => {

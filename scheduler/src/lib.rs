@@ -119,7 +119,7 @@ pub async fn run(config: SchedulerConfig, shutdown: CancellationToken) -> anyhow
             changed,
             synced,
             counters: Arc::default(),
-            redeeming: tokio::sync::Mutex::default(),
+            redeemer: tokens::Redeemer::default(),
         });
 
         let counters = shared.counters.clone();
@@ -196,8 +196,8 @@ struct Shared {
     /// True once the replica has read the whole node bucket.
     synced: watch::Sender<bool>,
     counters: Arc<Counters>,
-    /// Taken while a join token is redeemed (see `binding::admit`).
-    redeeming: tokio::sync::Mutex<()>,
+    /// Join tokens' redemptions, written in batches.
+    redeemer: tokens::Redeemer,
 }
 
 impl Shared {

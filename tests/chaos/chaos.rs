@@ -34,6 +34,9 @@ pub enum Scenario {
     Server,
     /// All three at once.
     All,
+    /// Nothing killed: the load alone, for as long as `--duration` says, with the memory of
+    /// every scheduler and agent sampled every 10 s and its slope reported (issue 10's soak).
+    Soak,
 }
 
 impl Scenario {
@@ -50,6 +53,7 @@ impl Scenario {
             Scenario::Schedulers => "schedulers",
             Scenario::Server => "server",
             Scenario::All => "all",
+            Scenario::Soak => "soak",
         }
     }
 

@@ -226,6 +226,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The name and process id of every scheduler and agent running now.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.schedulers
+            .iter()
+            .chain(&self.agents)
+            .filter_map(|proc| Some((proc.spec.name.clone(), proc.child.as_ref()?.id()?)))
+            .collect()
+    }
+
     pub fn is_running(&mut self, role: Role) -> bool {
         self.proc(role).child.is_some()
     }

@@ -12,6 +12,7 @@ mod ledger;
 mod load;
 mod module;
 mod report;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,6 +101,7 @@ enum ScenarioArg {
     Schedulers,
     Server,
     All,
+    Soak,
     Every,
 }
 
@@ -110,6 +112,7 @@ impl ScenarioArg {
             ScenarioArg::Schedulers => vec![Scenario::Schedulers],
             ScenarioArg::Server => vec![Scenario::Server],
             ScenarioArg::All => vec![Scenario::All],
+            ScenarioArg::Soak => vec![Scenario::Soak],
             ScenarioArg::Every => Scenario::EVERY.to_vec(),
         }
     }
@@ -310,11 +313,16 @@ async fn run_scenario(
     let mut chaos = Chaos::default();
     cluster.event(&format!("chaos begins: {}", scenario.name()));
     let until = Instant::now() + args.duration;
+    let sampler = (scenario == Scenario::Soak).then(|| soak::sample(cluster.pids(), until));
     let (_, driven) = tokio::join!(
         load.run(args.rate, until),
         chaos.drive(&mut cluster, scenario.plan(), until, std::future::pending())
     );
     driven?;
+    if let Some(sampler) = sampler {
+        let samples = sampler.await.context("the memory sampler panicked")?;
+        println!("{}", soak::report(&samples));
+    }
 
     cluster.event("drain begins");
     let drain_started = Instant::now();

@@ -14,8 +14,7 @@ use std::time::Duration;
 use apiary_proto::admin::SecretToken;
 use apiary_proto::identity::{self, KeyPair};
 use apiary_proto::message::{
-    Heartbeat, HeartbeatReply, NodeInfo, NodeMetrics, NodeState, RegisterReply,
-    RegisterRequest,
+    Heartbeat, HeartbeatReply, NodeInfo, NodeMetrics, NodeState, RegisterReply, RegisterRequest,
 };
 use apiary_proto::rpc::{self, RequestError};
 use apiary_proto::subject::{self, NodeVerb};
@@ -71,7 +70,7 @@ struct SimulatedNode {
 impl SimulatedNode {
     fn new(index: usize) -> Self {
         let key = identity::generate();
-        let node_id = NodeId::new(&node_name(index)).expect("a valid node id");
+        let node_id = NodeId::new(node_name(index)).expect("a valid node id");
         let info = NodeInfo {
             node_id: node_id.clone(),
             hostname: node_id.to_string(),
@@ -189,7 +188,9 @@ pub async fn run(plan: FleetPlan) -> anyhow::Result<FleetReport> {
         let client = clients[index % clients.len()].clone();
         let tally = tally.clone();
         let token = plan.token.clone();
-        let phase = plan.interval.mul_f64(index as f64 / plan.count.max(1) as f64);
+        let phase = plan
+            .interval
+            .mul_f64(index as f64 / plan.count.max(1) as f64);
         let interval = plan.interval;
         beating.spawn(async move {
             let mut ticker = tokio::time::interval_at(Instant::now() + phase, interval);

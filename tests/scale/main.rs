@@ -220,7 +220,10 @@ async fn measure(args: &RunArgs, bin_dir: &Path, nodes: usize) -> anyhow::Result
             bail!("a worker said {line:?} instead of `registered`");
         }
     }
-    eprintln!("apiary-scale: {nodes} nodes registered; heartbeating for {:?}", args.steady);
+    eprintln!(
+        "apiary-scale: {nodes} nodes registered; heartbeating for {:?}",
+        args.steady
+    );
 
     // Through the steady period, the node list every few intervals: how long all its pages
     // take, and how many of the fleet (all heartbeating) it shows as anything but online.
@@ -259,8 +262,16 @@ async fn measure(args: &RunArgs, bin_dir: &Path, nodes: usize) -> anyhow::Result
     sampler.await?;
     scheduler.kill().await.ok();
 
-    let from = reports.iter().map(|r| r.registering_from_ms).min().unwrap_or(0);
-    let until = reports.iter().map(|r| r.registering_until_ms).max().unwrap_or(0);
+    let from = reports
+        .iter()
+        .map(|r| r.registering_from_ms)
+        .min()
+        .unwrap_or(0);
+    let until = reports
+        .iter()
+        .map(|r| r.registering_until_ms)
+        .max()
+        .unwrap_or(0);
     let seconds = (until.saturating_sub(from) as f64 / 1000.0).max(0.001);
     let sum = |field: fn(&FleetReport) -> u64| reports.iter().map(field).sum::<u64>();
     Ok(Row {
