@@ -131,6 +131,10 @@ enum Command {
         /// before acknowledging it (`sync_interval: always`), rows marked `[sync always]`.
         #[arg(long, requires = "local")]
         durability: bool,
+        /// Append a dated entry (machine, server version, this command, the report) to this
+        /// file, such as docs/BENCHMARKS.md.
+        #[arg(long)]
+        record: Option<PathBuf>,
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
@@ -515,6 +519,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             module,
             agents,
             durability,
+            record,
             json,
         } => {
             let module = match module {
@@ -528,9 +533,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 in_flight,
                 module: module.into(),
             };
+            // The server's version is read while the server runs, for `--record`.
+            let server_version = std::sync::Mutex::new(None::<String>);
             let measure = |url: String| {
                 let options = options.clone();
+                let server_version = &server_version;
                 async move {
+                    if let Ok(version) = apiary_cli::bench_record::server_version(&url).await {
+                        server_version
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get_or_insert(version);
+                    }
                     match what {
                         BenchTarget::Tasks => apiary_cli::bench::run(&url, &options).await,
                         BenchTarget::Kv => apiary_cli::bench_app::kv(&url, &options).await,
@@ -581,6 +595,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
                 println!("{}", apiary_cli::bench::report(&figures));
+            }
+            if let Some(file) = record {
+                let version = server_version
+                    .into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .unwrap_or_else(|| "unknown".to_owned());
+                let run = apiary_cli::bench_record::RunContext::here(version);
+                apiary_cli::bench_record::append(&file, &figures, &run)?;
+                eprintln!("apiary bench: entry appended to {}", file.display());
             }
             Ok(ExitCode::SUCCESS)
         }
