@@ -62,9 +62,7 @@ const RAW_MESSAGE: &[u8] = &[b'x'; 128];
 /// Runs every benchmark against the server at `url`, which must have an apiary scheduler and
 /// at least one agent. Returns the figures in the order they were taken.
 pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
-    let nats = async_nats::connect(url)
-        .await
-        .with_context(|| format!("failed to connect to {url}"))?;
+    let nats = connect(url).await?;
     let mut figures = vec![
         raw_request_reply(&nats, options.latency_samples).await?,
         raw_publish_latency(&nats, options.latency_samples).await?,
@@ -77,13 +75,7 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
     figures.push(cold_task_latency(&client, &options.module).await?);
     figures.push(status_latency(&client, &module, options.latency_samples).await?);
     figures.push(status_throughput(&client, &module, options).await?);
-    let most = task_throughput(
-        &client,
-        &module,
-        options.throughput_count,
-        options.in_flight,
-    )
-    .await?;
+    let most = tasks_in_flight(&client, &module, options).await?;
     let half = most.per_second.unwrap_or(0.0) / 2.0;
     figures.push(most);
     if half >= 1.0 {
@@ -123,13 +115,7 @@ pub async fn agents_throughput(
     agents: usize,
 ) -> anyhow::Result<Figure> {
     let (client, module) = warmed_client(url, options).await?;
-    let mut figure = task_throughput(
-        &client,
-        &module,
-        options.throughput_count,
-        options.in_flight,
-    )
-    .await?;
+    let mut figure = tasks_in_flight(&client, &module, options).await?;
     figure.name = format!("{}, {agents} agents", figure.name);
     Ok(figure)
 }
@@ -139,28 +125,34 @@ pub async fn agents_throughput(
 /// durability against power loss costs (Jepsen's 2025 analysis lost acknowledged writes
 /// under the default, which syncs every two minutes).
 pub async fn durability(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
-    let nats = async_nats::connect(url)
-        .await
-        .with_context(|| format!("failed to connect to {url}"))?;
+    let nats = connect(url).await?;
     let mut figures = vec![
         raw_publish_latency(&nats, options.latency_samples).await?,
         raw_publish_throughput(&nats, options.throughput_count, options.in_flight).await?,
     ];
     let (client, module) = warmed_client(url, options).await?;
     figures.push(task_latency(&client, &module, options.latency_samples).await?);
-    figures.push(
-        task_throughput(
-            &client,
-            &module,
-            options.throughput_count,
-            options.in_flight,
-        )
-        .await?,
-    );
+    figures.push(tasks_in_flight(&client, &module, options).await?);
     for figure in &mut figures {
         figure.name = format!("{} [sync always]", figure.name);
     }
     Ok(figures)
+}
+
+/// A plain connection to the server at `url`.
+pub(crate) async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::connect(url)
+        .await
+        .with_context(|| format!("failed to connect to {url}"))
+}
+
+/// Task throughput with the options' count and tasks in flight.
+async fn tasks_in_flight(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+    options: &BenchOptions,
+) -> anyhow::Result<Figure> {
+    task_throughput(client, module, options.throughput_count, options.in_flight).await
 }
 
 async fn raw_request_reply(nats: &async_nats::Client, samples: usize) -> anyhow::Result<Figure> {

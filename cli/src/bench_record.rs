@@ -33,10 +33,7 @@ impl RunContext {
 
 /// The server's version, as it announces itself to a client.
 pub async fn server_version(url: &str) -> anyhow::Result<String> {
-    let client = async_nats::connect(url)
-        .await
-        .with_context(|| format!("failed to connect to {url}"))?;
-    Ok(client.server_info().version)
+    Ok(crate::bench::connect(url).await?.server_info().version)
 }
 
 /// This machine, as far as the entry needs it: CPU model, cores, memory, OS and architecture.
