@@ -395,3 +395,46 @@ async fn in_approval_mode_a_new_node_runs_nothing_until_approved() {
     assert_eq!(output.node_id, node);
     assert_eq!(&output.stdout[..], b"LET ME IN");
 }
+
+#[tokio::test]
+async fn a_fleet_registering_at_once_with_one_token_spends_exactly_its_uses_across_replicas() {
+    // Two replicas, so that batches written by one race the other's; 40 nodes at once for a
+    // token of 30 uses: exactly 30 join, the rest are told it is used up, and the token
+    // counts 30 uses with none left.
+    let stack = Stack::start().await;
+    let _replicas = [stack.spawn_scheduler().await, stack.spawn_scheduler().await];
+    let client = stack.client().await;
+    let token = mint_token(stack.url(), "fleet", None, Some(30)).await;
+    let nats = stack.nats().await;
+    let nodes: Vec<HandNode> = (0..40)
+        .map(|i| HandNode::new(&format!("fleet-{i}")))
+        .collect();
+    let bodies: Vec<_> = nodes
+        .iter()
+        .map(|node| node.registration(1, Some(token.as_str())))
+        .collect();
+    let replies = futures::future::join_all(
+        nodes
+            .iter()
+            .zip(&bodies)
+            .map(|(node, body)| node.request(&nats, NodeVerb::Register, body)),
+    )
+    .await;
+    let joined = replies
+        .iter()
+        .filter(|(_, reply)| reply.get("ok").is_some())
+        .count();
+    let used_up = replies
+        .iter()
+        .filter(|(_, reply)| reply["error"]["reason"] == "token_used_up")
+        .count();
+    assert_eq!((joined, used_up), (30, 10), "{replies:?}");
+    let fleet = client
+        .tokens()
+        .await
+        .expect("list tokens")
+        .into_iter()
+        .find(|token| token.description == "fleet")
+        .expect("the fleet's token is listed");
+    assert_eq!((fleet.uses, fleet.uses_left), (30, Some(0)));
+}
