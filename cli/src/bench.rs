@@ -307,6 +307,19 @@ fn leb128(mut value: usize) -> Vec<u8> {
     }
 }
 
+/// Runs one task to its end and returns its id, for the status figures.
+async fn ended_task(
+    client: &Client,
+    module: &apiary_proto::message::ModuleRef,
+) -> anyhow::Result<apiary_sdk::TaskId> {
+    let handle = client
+        .submit(Task::stored(module.clone()).input("bench"))
+        .await?;
+    let id = handle.id().clone();
+    handle.result_within(Duration::from_secs(60)).await?;
+    Ok(id)
+}
+
 /// A task's record by id once it has ended: the lookup reads the live bucket, misses, and
 /// scans the task's archive shard.
 async fn status_latency(
@@ -314,11 +327,7 @@ async fn status_latency(
     module: &apiary_proto::message::ModuleRef,
     samples: usize,
 ) -> anyhow::Result<Figure> {
-    let handle = client
-        .submit(Task::stored(module.clone()).input("bench"))
-        .await?;
-    let id = handle.id().clone();
-    handle.result_within(Duration::from_secs(60)).await?;
+    let id = ended_task(client, module).await?;
     let mut timings = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
@@ -335,11 +344,7 @@ async fn status_throughput(
     module: &apiary_proto::message::ModuleRef,
     options: &BenchOptions,
 ) -> anyhow::Result<Figure> {
-    let handle = client
-        .submit(Task::stored(module.clone()).input("bench"))
-        .await?;
-    let id = handle.id().clone();
-    handle.result_within(Duration::from_secs(60)).await?;
+    let id = ended_task(client, module).await?;
     let started = Instant::now();
     let mut asked = futures::stream::iter(0..options.throughput_count)
         .map(|_| async {

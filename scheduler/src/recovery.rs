@@ -105,16 +105,15 @@ pub(crate) async fn recover_lost_work(
                 tracing::warn!(node_id = %node, error, "failed to recover work from a lost node");
             }
         });
-        // A stopping replica leaves a round half done: what it fetched and did not move goes
+        // Forgetting comes after the round, which marks the nodes it found drained. A
+        // stopping replica leaves a round half done: what it fetched and did not move goes
         // back to the node's consumer after the ack wait, and another replica moves it.
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            () = round => {}
-        }
-        let forgetting = forget::forget_gone_nodes(&shared, &stream);
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            () = forgetting => {}
+            () = async {
+                round.await;
+                forget::forget_gone_nodes(&shared, &stream).await;
+            } => {}
         }
     }
 }

@@ -103,7 +103,8 @@ impl Records {
     }
 
     fn remembered(&self) -> std::sync::MutexGuard<'_, lru::LruCache<TaskId, Remembered>> {
-        // Each critical section is one cache operation.
+        // Each critical section is one cache operation, or a write and the trimming of
+        // the writes past their age.
         self.written
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
