@@ -28,9 +28,28 @@ pub(crate) struct Cancels {
 
 #[derive(Debug, Default)]
 struct Inner {
-    running: HashMap<String, Arc<AtomicBool>>,
+    running: HashMap<String, Running>,
     cancelled: HashSet<String>,
     order: VecDeque<String>,
+    /// The node is draining and its drain deadline has passed: every run is stopped, and
+    /// what it did is not its task's result.
+    past_drain_deadline: bool,
+}
+
+#[derive(Debug)]
+struct Running {
+    stop: Arc<AtomicBool>,
+    /// Stopped by the node's drain deadline.
+    drained: bool,
+}
+
+/// How an attempt's run ended, as far as stopping it from outside goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// It ran its course, or was cancelled: its result stands.
+    Ran,
+    /// The node's drain deadline stopped it: the task goes back to be placed elsewhere.
+    Drained,
 }
 
 impl Cancels {
@@ -41,24 +60,53 @@ impl Cancels {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The stop flag of an attempt starting now; already set if it was cancelled before.
+    /// The stop flag of an attempt starting now; already set if it was cancelled before, or
+    /// if the node's drain deadline has passed.
     pub fn starting(&self, attempt_id: &str) -> Arc<AtomicBool> {
         let mut inner = self.lock();
-        let stop = Arc::new(AtomicBool::new(inner.cancelled.contains(attempt_id)));
-        inner.running.insert(attempt_id.to_owned(), stop.clone());
+        let drained = inner.past_drain_deadline;
+        let stop = Arc::new(AtomicBool::new(
+            drained || inner.cancelled.contains(attempt_id),
+        ));
+        let running = Running {
+            stop: stop.clone(),
+            drained,
+        };
+        inner.running.insert(attempt_id.to_owned(), running);
         stop
     }
 
     /// Stops every running attempt: the agent is going and will not wait for them. Their
     /// dispatches, never acknowledged, are delivered again.
     pub fn stop_all(&self) {
-        for stop in self.lock().running.values() {
-            stop.store(true, Ordering::Relaxed);
+        for running in self.lock().running.values() {
+            running.stop.store(true, Ordering::Relaxed);
         }
     }
 
-    pub fn finished(&self, attempt_id: &str) {
-        self.lock().running.remove(attempt_id);
+    /// The node's drain deadline has passed: stops every run, now and until
+    /// [`Cancels::drain_deadline_lifted`], as drained.
+    pub fn drain_deadline_passed(&self) {
+        let mut inner = self.lock();
+        inner.past_drain_deadline = true;
+        for running in inner.running.values_mut() {
+            running.drained = true;
+            running.stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The node's schedule changed after its drain deadline passed (opened again, or given
+    /// a new deadline): runs that start from now on run.
+    pub fn drain_deadline_lifted(&self) {
+        self.lock().past_drain_deadline = false;
+    }
+
+    /// The attempt's run is over; says whether the drain deadline stopped it.
+    pub fn finished(&self, attempt_id: &str) -> Finished {
+        match self.lock().running.remove(attempt_id) {
+            Some(Running { drained: true, .. }) => Finished::Drained,
+            _ => Finished::Ran,
+        }
     }
 
     pub fn is_cancelled(&self, attempt_id: &str) -> bool {
@@ -77,8 +125,8 @@ impl Cancels {
             }
         }
         match inner.running.get(attempt_id) {
-            Some(stop) => {
-                stop.store(true, Ordering::Relaxed);
+            Some(running) => {
+                running.stop.store(true, Ordering::Relaxed);
                 true
             }
             None => false,
@@ -141,5 +189,33 @@ mod tests {
         cancels.stop_all();
         assert!(a.load(Ordering::Relaxed) && b.load(Ordering::Relaxed));
         assert!(!done.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn the_drain_deadline_stops_what_runs_and_starts_until_it_is_lifted() {
+        let cancels = Cancels::default();
+        let cancelled = cancels.starting("a.1");
+        cancels.cancel("a.1");
+        let running = cancels.starting("b.1");
+        let done = cancels.starting("c.1");
+        assert_eq!(cancels.finished("c.1"), Finished::Ran);
+
+        cancels.drain_deadline_passed();
+        assert!(running.load(Ordering::Relaxed));
+        assert!(!done.load(Ordering::Relaxed));
+        let late = cancels.starting("d.1");
+        assert!(
+            late.load(Ordering::Relaxed),
+            "a run starting past the deadline is stopped"
+        );
+        assert!(cancelled.load(Ordering::Relaxed));
+        for attempt in ["a.1", "b.1", "d.1"] {
+            assert_eq!(cancels.finished(attempt), Finished::Drained, "{attempt}");
+        }
+
+        cancels.drain_deadline_lifted();
+        let reopened = cancels.starting("e.1");
+        assert!(!reopened.load(Ordering::Relaxed));
+        assert_eq!(cancels.finished("e.1"), Finished::Ran);
     }
 }

@@ -66,7 +66,7 @@ use crate::modules::ModuleCache;
 use crate::outbox::Outbox;
 use crate::sandbox::Sandbox;
 use crate::state::StateDir;
-use crate::work::{drain, work_loop};
+use crate::work::{drain, stop_runs_at_drain_deadlines, work_loop};
 
 /// The NATS micro service name every agent registers under (`nats micro ls` lists them all).
 pub const SERVICE_NAME: &str = "apiary-agent";
@@ -235,6 +235,9 @@ pub async fn run_reporting_outbox(
         let stop_cancels = CancellationToken::new();
         let _cancels = AbortOnDropHandle::new(tokio::spawn(
             cancel::listen(agent.clone(), stop_cancels.clone()).in_current_span(),
+        ));
+        let _drain_deadlines = AbortOnDropHandle::new(tokio::spawn(
+            stop_runs_at_drain_deadlines(agent.clone()).in_current_span(),
         ));
 
         systemd::status("registering with the cluster");

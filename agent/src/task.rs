@@ -21,9 +21,9 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 use crate::Agent;
-use crate::Schedule;
+use crate::cancel::Finished;
 use crate::sandbox::Run;
-use crate::work::{drain_deadline, is_draining};
+use crate::work::is_draining;
 
 impl Agent {
     /// Runs one dispatched task and publishes its result. Never panics on bad input: a
@@ -141,20 +141,11 @@ impl Agent {
             announcement.clone(),
             keep_alive.clone(),
         )));
-        // The operator's deadline for a drain stops the run (within an epoch tick) from a
-        // task of its own, so that it also reaches a run on this very thread.
-        let drained = Arc::new(AtomicBool::new(false));
-        let drain_watch = AbortOnDropHandle::new(tokio::spawn(stop_at_drain_deadline(
-            self.schedule.subscribe(),
-            stop.clone(),
-            drained.clone(),
-        )));
         let run = self.execute(&dispatch, &stop).await;
-        drop(drain_watch);
-        if drained.load(Ordering::Relaxed) {
+        // The node's drain deadline stops runs (`work::stop_runs_at_drain_deadlines`).
+        if self.cancels.finished(&attempt_id) == Finished::Drained {
             // The task goes back to be placed elsewhere under a new attempt; what this run
             // did is not its result.
-            self.cancels.finished(&attempt_id);
             stop_progress(progress, &announcement, &keep_alive).await;
             tracing::warn!("handing the task back: the node's drain deadline passed");
             message.ack_with(AckKind::Nak(None)).await.ok();
@@ -162,8 +153,10 @@ impl Agent {
             return;
         }
         let finished_at_ms = now_ms();
-        drop(slot);
-        self.cancels.finished(&attempt_id);
+        let run_over = RunOver {
+            _slot: slot,
+            _instance: run.spent,
+        };
         stop_progress(progress, &announcement, &keep_alive).await;
 
         let usage = RunUsage {
@@ -195,7 +188,7 @@ impl Agent {
             }
         }
 
-        match self.publish_result(&result).await {
+        match self.publish_result(&result, run_over).await {
             Ok(()) => {
                 self.completed.fetch_add(1, Ordering::Relaxed);
                 // An ack the server confirms. A plain one would do for correctness (the
@@ -362,15 +355,31 @@ impl Agent {
     /// Stores `result` in `APIARY_RESULTS`, unless it belongs in the outbox: while the
     /// server is away (a publish would only wait out its timeout) or older results wait
     /// there (a result must not overtake them).
-    async fn publish_result(&self, result: &TaskResult) -> Result<(), Unpublished> {
+    /// Stores the result. `run_over` is let go as soon as the result is on its way (or
+    /// will not be sent), before the wait for the server's ack.
+    async fn publish_result(
+        &self,
+        result: &TaskResult,
+        run_over: RunOver<'_>,
+    ) -> Result<(), Unpublished> {
         if self.client.connection_state() != State::Connected {
             return Err(Unpublished::ServerAway);
         }
         if self.outbox.waiting() > 0 {
             return Err(Unpublished::OlderResultsWait);
         }
-        let result = self.fit_for_server(result.clone()).await?;
-        stored::result(&self.js, &result).await?;
+        let mut run_over = Some(run_over);
+        let max = self.max_result_bytes();
+        let result = if fits(result, max) {
+            result.clone()
+        } else {
+            // Moving output to the object store is network time the slot need not wait for.
+            run_over = None;
+            self.fit_for_server(result.clone()).await?
+        };
+        let sent = stored::send_result(&self.js, &result).await?;
+        drop(run_over);
+        sent.stored().await?;
         Ok(())
     }
 
@@ -384,7 +393,7 @@ impl Agent {
         mut result: TaskResult,
     ) -> Result<TaskResult, stored::PublishError> {
         let max = self.max_result_bytes();
-        if max == 0 || encoded_len(&result) <= max {
+        if fits(&result, max) {
             return Ok(result);
         }
         let name = stdout_object_name(&result.task_id, result.attempt);
@@ -416,8 +425,21 @@ impl Agent {
     }
 }
 
+/// Whether `result` goes as it is to a server that carries at most `max` bytes (0: not
+/// known yet).
+fn fits(result: &TaskResult, max: usize) -> bool {
+    max == 0 || encoded_len(result) <= max
+}
+
 fn encoded_len(result: &TaskResult) -> usize {
     codec::encode(result).map_or(usize::MAX, |bytes| bytes.len())
+}
+
+/// What a run holds until its result is on its way: its slot, and its instance, whose
+/// return to the pool (a memory reset) would otherwise sit between the run and its result.
+struct RunOver<'a> {
+    _slot: tokio::sync::SemaphorePermit<'a>,
+    _instance: crate::sandbox::Spent,
 }
 
 /// How long past its timeout a run blocked in a host call is reported as timed out.
@@ -437,13 +459,10 @@ enum Unpublished {
 /// The run of a task that failed before its module ran, or whose figures never came back:
 /// nothing to account but the failure.
 fn not_run(error: TaskError) -> Run {
-    Run {
-        outcome: Outcome::Failed {
-            error,
-            stderr: Default::default(),
-        },
-        usage: RunUsage::default(),
-    }
+    Run::not_started(Outcome::Failed {
+        error,
+        stderr: Default::default(),
+    })
 }
 
 /// A result the server can carry. A task may stay within its own output limit and still
@@ -578,17 +597,6 @@ async fn progress_acks(message: jetstream::Message) {
             tracing::warn!(error = %err, "failed to extend a held task's ack wait");
         }
     }
-}
-
-/// Waits for the node's drain deadline, then stops the run and says so.
-async fn stop_at_drain_deadline(
-    schedule: tokio::sync::watch::Receiver<Schedule>,
-    stop: Arc<AtomicBool>,
-    drained: Arc<AtomicBool>,
-) {
-    drain_deadline(schedule).await;
-    drained.store(true, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
 }
 
 /// Returns `grace` after `stop` is set (looked at every epoch tick).

@@ -92,9 +92,25 @@ async fn hand_back(messages: &mut jetstream::consumer::pull::Stream) {
     }
 }
 
+/// Stops every run when the node is draining and its drain deadline passes, and what starts
+/// while it stays so; lifts that when the node's schedule changes (opened again, or a new
+/// deadline). One watcher for the node rather than one per run: a run only registers its
+/// stop flag (`Cancels::starting`), which a trivial task's time on its node can afford.
+pub(crate) async fn stop_runs_at_drain_deadlines(agent: Arc<Agent>) {
+    let mut schedule = agent.schedule.subscribe();
+    loop {
+        drain_deadline(&mut schedule).await;
+        agent.cancels.drain_deadline_passed();
+        tracing::warn!("the node's drain deadline passed: stopping its runs");
+        if schedule.changed().await.is_err() {
+            return;
+        }
+        agent.cancels.drain_deadline_lifted();
+    }
+}
+
 /// Resolves when the node is draining and its drain deadline has passed; never otherwise.
-/// A running task races its run against this.
-pub(crate) async fn drain_deadline(mut schedule: watch::Receiver<Schedule>) {
+async fn drain_deadline(schedule: &mut watch::Receiver<Schedule>) {
     loop {
         let current = *schedule.borrow_and_update();
         match current {

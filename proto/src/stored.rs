@@ -60,6 +60,40 @@ pub async fn publish<T: Serialize>(
     msg_id: &str,
     value: &T,
 ) -> Result<Stored, PublishError> {
+    send(js, subject, task, msg_id, value).await?.stored().await
+}
+
+/// A task message handed to the connection, whose ack from JetStream is still to come.
+#[derive(Debug)]
+#[must_use = "a sent message is not stored until its ack says so"]
+pub struct Sent {
+    subject: String,
+    ack: jetstream::context::PublishAckFuture,
+}
+
+impl Sent {
+    /// Waits until JetStream has stored the message.
+    pub async fn stored(self) -> Result<Stored, PublishError> {
+        let ack = self.ack.await.map_err(|source| PublishError::NotStored {
+            subject: self.subject,
+            source,
+        })?;
+        Ok(Stored {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
+/// Publishes `value` on `subject` with the task headers, without waiting for it to be
+/// stored: [`Sent::stored`] does.
+pub async fn send<T: Serialize>(
+    js: &jetstream::Context,
+    subject: Subject,
+    task: &TaskId,
+    msg_id: &str,
+    value: &T,
+) -> Result<Sent, PublishError> {
     let payload = codec::encode(value)?;
     let mut headers = Encoding::MsgPack.headers();
     headers.insert(headers::MSG_ID, msg_id);
@@ -71,16 +105,8 @@ pub async fn publish<T: Serialize>(
         .map_err(|source| PublishError::Publish {
             subject: name.clone(),
             source,
-        })?
-        .await
-        .map_err(|source| PublishError::NotStored {
-            subject: name,
-            source,
         })?;
-    Ok(Stored {
-        sequence: ack.sequence,
-        duplicate: ack.duplicate,
-    })
+    Ok(Sent { subject: name, ack })
 }
 
 /// Submits a task to `APIARY_TASKS`, to the queue of its priority, de-duplicated by its id.
@@ -117,7 +143,15 @@ pub async fn dispatch(
 /// Stores the outcome of an attempt on its node's result subject (`APIARY_RESULTS`),
 /// de-duplicated by task and attempt.
 pub async fn result(js: &jetstream::Context, result: &TaskResult) -> Result<Stored, PublishError> {
-    publish(
+    send_result(js, result).await?.stored().await
+}
+
+/// [`result`], without waiting for it to be stored.
+pub async fn send_result(
+    js: &jetstream::Context,
+    result: &TaskResult,
+) -> Result<Sent, PublishError> {
+    send(
         js,
         subject::node(&result.node_id, NodeVerb::Result),
         &result.task_id,

@@ -6,14 +6,20 @@
 //! logs it at debug level and reports `gpus: []`. A statically linked agent cannot load
 //! libraries at all and takes the same path.
 //!
+//! An agent built without the `nvml` feature (the static builds, which could not load the
+//! library anyway) has no NVML code at all: it reports no GPUs, for
+//! [`GpuUnavailable::NotBuiltIn`].
+//!
 //! The library is opened once per process (starting NVML is slow on some hosts) and the
 //! handle kept for the heartbeat's live figures.
 
 use std::path::Path;
 
-use apiary_proto::inventory::{ComputeCapability, GpuInfo, GpuMetrics};
-use nvml_wrapper::Nvml;
-use nvml_wrapper::error::NvmlError;
+#[cfg(feature = "nvml")]
+use apiary_proto::inventory::ComputeCapability;
+use apiary_proto::inventory::{GpuInfo, GpuMetrics};
+#[cfg(feature = "nvml")]
+use nvml_wrapper::{Nvml, error::NvmlError};
 
 /// The library `nvml-wrapper` loads when no other is configured: the one the NVIDIA driver
 /// installs (the unversioned `.so` comes only with development packages).
@@ -36,19 +42,35 @@ pub enum GpuUnavailable {
     #[error("no permission to talk to the NVIDIA driver")]
     NoPermission,
     /// NVML failed to start for another reason.
+    #[cfg(feature = "nvml")]
     #[error("NVML failed to start: {0}")]
     Init(#[source] NvmlError),
+    /// This agent was built without NVML (the `nvml` feature), as the static builds are.
+    #[cfg(not(feature = "nvml"))]
+    #[error("this agent was built without NVML support (the `nvml` feature)")]
+    NotBuiltIn,
 }
 
 /// An open NVML handle: the GPUs of this host.
 #[derive(Debug)]
 pub struct Gpus {
+    #[cfg(feature = "nvml")]
     nvml: Nvml,
+    /// Without NVML there is never a handle.
+    #[cfg(not(feature = "nvml"))]
+    never: std::convert::Infallible,
 }
 
 impl Gpus {
+    /// Without NVML built in, there are never GPUs to open.
+    #[cfg(not(feature = "nvml"))]
+    pub fn open(_library: Option<&Path>) -> Result<Self, GpuUnavailable> {
+        Err(GpuUnavailable::NotBuiltIn)
+    }
+
     /// Loads NVML from `library` (a path, or a file name the dynamic loader searches for), or
     /// from [`DEFAULT_LIBRARY`] when `None`, and starts it.
+    #[cfg(feature = "nvml")]
     pub fn open(library: Option<&Path>) -> Result<Self, GpuUnavailable> {
         let mut builder = Nvml::builder();
         if let Some(library) = library {
@@ -86,8 +108,19 @@ impl Gpus {
         }
     }
 
+    #[cfg(not(feature = "nvml"))]
+    pub fn inventory(&self) -> Vec<GpuInfo> {
+        match self.never {}
+    }
+
+    #[cfg(not(feature = "nvml"))]
+    pub fn metrics(&self) -> Vec<GpuMetrics> {
+        match self.never {}
+    }
+
     /// Describes every GPU NVML can open. A device that fails to answer is left out (and
     /// logged at debug level) rather than failing the whole inventory.
+    #[cfg(feature = "nvml")]
     pub fn inventory(&self) -> Vec<GpuInfo> {
         let count = match self.nvml.device_count() {
             Ok(count) => count,
@@ -135,6 +168,7 @@ impl Gpus {
     }
 
     /// Each GPU's utilisation and memory use now. A figure the device does not give is 0.
+    #[cfg(feature = "nvml")]
     pub fn metrics(&self) -> Vec<GpuMetrics> {
         let count = self.nvml.device_count().unwrap_or(0);
         (0..count)
@@ -156,6 +190,7 @@ impl Gpus {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "nvml")]
     #[test]
     fn a_host_without_the_driver_library_has_no_gpus_for_a_typed_reason() {
         let missing = Path::new("/nonexistent/apiary-test/libnvidia-ml.so.1");
@@ -167,5 +202,12 @@ mod tests {
             other => panic!("expected NoLibrary, got {other:?}"),
         }
         assert!(Gpus::probe(Some(missing)).is_none());
+    }
+
+    #[cfg(not(feature = "nvml"))]
+    #[test]
+    fn an_agent_built_without_nvml_has_no_gpus_and_says_why() {
+        assert!(matches!(Gpus::open(None), Err(GpuUnavailable::NotBuiltIn)));
+        assert!(Gpus::probe(None).is_none());
     }
 }

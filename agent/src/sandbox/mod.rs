@@ -324,13 +324,10 @@ impl Sandbox {
     ) -> Run {
         match self.prepare(module.clone()) {
             Ok(prepared) => self.run_prepared(&prepared, input, limits, grants, stop, None),
-            Err(error) => Run {
-                outcome: Outcome::Failed {
-                    error,
-                    stderr: Payload::default(),
-                },
-                usage: RunUsage::default(),
-            },
+            Err(error) => Run::not_started(Outcome::Failed {
+                error,
+                stderr: Payload::default(),
+            }),
         }
     }
 
@@ -444,7 +441,11 @@ impl Sandbox {
             None => Ok(()),
         });
         let outcome = Self::outcome(call, &store, limits, &stdout, &stderr);
-        Run { outcome, usage }
+        Run {
+            outcome,
+            usage,
+            spent: Spent(Some(store)),
+        }
     }
 
     /// A scratch directory for one run, preopened for the guest at [`scratch::GUEST_PATH`].
@@ -569,6 +570,34 @@ impl std::fmt::Debug for Prepared {
 pub struct Run {
     pub outcome: Outcome,
     pub usage: RunUsage,
+    /// The run's instance, given back to its pool when this is dropped.
+    pub spent: Spent,
+}
+
+impl Run {
+    /// A run that ended before its module started: nothing was used.
+    pub fn not_started(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            usage: RunUsage::default(),
+            spent: Spent(None),
+        }
+    }
+}
+
+/// What is left of a run's instance. Dropping it gives the instance back to its pool, which
+/// resets its memory then: a few microseconds that the agent spends after the run's result
+/// is on its way rather than before (docs/BENCHMARKS.md).
+pub struct Spent(Option<Store<TaskState>>);
+
+impl std::fmt::Debug for Spent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Spent(instance)"
+        } else {
+            "Spent(none)"
+        })
+    }
 }
 
 /// Why a run was stopped from outside.
@@ -649,10 +678,7 @@ fn completed(exit_code: i32, stdout: &CappedOutput, stderr: &CappedOutput) -> Ou
 
 /// A run that failed before the module started: nothing was used.
 fn not_started(kind: TaskErrorKind, message: String, stderr: &CappedOutput) -> Run {
-    Run {
-        outcome: failed(kind, message, stderr),
-        usage: RunUsage::default(),
-    }
+    Run::not_started(failed(kind, message, stderr))
 }
 
 fn failed(kind: TaskErrorKind, message: String, stderr: &CappedOutput) -> Outcome {
