@@ -86,6 +86,9 @@ pub async fn run(url: &str, options: &BenchOptions) -> anyhow::Result<Vec<Figure
         crate::bench_module::module_figures(options.module.clone(), options.latency_samples)
             .await?,
     );
+    figures.extend(crate::bench_placement::placement_figures(
+        options.latency_samples,
+    )?);
     Ok(figures)
 }
 
@@ -553,6 +556,9 @@ pub fn report(figures: &[Figure]) -> String {
 fn format_us(us: f64) -> String {
     if us >= 1000.0 {
         format!("{:.2} ms", us / 1000.0)
+    } else if us < 10.0 {
+        // Sandbox and placement rows take a few microseconds or less.
+        format!("{us:.1} µs")
     } else {
         format!("{us:.0} µs")
     }

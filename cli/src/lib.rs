@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bench_app;
 pub mod bench_hops;
 pub mod bench_module;
+pub mod bench_placement;
 pub mod bench_record;
 pub mod commands;
 pub mod context;

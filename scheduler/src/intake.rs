@@ -350,10 +350,12 @@ async fn wait_for_room(
 ) -> Option<u32> {
     let mut changed = shared.changed.subscribe();
     loop {
+        let deciding = deciding.load(Ordering::Acquire);
+        let wanted = deciding.saturating_add(u32::try_from(PULL_BATCH).unwrap_or(u32::MAX));
         let room = shared
             .view()
-            .room(now_ms())
-            .saturating_sub(deciding.load(Ordering::Acquire));
+            .room_up_to(now_ms(), wanted)
+            .saturating_sub(deciding);
         if room > 0 {
             return Some(room);
         }
