@@ -2,10 +2,10 @@
 //! with the SDK's own app-store and messaging code, in the namespace of the task's
 //! submission ([`Grants::namespace`](apiary_proto::message::Grants)).
 //!
-//! Guest calls come from the run's blocking thread; each is run on the agent's async runtime
-//! and waited for, bounded by what is left of the run's time (and by [`CALL_TIMEOUT`]), so a
-//! store that does not answer costs the guest an `UNAVAILABLE`, never its node a slot beyond
-//! the task's timeout.
+//! A guest's call suspends its run (wasmtime's async support: the run is a future, and the
+//! guest's stack a fiber) until the SDK's answer comes, bounded by what is left of the run's
+//! time (and by [`CALL_TIMEOUT`]), so a store that does not answer costs the guest an
+//! `UNAVAILABLE`, never its node a slot beyond the task's timeout.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,9 +15,8 @@ use apiary_proto::Namespace;
 use apiary_proto::app::KeyPrefix;
 use apiary_sdk::{Kv, KvErrorKind, PubSubErrorKind};
 use bytes::Bytes;
-use tokio::runtime::Handle;
 
-use crate::sandbox::{AppHost, HostError, KvValue};
+use crate::sandbox::{AppHost, HostError, HostFuture, KvValue};
 
 /// The longest one host call may take, whatever time its run has left.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,7 +29,6 @@ const OPEN_NAMESPACES: usize = 64;
 /// and the namespaces it has opened.
 pub(crate) struct AppStore {
     nats: async_nats::Client,
-    runtime: Handle,
     client: tokio::sync::OnceCell<apiary_sdk::Client>,
     namespaces: Mutex<HashMap<Namespace, Kv>>,
 }
@@ -42,11 +40,9 @@ impl std::fmt::Debug for AppStore {
 }
 
 impl AppStore {
-    /// Must be made on the agent's runtime.
     pub(crate) fn new(nats: async_nats::Client) -> Arc<Self> {
         Arc::new(Self {
             nats,
-            runtime: Handle::current(),
             client: tokio::sync::OnceCell::new(),
             namespaces: Mutex::default(),
         })
@@ -109,19 +105,17 @@ struct RunHost {
 }
 
 impl RunHost {
-    /// Runs `call` on the agent's runtime and waits for it, within the run's time.
-    fn block<T>(
+    /// `call`, within what is left of the run's time.
+    fn bounded<'a, T: 'a>(
         &self,
-        call: impl AsyncFnOnce(&AppStore, &Namespace) -> Result<T, HostError>,
-    ) -> Result<T, HostError> {
+        call: impl Future<Output = Result<T, HostError>> + Send + 'a,
+    ) -> HostFuture<'a, T> {
         let budget = self
             .deadline
             .saturating_duration_since(Instant::now())
             .min(CALL_TIMEOUT);
-        // The run's thread is a blocking-pool thread, outside any task: blocking it on the
-        // runtime is what it is for.
-        self.store.runtime.block_on(async {
-            tokio::time::timeout(budget, call(&self.store, &self.namespace))
+        Box::pin(async move {
+            tokio::time::timeout(budget, call)
                 .await
                 .unwrap_or(Err(HostError::Unavailable))
         })
@@ -129,8 +123,9 @@ impl RunHost {
 }
 
 impl AppHost for RunHost {
-    fn kv_get(&mut self, key: &str) -> Result<Option<KvValue>, HostError> {
-        self.block(async |store, namespace| {
+    fn kv_get<'a>(&'a mut self, key: &'a str) -> HostFuture<'a, Option<KvValue>> {
+        let (store, namespace) = (&self.store, &self.namespace);
+        self.bounded(async move {
             let entry = store
                 .kv(namespace)
                 .await?
@@ -144,55 +139,54 @@ impl AppHost for RunHost {
         })
     }
 
-    fn kv_put(&mut self, key: &str, value: Bytes) -> Result<u64, HostError> {
-        self.block(async |store, namespace| {
-            store
-                .kv(namespace)
-                .await?
-                .put(key, value)
-                .await
-                .map_err(kv_error)
+    fn kv_put<'a>(&'a mut self, key: &'a str, value: Bytes) -> HostFuture<'a, u64> {
+        let (store, namespace) = (&self.store, &self.namespace);
+        self.bounded(async move {
+            let kv = store.kv(namespace).await?;
+            kv.put(key, value).await.map_err(kv_error)
         })
     }
 
-    fn kv_create(&mut self, key: &str, value: Bytes) -> Result<u64, HostError> {
-        self.block(async |store, namespace| {
-            store
-                .kv(namespace)
-                .await?
-                .create(key, value)
-                .await
-                .map_err(kv_error)
+    fn kv_create<'a>(&'a mut self, key: &'a str, value: Bytes) -> HostFuture<'a, u64> {
+        let (store, namespace) = (&self.store, &self.namespace);
+        self.bounded(async move {
+            let kv = store.kv(namespace).await?;
+            kv.create(key, value).await.map_err(kv_error)
         })
     }
 
-    fn kv_update(&mut self, key: &str, value: Bytes, revision: u64) -> Result<u64, HostError> {
-        self.block(async |store, namespace| {
+    fn kv_update<'a>(
+        &'a mut self,
+        key: &'a str,
+        value: Bytes,
+        revision: u64,
+    ) -> HostFuture<'a, u64> {
+        let (store, namespace) = (&self.store, &self.namespace);
+        self.bounded(async move {
             let kv = store.kv(namespace).await?;
             kv.update(key, value, revision).await.map_err(kv_error)
         })
     }
 
-    fn kv_delete(&mut self, key: &str) -> Result<(), HostError> {
-        self.block(async |store, namespace| {
-            store
-                .kv(namespace)
-                .await?
-                .delete(key)
-                .await
-                .map_err(kv_error)
+    fn kv_delete<'a>(&'a mut self, key: &'a str) -> HostFuture<'a, ()> {
+        let (store, namespace) = (&self.store, &self.namespace);
+        self.bounded(async move {
+            let kv = store.kv(namespace).await?;
+            kv.delete(key).await.map_err(kv_error)
         })
     }
 
-    fn kv_keys(&mut self, prefix: &KeyPrefix) -> Result<Vec<String>, HostError> {
-        self.block(async |store, namespace| {
+    fn kv_keys<'a>(&'a mut self, prefix: &'a KeyPrefix) -> HostFuture<'a, Vec<String>> {
+        let (store, namespace) = (&self.store, &self.namespace);
+        self.bounded(async move {
             let kv = store.kv(namespace).await?;
             kv.keys(&prefix.prefix).await.map_err(kv_error)
         })
     }
 
-    fn publish(&mut self, topic: &str, payload: Bytes) -> Result<(), HostError> {
-        self.block(async |store, namespace| {
+    fn publish<'a>(&'a mut self, topic: &'a str, payload: Bytes) -> HostFuture<'a, ()> {
+        let (store, namespace) = (&self.store, &self.namespace);
+        self.bounded(async move {
             let pubsub = store
                 .client()
                 .await?

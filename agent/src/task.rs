@@ -272,63 +272,48 @@ impl Agent {
             Ok(module) => module,
             Err(error) => return not_run(error),
         };
-        let sandbox = self.sandbox.clone();
-        let input = dispatch.task.input.0.clone();
-        let limits = dispatch.task.limits.clone();
-        let grants = dispatch.task.grants.clone();
-        let timeout_ms = limits.timeout_ms;
-        let thread_stop = stop.clone();
-        let host = self.app_host(&grants, timeout_ms);
-        // A run that cannot outlast its deadline runs right here, on this worker thread, which
-        // tokio hands its other tasks away from for the while: handing the run to a pool
-        // thread and back costs two thread wake-ups, most of a trivial task's time on the
-        // node (docs/BENCHMARKS.md). A current-thread runtime (the tests') has no other
-        // worker to hand to.
-        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
-        if !module.may_block() && multi_thread {
-            return tokio::task::block_in_place(|| {
-                sandbox.run_prepared(&module, input, &limits, &grants, &thread_stop, host)
-            });
-        }
-        let run = tokio::task::spawn_blocking(move || {
-            sandbox.run_prepared(&module, input, &limits, &grants, &thread_stop, host)
-        });
-        // The sandbox's epoch deadline stops guest code; a guest blocked in a host call (a
-        // long WASI sleep) is past its reach until the call returns. The run's result is
-        // then reported at its deadline all the same, and its thread is told to stop; and a
-        // run told to stop (cancelled, or its node's drain deadline passed) that has not
-        // within the same grace is given up on.
-        let backstop = Duration::from_millis(timeout_ms).saturating_add(RUN_BACKSTOP);
-        let joined = tokio::select! {
-            joined = run => Ok(joined),
-            () = tokio::time::sleep(backstop) => Err(()),
-            () = stopped_then(stop, RUN_BACKSTOP) => {
-                tracing::warn!("the run did not stop inside a host call; given up on");
-                return not_run(TaskError::new(
-                    TaskErrorKind::Cancelled,
-                    "the run was stopped while blocked outside the module",
-                ));
-            }
+        let timeout_ms = dispatch.task.limits.timeout_ms;
+        let host = self.app_host(&dispatch.task.grants, timeout_ms);
+        let run = {
+            let (sandbox, stop) = (self.sandbox.clone(), stop.clone());
+            let (input, limits, grants) = (
+                dispatch.task.input.0.clone(),
+                dispatch.task.limits.clone(),
+                dispatch.task.grants.clone(),
+            );
+            Box::pin(async move {
+                sandbox
+                    .run_prepared(&module, input, &limits, &grants, &stop, host)
+                    .await
+            })
         };
-        match joined {
-            Ok(joined) => joined.unwrap_or_else(|err| {
-                not_run(TaskError::new(
-                    TaskErrorKind::Internal,
-                    format!("the task's thread failed: {err}"),
-                ))
-            }),
-            Err(()) => {
+        // The epoch deadline stops guest code; a guest waiting in a host call (a long WASI
+        // sleep) is past its reach until the call returns, so the run is also raced against
+        // its deadline and against a stop (a cancel, the drain deadline, the agent's stop),
+        // each with a grace.
+        let backstop = Duration::from_millis(timeout_ms).saturating_add(RUN_BACKSTOP);
+        tokio::select! {
+            // The run first: one that ends on its first poll (most do) never starts a timer.
+            biased;
+            run = run_here_then_aside(run) => run,
+            () = tokio::time::sleep(backstop) => {
+                // A run moved to a thread of its own goes on there until its stop flag.
                 stop.store(true, Ordering::Relaxed);
                 tracing::warn!(
                     "the run outlived its timeout inside a host call; reported as timed out"
                 );
-                // What the run used is with its thread, which has not come back.
                 not_run(TaskError::new(
                     TaskErrorKind::Timeout,
                     format!(
                         "the task ran longer than its {timeout_ms} ms limit (blocked outside the module)"
                     ),
+                ))
+            }
+            () = stopped_then(stop, RUN_BACKSTOP) => {
+                tracing::warn!("the run did not stop inside a host call; given up on");
+                not_run(TaskError::new(
+                    TaskErrorKind::Cancelled,
+                    "the run was stopped while blocked outside the module",
                 ))
             }
         }
@@ -597,6 +582,44 @@ async fn progress_acks(message: jetstream::Message) {
             tracing::warn!(error = %err, "failed to extend a held task's ack wait");
         }
     }
+}
+
+/// How long a run's guest may compute in one go on the agent's worker thread before the run
+/// moves to a thread of its own.
+const RUN_HERE_FOR: Duration = Duration::from_millis(1);
+
+/// Polls a run right here, on the worker thread: its guest runs on a fiber of its own, so a
+/// trivial task's run needs no other thread at all (handing each run to another thread and
+/// back cost most of a trivial task's time on its node, docs/BENCHMARKS.md), and a guest
+/// waiting in a host call (an app-store call, a WASI sleep) suspends without holding the
+/// thread. A guest that computes for longer than [`RUN_HERE_FOR`] in one go (until its
+/// next epoch tick, when it yields) goes on on a blocking-pool thread, driven there with the
+/// runtime's handle, so that it does not starve the worker's other tasks: a worker thread
+/// given up to guests between ticks would look at the network only every few dozen ticks.
+async fn run_here_then_aside(mut run: std::pin::Pin<Box<dyn Future<Output = Run> + Send>>) -> Run {
+    let here = std::future::poll_fn(|cx| {
+        let polled_at = std::time::Instant::now();
+        match run.as_mut().poll(cx) {
+            std::task::Poll::Ready(run) => std::task::Poll::Ready(Some(run)),
+            std::task::Poll::Pending if polled_at.elapsed() >= RUN_HERE_FOR => {
+                std::task::Poll::Ready(None)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    })
+    .await;
+    if let Some(run) = here {
+        return run;
+    }
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || runtime.block_on(run))
+        .await
+        .unwrap_or_else(|err| {
+            not_run(TaskError::new(
+                TaskErrorKind::Internal,
+                format!("the task's thread failed: {err}"),
+            ))
+        })
 }
 
 /// Returns `grace` after `stop` is set (looked at every epoch tick).

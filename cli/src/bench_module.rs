@@ -31,12 +31,11 @@ const COMPILE_SAMPLES: usize = 20;
 
 /// The module rows for `module`, `samples` warm runs.
 pub async fn module_figures(module: Bytes, samples: usize) -> anyhow::Result<Vec<Figure>> {
-    tokio::task::spawn_blocking(move || measure(&module, samples))
-        .await
-        .context("the module benchmark's thread failed")?
+    measure(&module, samples).await
 }
 
-fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
+/// Compiles and loads run right on the benchmark's task: nothing else runs meanwhile.
+async fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
     let sandbox = Sandbox::new()?;
     let timed = |run: &mut dyn FnMut() -> anyhow::Result<()>, count: usize| {
         let mut timings = Vec::with_capacity(count);
@@ -84,33 +83,35 @@ fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
     let limits = Limits::default();
     let grants = Grants::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let run: Vec<Duration> = timed(
-        &mut || {
-            sandbox.run_prepared(&prepared, input.clone(), &limits, &grants, &stop, None);
-            Ok(())
-        },
-        samples,
-    )?;
+    let mut run = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        sandbox
+            .run_prepared(&prepared, input.clone(), &limits, &grants, &stop, None)
+            .await;
+        run.push(started.elapsed());
+    }
 
     let pooled = Sandbox::pooled(POOLED_INSTANCES, limits.max_memory_bytes)?;
     let prepared_in_pool = pooled
         .compile(module)
         .and_then(|compiled| pooled.prepare(compiled))
         .map_err(|err| anyhow::anyhow!("{}", err.message))?;
-    let pooled_run: Vec<Duration> = timed(
-        &mut || {
-            pooled.run_prepared(
+    let mut pooled_run = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        pooled
+            .run_prepared(
                 &prepared_in_pool,
                 input.clone(),
                 &limits,
                 &grants,
                 &stop,
                 None,
-            );
-            Ok(())
-        },
-        samples,
-    )?;
+            )
+            .await;
+        pooled_run.push(started.elapsed());
+    }
 
     Ok(vec![
         latency("module: compile (cold)", compile),

@@ -12,6 +12,8 @@
 //! reach outside its own. Keys, prefixes and topics are checked here, before they reach the
 //! host, with the same rules the SDK applies ([`apiary_proto::app`]).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
 
 use apiary_proto::app::{self, KeyPrefix};
@@ -83,20 +85,29 @@ pub struct KvValue {
     pub revision: u64,
 }
 
+/// What an [`AppHost`] call returns: the run waits on it (suspended, not blocking its
+/// thread).
+pub type HostFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, HostError>> + Send + 'a>>;
+
 /// The app store and messaging of one namespace, as a run sees them: what the agent does on
-/// a guest's behalf. Calls block the run's thread; an implementation bounds each by the
-/// run's deadline. Keys, prefixes and topics arrive checked.
+/// a guest's behalf. The run is suspended while a call is under way; an implementation
+/// bounds each by the run's deadline. Keys, prefixes and topics arrive checked.
 pub trait AppHost: Send {
-    fn kv_get(&mut self, key: &str) -> Result<Option<KvValue>, HostError>;
-    fn kv_put(&mut self, key: &str, value: Bytes) -> Result<u64, HostError>;
+    fn kv_get<'a>(&'a mut self, key: &'a str) -> HostFuture<'a, Option<KvValue>>;
+    fn kv_put<'a>(&'a mut self, key: &'a str, value: Bytes) -> HostFuture<'a, u64>;
     /// Writes only if the key has no value ([`HostError::Conflict`] if it has).
-    fn kv_create(&mut self, key: &str, value: Bytes) -> Result<u64, HostError>;
+    fn kv_create<'a>(&'a mut self, key: &'a str, value: Bytes) -> HostFuture<'a, u64>;
     /// Writes only if the key's latest revision is `revision` ([`HostError::Conflict`] if not).
-    fn kv_update(&mut self, key: &str, value: Bytes, revision: u64) -> Result<u64, HostError>;
-    fn kv_delete(&mut self, key: &str) -> Result<(), HostError>;
+    fn kv_update<'a>(
+        &'a mut self,
+        key: &'a str,
+        value: Bytes,
+        revision: u64,
+    ) -> HostFuture<'a, u64>;
+    fn kv_delete<'a>(&'a mut self, key: &'a str) -> HostFuture<'a, ()>;
     /// The keys with a value under `prefix`, in order.
-    fn kv_keys(&mut self, prefix: &KeyPrefix) -> Result<Vec<String>, HostError>;
-    fn publish(&mut self, topic: &str, payload: Bytes) -> Result<(), HostError>;
+    fn kv_keys<'a>(&'a mut self, prefix: &'a KeyPrefix) -> HostFuture<'a, Vec<String>>;
+    fn publish<'a>(&'a mut self, topic: &'a str, payload: Bytes) -> HostFuture<'a, ()>;
 }
 
 /// One run's side of the host APIs: what it was granted, where the calls go, and what it
@@ -144,10 +155,13 @@ impl GuestApi {
 
 type Ctx<'a> = Caller<'a, TaskState>;
 
-/// Counts the call and turns its `Result` into the status the guest gets.
-fn call(caller: &mut Ctx<'_>, body: impl FnOnce(&mut Ctx<'_>) -> Result<i32, i32>) -> i32 {
+/// Counts a call; [`status_of`] turns its `Result` into the status the guest gets.
+fn count(caller: &mut Ctx<'_>) {
     caller.data_mut().api.calls += 1;
-    body(caller).unwrap_or_else(|status| status)
+}
+
+fn status_of(result: Result<i32, i32>) -> i32 {
+    result.unwrap_or_else(|status| status)
 }
 
 fn memory_range(ptr: i32, len: i32) -> Result<std::ops::Range<usize>, i32> {
@@ -217,143 +231,190 @@ fn revision_out(
     Ok(status::OK)
 }
 
+/// Which write a `kv_put`, `kv_create` or `kv_update` call makes.
+#[derive(Clone, Copy)]
+enum Write {
+    Put,
+    Create,
+    Update { expected: u64 },
+}
+
 /// A write of the key and value at `(key, key_len, value, value_len)` in the guest's memory,
-/// made by `write`, whose new revision goes to the guest at `revision`.
-fn write_key(
+/// whose new revision goes to the guest at `revision`.
+async fn write_key(
     caller: &mut Ctx<'_>,
     (key, key_len, value, value_len): (i32, i32, i32, i32),
     revision: i32,
-    write: impl FnOnce(&mut dyn AppHost, &str, Bytes) -> Result<u64, HostError>,
+    write: Write,
 ) -> i32 {
-    call(caller, |caller| {
-        caller.data_mut().api.kv_host()?;
-        let key = read_key(caller, key, key_len)?;
-        let value = read_bytes(caller, value, value_len)?;
-        let written = write(caller.data_mut().api.kv_host()?, &key, value);
-        revision_out(caller, revision, written)
-    })
+    count(caller);
+    status_of(
+        async {
+            caller.data_mut().api.kv_host()?;
+            let key = read_key(caller, key, key_len)?;
+            let value = read_bytes(caller, value, value_len)?;
+            let host = caller.data_mut().api.kv_host()?;
+            let written = match write {
+                Write::Put => host.kv_put(&key, value).await,
+                Write::Create => host.kv_create(&key, value).await,
+                Write::Update { expected } => host.kv_update(&key, value, expected).await,
+            };
+            revision_out(caller, revision, written)
+        }
+        .await,
+    )
 }
 
-/// Adds the `apiary` imports to the sandbox's linker.
+/// Adds the `apiary` imports to the sandbox's linker. The calls that go to the host are
+/// async: the run is suspended while they are under way.
 pub(crate) fn add_to_linker(linker: &mut Linker<TaskState>) -> wasmtime::Result<()> {
-    linker.func_wrap(
+    linker.func_wrap_async(
         IMPORT_MODULE,
         "kv_get",
         |mut caller: Ctx<'_>,
-         key: i32,
-         key_len: i32,
-         buf: i32,
-         buf_cap: i32,
-         len_out: i32,
-         revision_out: i32| {
-            call(&mut caller, |caller| {
-                caller.data_mut().api.kv_host()?;
-                let key = read_key(caller, key, key_len)?;
-                let found = caller.data_mut().api.kv_host()?.kv_get(&key);
-                let value = found.map_err(HostError::status)?.ok_or(status::NOT_FOUND)?;
-                write_u32(caller, len_out, length(value.value.len())?)?;
-                if value.value.len() > buf_cap as u32 as usize {
-                    return Err(status::BUFFER_TOO_SMALL);
-                }
-                write_bytes(caller, buf, &value.value)?;
-                write_u64(caller, revision_out, value.revision)?;
-                Ok(status::OK)
+         (key, key_len, buf, buf_cap, len_out, revision_out): (i32, i32, i32, i32, i32, i32)| {
+            Box::new(async move {
+                count(&mut caller);
+                let caller = &mut caller;
+                status_of(
+                    async {
+                        caller.data_mut().api.kv_host()?;
+                        let key = read_key(caller, key, key_len)?;
+                        let found = caller.data_mut().api.kv_host()?.kv_get(&key).await;
+                        let value = found.map_err(HostError::status)?.ok_or(status::NOT_FOUND)?;
+                        write_u32(caller, len_out, length(value.value.len())?)?;
+                        if value.value.len() > buf_cap as u32 as usize {
+                            return Err(status::BUFFER_TOO_SMALL);
+                        }
+                        write_bytes(caller, buf, &value.value)?;
+                        write_u64(caller, revision_out, value.revision)?;
+                        Ok(status::OK)
+                    }
+                    .await,
+                )
             })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         IMPORT_MODULE,
         "kv_put",
-        |mut caller: Ctx<'_>, key: i32, key_len: i32, value: i32, value_len: i32, revision: i32| {
-            let key_value = (key, key_len, value, value_len);
-            write_key(&mut caller, key_value, revision, |host, key, value| {
-                host.kv_put(key, value)
+        |mut caller: Ctx<'_>,
+         (key, key_len, value, value_len, revision): (i32, i32, i32, i32, i32)| {
+            Box::new(async move {
+                let key_value = (key, key_len, value, value_len);
+                write_key(&mut caller, key_value, revision, Write::Put).await
             })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         IMPORT_MODULE,
         "kv_create",
-        |mut caller: Ctx<'_>, key: i32, key_len: i32, value: i32, value_len: i32, revision: i32| {
-            let key_value = (key, key_len, value, value_len);
-            write_key(&mut caller, key_value, revision, |host, key, value| {
-                host.kv_create(key, value)
+        |mut caller: Ctx<'_>,
+         (key, key_len, value, value_len, revision): (i32, i32, i32, i32, i32)| {
+            Box::new(async move {
+                let key_value = (key, key_len, value, value_len);
+                write_key(&mut caller, key_value, revision, Write::Create).await
             })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         IMPORT_MODULE,
         "kv_update",
         |mut caller: Ctx<'_>,
-         key: i32,
-         key_len: i32,
-         value: i32,
-         value_len: i32,
-         expected: i64,
-         revision: i32| {
-            // Revisions are u64; the i64 is only how they travel.
-            let expected = expected as u64;
-            let key_value = (key, key_len, value, value_len);
-            write_key(&mut caller, key_value, revision, |host, key, value| {
-                host.kv_update(key, value, expected)
+         (key, key_len, value, value_len, expected, revision): (
+            i32,
+            i32,
+            i32,
+            i32,
+            i64,
+            i32,
+        )| {
+            Box::new(async move {
+                // Revisions are u64; the i64 is only how they travel.
+                let write = Write::Update {
+                    expected: expected as u64,
+                };
+                let key_value = (key, key_len, value, value_len);
+                write_key(&mut caller, key_value, revision, write).await
             })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         IMPORT_MODULE,
         "kv_delete",
-        |mut caller: Ctx<'_>, key: i32, key_len: i32| {
-            call(&mut caller, |caller| {
-                caller.data_mut().api.kv_host()?;
-                let key = read_key(caller, key, key_len)?;
-                let deleted = caller.data_mut().api.kv_host()?.kv_delete(&key);
-                deleted.map_err(HostError::status)?;
-                Ok(status::OK)
+        |mut caller: Ctx<'_>, (key, key_len): (i32, i32)| {
+            Box::new(async move {
+                count(&mut caller);
+                let caller = &mut caller;
+                status_of(
+                    async {
+                        caller.data_mut().api.kv_host()?;
+                        let key = read_key(caller, key, key_len)?;
+                        let deleted = caller.data_mut().api.kv_host()?.kv_delete(&key).await;
+                        deleted.map_err(HostError::status)?;
+                        Ok(status::OK)
+                    }
+                    .await,
+                )
             })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         IMPORT_MODULE,
         "kv_keys",
         |mut caller: Ctx<'_>,
-         prefix: i32,
-         prefix_len: i32,
-         after: i32,
-         after_len: i32,
-         buf: i32,
-         buf_cap: i32,
-         len_out: i32| {
-            call(&mut caller, |caller| {
-                caller.data_mut().api.kv_host()?;
-                let prefix = read_str(caller, prefix, prefix_len)?;
-                let after = read_str(caller, after, after_len)?;
-                let keys = listing(caller, &prefix, after.is_empty())?;
-                let page = page_of_keys(&keys, &after, buf_cap as u32 as usize);
-                write_u32(caller, len_out, length(page.needed)?)?;
-                if page.count == 0 && page.needed > 0 {
-                    return Err(status::BUFFER_TOO_SMALL);
-                }
-                write_bytes(caller, buf, &page.bytes)?;
-                i32::try_from(page.count).map_err(|_| status::TOO_LARGE)
+         (prefix, prefix_len, after, after_len, buf, buf_cap, len_out): (
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+        )| {
+            Box::new(async move {
+                count(&mut caller);
+                let caller = &mut caller;
+                status_of(
+                    async {
+                        caller.data_mut().api.kv_host()?;
+                        let prefix = read_str(caller, prefix, prefix_len)?;
+                        let after = read_str(caller, after, after_len)?;
+                        let keys = listing(caller, &prefix, after.is_empty()).await?;
+                        let page = page_of_keys(&keys, &after, buf_cap as u32 as usize);
+                        write_u32(caller, len_out, length(page.needed)?)?;
+                        if page.count == 0 && page.needed > 0 {
+                            return Err(status::BUFFER_TOO_SMALL);
+                        }
+                        write_bytes(caller, buf, &page.bytes)?;
+                        i32::try_from(page.count).map_err(|_| status::TOO_LARGE)
+                    }
+                    .await,
+                )
             })
         },
     )?;
-    linker.func_wrap(
+    linker.func_wrap_async(
         IMPORT_MODULE,
         "publish",
-        |mut caller: Ctx<'_>, topic: i32, topic_len: i32, payload: i32, payload_len: i32| {
-            call(&mut caller, |caller| {
-                caller.data_mut().api.publish_host()?;
-                let topic = read_str(caller, topic, topic_len)?;
-                app::check_topic(&topic).map_err(|_| status::INVALID_NAME)?;
-                let payload = read_bytes(caller, payload, payload_len)?;
-                let sent = caller
-                    .data_mut()
-                    .api
-                    .publish_host()?
-                    .publish(&topic, payload);
-                sent.map_err(HostError::status)?;
-                Ok(status::OK)
+        |mut caller: Ctx<'_>, (topic, topic_len, payload, payload_len): (i32, i32, i32, i32)| {
+            Box::new(async move {
+                count(&mut caller);
+                let caller = &mut caller;
+                status_of(
+                    async {
+                        caller.data_mut().api.publish_host()?;
+                        let topic = read_str(caller, topic, topic_len)?;
+                        app::check_topic(&topic).map_err(|_| status::INVALID_NAME)?;
+                        let payload = read_bytes(caller, payload, payload_len)?;
+                        let host = caller.data_mut().api.publish_host()?;
+                        host.publish(&topic, payload)
+                            .await
+                            .map_err(HostError::status)?;
+                        Ok(status::OK)
+                    }
+                    .await,
+                )
             })
         },
     )?;
@@ -365,15 +426,16 @@ pub(crate) fn add_to_linker(linker: &mut Linker<TaskState>) -> wasmtime::Result<
          message: i32,
          message_len: i32|
          -> wasmtime::Result<i32> {
+            count(&mut caller);
             let mut line = None;
-            let status = call(&mut caller, |caller| {
+            let status = status_of((|| {
                 let level = LOG_LEVELS
                     .get(usize::try_from(level).map_err(|_| status::INVALID_ARGUMENT)?)
                     .ok_or(status::INVALID_ARGUMENT)?;
-                let message = read_bytes(caller, message, message_len)?;
+                let message = read_bytes(&mut caller, message, message_len)?;
                 line = Some(log_line(level, &message, caller.data().api.started));
                 Ok(status::OK)
-            });
+            })());
             if let Some(line) = line {
                 // Past the output limit this traps, as a flood of stderr writes does.
                 caller.data_mut().api.log.append(line)?;
@@ -403,7 +465,7 @@ fn log_line(level: &str, message: &[u8], started: Instant) -> Bytes {
 
 /// The keys under `prefix`: listed afresh for a first page, from the last listing for the
 /// pages after it (when it was of the same prefix).
-fn listing(caller: &mut Ctx<'_>, prefix: &str, first_page: bool) -> Result<Vec<String>, i32> {
+async fn listing(caller: &mut Ctx<'_>, prefix: &str, first_page: bool) -> Result<Vec<String>, i32> {
     let api = &mut caller.data_mut().api;
     if let Some((listed, keys)) = &api.listing
         && !first_page
@@ -412,7 +474,11 @@ fn listing(caller: &mut Ctx<'_>, prefix: &str, first_page: bool) -> Result<Vec<S
         return Ok(keys.clone());
     }
     let parsed = KeyPrefix::parse(prefix).map_err(|_| status::INVALID_NAME)?;
-    let keys = api.kv_host()?.kv_keys(&parsed).map_err(HostError::status)?;
+    let keys = api
+        .kv_host()?
+        .kv_keys(&parsed)
+        .await
+        .map_err(HostError::status)?;
     api.listing = Some((prefix.to_owned(), keys.clone()));
     Ok(keys)
 }
@@ -471,47 +537,62 @@ mod tests {
         published: Arc<Mutex<Vec<(String, Bytes)>>>,
     }
 
-    impl AppHost for MemoryHost {
-        fn kv_get(&mut self, key: &str) -> Result<Option<KvValue>, HostError> {
-            Ok(self.values.lock().unwrap().get(key).cloned())
-        }
-        fn kv_put(&mut self, key: &str, value: Bytes) -> Result<u64, HostError> {
+    impl MemoryHost {
+        fn put(&self, key: &str, value: Bytes) -> u64 {
             let mut values = self.values.lock().unwrap();
             let revision = values.values().map(|v| v.revision).max().unwrap_or(0) + 1;
             values.insert(key.to_owned(), KvValue { value, revision });
-            Ok(revision)
+            revision
         }
-        fn kv_create(&mut self, key: &str, value: Bytes) -> Result<u64, HostError> {
+    }
+
+    fn ready<'a, T: Send + 'a>(result: Result<T, HostError>) -> HostFuture<'a, T> {
+        Box::pin(std::future::ready(result))
+    }
+
+    impl AppHost for MemoryHost {
+        fn kv_get<'a>(&'a mut self, key: &'a str) -> HostFuture<'a, Option<KvValue>> {
+            ready(Ok(self.values.lock().unwrap().get(key).cloned()))
+        }
+        fn kv_put<'a>(&'a mut self, key: &'a str, value: Bytes) -> HostFuture<'a, u64> {
+            ready(Ok(self.put(key, value)))
+        }
+        fn kv_create<'a>(&'a mut self, key: &'a str, value: Bytes) -> HostFuture<'a, u64> {
             if self.values.lock().unwrap().contains_key(key) {
-                return Err(HostError::Conflict);
+                return ready(Err(HostError::Conflict));
             }
-            self.kv_put(key, value)
+            ready(Ok(self.put(key, value)))
         }
-        fn kv_update(&mut self, key: &str, value: Bytes, revision: u64) -> Result<u64, HostError> {
+        fn kv_update<'a>(
+            &'a mut self,
+            key: &'a str,
+            value: Bytes,
+            revision: u64,
+        ) -> HostFuture<'a, u64> {
             let current = self.values.lock().unwrap().get(key).map(|v| v.revision);
             if current != Some(revision) {
-                return Err(HostError::Conflict);
+                return ready(Err(HostError::Conflict));
             }
-            self.kv_put(key, value)
+            ready(Ok(self.put(key, value)))
         }
-        fn kv_delete(&mut self, key: &str) -> Result<(), HostError> {
+        fn kv_delete<'a>(&'a mut self, key: &'a str) -> HostFuture<'a, ()> {
             self.values.lock().unwrap().remove(key);
-            Ok(())
+            ready(Ok(()))
         }
-        fn kv_keys(&mut self, prefix: &KeyPrefix) -> Result<Vec<String>, HostError> {
+        fn kv_keys<'a>(&'a mut self, prefix: &'a KeyPrefix) -> HostFuture<'a, Vec<String>> {
             let values = self.values.lock().unwrap();
-            Ok(values
+            ready(Ok(values
                 .keys()
                 .filter(|key| prefix.matches(key))
                 .cloned()
-                .collect())
+                .collect()))
         }
-        fn publish(&mut self, topic: &str, payload: Bytes) -> Result<(), HostError> {
+        fn publish<'a>(&'a mut self, topic: &'a str, payload: Bytes) -> HostFuture<'a, ()> {
             self.published
                 .lock()
                 .unwrap()
                 .push((topic.to_owned(), payload));
-            Ok(())
+            ready(Ok(()))
         }
     }
 
@@ -540,7 +621,7 @@ mod tests {
         )
     }
 
-    fn run(wat: &str, grants: &Grants, host: Option<MemoryHost>) -> Outcome {
+    async fn run(wat: &str, grants: &Grants, host: Option<MemoryHost>) -> Outcome {
         let sandbox = Sandbox::new().expect("sandbox");
         let module = sandbox
             .compile(&wat::parse_str(wat).expect("valid wat"))
@@ -557,6 +638,7 @@ mod tests {
                 &stop,
                 host,
             )
+            .await
             .outcome
     }
 
@@ -577,10 +659,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_granted_guest_writes_and_reads_back_its_namespace() {
+    #[tokio::test]
+    async fn a_granted_guest_writes_and_reads_back_its_namespace() {
         let host = MemoryHost::default();
-        let outcome = run(&put_then_get("k", 16), &kv_grant(), Some(host.clone()));
+        let outcome = run(&put_then_get("k", 16), &kv_grant(), Some(host.clone())).await;
         assert_eq!(exit_and_stdout(outcome), (0, "v1".to_owned()));
         assert_eq!(
             host.values.lock().unwrap()["k"].value,
@@ -588,8 +670,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_call_without_the_grant_is_an_error_for_the_guest_and_reaches_no_host() {
+    #[tokio::test]
+    async fn a_call_without_the_grant_is_an_error_for_the_guest_and_reaches_no_host() {
         let host = MemoryHost::default();
         let publish_only = Grants {
             publish: true,
@@ -597,30 +679,32 @@ mod tests {
             ..Grants::default()
         };
         for grants in [Grants::default(), publish_only] {
-            let outcome = run(&put_then_get("k", 16), &grants, Some(host.clone()));
+            let outcome = run(&put_then_get("k", 16), &grants, Some(host.clone())).await;
             assert_eq!(exit_and_stdout(outcome).0, -status::NOT_GRANTED);
         }
         assert!(host.values.lock().unwrap().is_empty());
     }
 
-    #[test]
-    fn bad_pointers_and_bad_keys_are_errors_for_the_guest_not_traps() {
+    #[tokio::test]
+    async fn bad_pointers_and_bad_keys_are_errors_for_the_guest_not_traps() {
         let outcome = run(
             &put_then_get("k", 70_000),
             &kv_grant(),
             Some(MemoryHost::default()),
-        );
+        )
+        .await;
         assert_eq!(exit_and_stdout(outcome).0, -status::BAD_POINTER);
         let outcome = run(
             &put_then_get("a.>", 16),
             &kv_grant(),
             Some(MemoryHost::default()),
-        );
+        )
+        .await;
         assert_eq!(exit_and_stdout(outcome).0, -status::INVALID_NAME);
     }
 
-    #[test]
-    fn log_lines_reach_stderr_as_json() {
+    #[tokio::test]
+    async fn log_lines_reach_stderr_as_json() {
         let wat = r#"(module
           (import "apiary" "log" (func $log (param i32 i32 i32) (result i32)))
           (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
@@ -629,7 +713,7 @@ mod tests {
           (func (export "_start")
             (drop (call $log (i32.const 3) (i32.const 16) (i32.const 5)))
             (call $exit (i32.sub (i32.const 0) (call $log (i32.const 9) (i32.const 16) (i32.const 5))))))"#;
-        match run(wat, &Grants::default(), None) {
+        match run(wat, &Grants::default(), None).await {
             Outcome::Completed {
                 exit_code, stderr, ..
             } => {

@@ -35,7 +35,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, I32Exit};
 
-pub use guest_api::{AppHost, HostError, IMPORT_MODULE, KvValue, status};
+pub use guest_api::{AppHost, HostError, HostFuture, IMPORT_MODULE, KvValue, status};
 use output::{CappedOutput, OutputLimitExceeded};
 use scratch::{DiskLimitExceeded, Scratch};
 
@@ -187,6 +187,8 @@ impl Sandbox {
         let mut pool = wasmtime::PoolingAllocationConfig::new();
         pool.total_core_instances(instances)
             .total_memories(instances)
+            // Each run's guest stack is a fiber of its own (runs are async).
+            .total_stacks(instances)
             .total_tables(instances.saturating_mul(POOLED_TABLES_PER_MODULE))
             .max_tables_per_module(POOLED_TABLES_PER_MODULE)
             .table_elements(POOLED_TABLE_ELEMENTS)
@@ -204,8 +206,10 @@ impl Sandbox {
         let engine = Engine::new(config).map_err(|err| SandboxError(format!("{err:#}")))?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut TaskState| &mut state.wasi)
-            .map_err(|err| SandboxError(format!("{err:#}")))?;
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |state: &mut TaskState| {
+            &mut state.wasi
+        })
+        .map_err(|err| SandboxError(format!("{err:#}")))?;
         guest_api::add_to_linker(&mut linker).map_err(|err| SandboxError(format!("{err:#}")))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -289,19 +293,11 @@ impl Sandbox {
                 format!("cannot instantiate the module: {err:#}"),
             )
         })?;
-        let may_block = module
-            .imports()
-            .any(|import| BLOCKING_IMPORTS.contains(&(import.module(), import.name())));
-        Ok(Prepared {
-            module,
-            pre,
-            may_block,
-        })
+        Ok(Prepared { module, pre })
     }
 
-    /// Runs a compiled module's `_start` with `input` on stdin, within `limits`. Blocks the
-    /// calling thread for as long as the module runs: call it off the async runtime.
-    pub fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Run {
+    /// Runs a compiled module's `_start` with `input` on stdin, within `limits`.
+    pub async fn run(&self, module: &Module, input: Bytes, limits: &Limits) -> Run {
         self.run_stoppable(
             module,
             input,
@@ -309,12 +305,13 @@ impl Sandbox {
             &Grants::default(),
             &Arc::new(AtomicBool::new(false)),
         )
+        .await
     }
 
     /// [`Sandbox::run`], stopped with a `cancelled` failure within one epoch tick of `stop`
     /// being set (from any thread): the store's epoch callback looks at it every tick, and
     /// counts the ticks of the timeout too.
-    pub fn run_stoppable(
+    pub async fn run_stoppable(
         &self,
         module: &Module,
         input: Bytes,
@@ -323,7 +320,10 @@ impl Sandbox {
         stop: &Arc<AtomicBool>,
     ) -> Run {
         match self.prepare(module.clone()) {
-            Ok(prepared) => self.run_prepared(&prepared, input, limits, grants, stop, None),
+            Ok(prepared) => {
+                self.run_prepared(&prepared, input, limits, grants, stop, None)
+                    .await
+            }
             Err(error) => Run::not_started(Outcome::Failed {
                 error,
                 stderr: Payload::default(),
@@ -334,7 +334,12 @@ impl Sandbox {
     /// [`Sandbox::run_stoppable`] for a module prepared before: what the agent runs. `host`
     /// serves the host APIs the grants allow; without one, a granted call gets
     /// [`status::UNAVAILABLE`].
-    pub fn run_prepared(
+    ///
+    /// The run is a future: the guest runs on a fiber of its own, on the thread that polls
+    /// it, and yields at every epoch tick, so a long run shares its thread with other tasks
+    /// instead of holding it, and a host call that waits (a WASI sleep, an app-store call)
+    /// suspends it. Dropping the future ends the run.
+    pub async fn run_prepared(
         &self,
         prepared: &Prepared,
         input: Bytes,
@@ -347,6 +352,8 @@ impl Sandbox {
         let stdout = CappedOutput::new(output_limit);
         let stderr = CappedOutput::new(output_limit);
         let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
+        // Not `allow_blocking_current_thread`: with it, wasmtime-wasi sleeps a guest's
+        // `poll_oneoff` with `std::thread::sleep`, holding the worker thread the run shares.
         wasi.stdin(MemoryInputPipe::new(input))
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -394,7 +401,8 @@ impl Sandbox {
             if ticks_left == 0 {
                 return Err(wasmtime::Error::new(Trap::Interrupt));
             }
-            Ok(wasmtime::UpdateDeadline::Continue(1))
+            // Give the thread to the other tasks that wait for it, once a tick.
+            Ok(wasmtime::UpdateDeadline::Yield(1))
         });
         let fuel = limits.fuel.unwrap_or(u64::MAX);
         if let Err(err) = store.set_fuel(fuel) {
@@ -406,16 +414,16 @@ impl Sandbox {
         }
 
         let started = Instant::now();
-        let call = prepared
-            .pre
-            .instantiate(&mut store)
-            .map_err(|err| (Stage::Instantiate, err))
-            .and_then(|instance| {
-                instance
-                    .get_typed_func::<(), ()>(&mut store, "_start")
-                    .map_err(|err| (Stage::FindStart, err))
-            })
-            .and_then(|start| start.call(&mut store, ()).map_err(|err| (Stage::Run, err)));
+        let call = match prepared.pre.instantiate_async(&mut store).await {
+            Err(err) => Err((Stage::Instantiate, err)),
+            Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                Err(err) => Err((Stage::FindStart, err)),
+                Ok(start) => start
+                    .call_async(&mut store, ())
+                    .await
+                    .map_err(|err| (Stage::Run, err)),
+            },
+        };
         let (stdout_bytes, stdout_cut) = stdout.written();
         let (stderr_bytes, stderr_cut) = stderr.written();
         let usage = RunUsage {
@@ -535,7 +543,6 @@ impl HostMonotonicClock for StoppedClock {
 pub struct Prepared {
     module: Module,
     pre: InstancePre<TaskState>,
-    may_block: bool,
 }
 
 impl Prepared {
@@ -543,20 +550,7 @@ impl Prepared {
     pub fn module(&self) -> &Module {
         &self.module
     }
-
-    /// Whether a run of this module can be held past its deadline by a host call, which the
-    /// epoch deadline cannot interrupt: it imports a WASI call that waits ([`BLOCKING_IMPORTS`]).
-    /// Every other host call returns within the run's deadline, so a run of a module that
-    /// imports none of them ends by its deadline.
-    pub fn may_block(&self) -> bool {
-        self.may_block
-    }
 }
-
-/// The WASI preview 1 calls that can wait as long as the guest asks: `poll_oneoff` (sleeps
-/// and clock subscriptions). Reading stdin and writing stdout or stderr are in memory and
-/// never wait; the host APIs are bounded by the run's deadline.
-pub const BLOCKING_IMPORTS: [(&str, &str); 1] = [("wasi_snapshot_preview1", "poll_oneoff")];
 
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -720,12 +714,13 @@ mod tests {
     const SPIN_FOREVER: &str = r#"(module (memory (export "memory") 1)
         (func (export "_start") (loop (br 0))))"#;
 
-    #[test]
-    fn runs_a_command_with_stdin_and_stdout() {
+    #[tokio::test]
+    async fn runs_a_command_with_stdin_and_stdout() {
         let sandbox = sandbox();
         let module = module(&sandbox, ECHO);
         let outcome = sandbox
             .run(&module, Bytes::from_static(b"hello"), &Limits::default())
+            .await
             .outcome;
         assert_eq!(
             outcome,
@@ -737,8 +732,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reports_the_exit_code() {
+    #[tokio::test]
+    async fn reports_the_exit_code() {
         let sandbox = sandbox();
         let module = module(
             &sandbox,
@@ -749,6 +744,7 @@ mod tests {
         );
         match sandbox
             .run(&module, Bytes::new(), &Limits::default())
+            .await
             .outcome
         {
             Outcome::Completed { exit_code, .. } => assert_eq!(exit_code, 3),
@@ -756,19 +752,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn random_bytes_are_an_invalid_module() {
+    #[tokio::test]
+    async fn random_bytes_are_an_invalid_module() {
         let err = sandbox().compile(&[0x13, 0x37, 0xde, 0xad]).unwrap_err();
         assert_eq!(err.kind, TaskErrorKind::InvalidModule);
     }
 
     /// Compiles `wat`, runs it with `input` under `limits`, and returns how it failed.
-    fn fails_with(wat: &str, input: &'static [u8], limits: Limits) -> TaskErrorKind {
+    async fn fails_with(wat: &str, input: &'static [u8], limits: Limits) -> TaskErrorKind {
         let sandbox = sandbox();
         let module = module(&sandbox, wat);
         failure_kind(
             sandbox
                 .run(&module, Bytes::from_static(input), &limits)
+                .await
                 .outcome,
         )
     }
@@ -780,20 +777,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_endless_loop_times_out() {
+    #[tokio::test]
+    async fn an_endless_loop_times_out() {
         let limits = Limits {
             timeout_ms: 50,
             ..Limits::default()
         };
         assert_eq!(
-            fails_with(SPIN_FOREVER, b"", limits),
+            fails_with(SPIN_FOREVER, b"", limits).await,
             TaskErrorKind::Timeout
         );
     }
 
-    #[test]
-    fn a_stop_from_another_thread_ends_an_endless_loop_as_cancelled() {
+    #[tokio::test]
+    async fn a_stop_from_another_thread_ends_an_endless_loop_as_cancelled() {
         let sandbox = Arc::new(sandbox());
         let module = module(
             &sandbox,
@@ -808,8 +805,18 @@ mod tests {
                     timeout_ms: 600_000,
                     ..Limits::default()
                 };
-                sandbox
-                    .run_stoppable(&module, Bytes::new(), &limits, &Grants::default(), &stop)
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime
+                    .block_on(sandbox.run_stoppable(
+                        &module,
+                        Bytes::new(),
+                        &limits,
+                        &Grants::default(),
+                        &stop,
+                    ))
                     .outcome
             })
         };
@@ -818,20 +825,20 @@ mod tests {
         assert_eq!(failure_kind(outcome), TaskErrorKind::Cancelled);
     }
 
-    #[test]
-    fn fuel_bounds_cpu() {
+    #[tokio::test]
+    async fn fuel_bounds_cpu() {
         let limits = Limits {
             fuel: Some(10_000),
             ..Limits::default()
         };
         assert_eq!(
-            fails_with(SPIN_FOREVER, b"", limits),
+            fails_with(SPIN_FOREVER, b"", limits).await,
             TaskErrorKind::FuelExhausted
         );
     }
 
-    #[test]
-    fn memory_growth_past_the_limit_fails() {
+    #[tokio::test]
+    async fn memory_growth_past_the_limit_fails() {
         let limits = Limits {
             max_memory_bytes: 2 * 65536,
             ..Limits::default()
@@ -842,13 +849,14 @@ mod tests {
                  (func (export "_start") (drop (memory.grow (i32.const 100)))))"#,
                 b"",
                 limits
-            ),
+            )
+            .await,
             TaskErrorKind::MemoryLimit
         );
     }
 
-    #[test]
-    fn a_pooled_sandbox_runs_one_module_after_another_with_the_same_limits() {
+    #[tokio::test]
+    async fn a_pooled_sandbox_runs_one_module_after_another_with_the_same_limits() {
         let sandbox = Sandbox::pooled(2, 64 * 1024 * 1024).expect("pooled sandbox");
         let echo = module(&sandbox, ECHO);
         // More runs than the pool has slots: each gives its slot back.
@@ -856,6 +864,7 @@ mod tests {
             let input = format!("round {round}");
             match sandbox
                 .run(&echo, Bytes::from(input.clone()), &Limits::default())
+                .await
                 .outcome
             {
                 Outcome::Completed { stdout, .. } => assert_eq!(stdout.0, input.as_bytes()),
@@ -872,13 +881,13 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(
-            failure_kind(sandbox.run(&bomb, Bytes::new(), &limits).outcome),
+            failure_kind(sandbox.run(&bomb, Bytes::new(), &limits).await.outcome),
             TaskErrorKind::MemoryLimit
         );
     }
 
-    #[test]
-    fn output_past_the_limit_fails() {
+    #[tokio::test]
+    async fn output_past_the_limit_fails() {
         let sandbox = sandbox();
         let module = module(&sandbox, ECHO);
         let limits = Limits {
@@ -889,14 +898,15 @@ mod tests {
             failure_kind(
                 sandbox
                     .run(&module, Bytes::from_static(b"too long"), &limits)
+                    .await
                     .outcome
             ),
             TaskErrorKind::OutputLimit
         );
     }
 
-    #[test]
-    fn a_flood_that_ignores_failed_writes_ends_at_its_output_limit() {
+    #[tokio::test]
+    async fn a_flood_that_ignores_failed_writes_ends_at_its_output_limit() {
         // 64 KiB per write, for ever, never looking at a write's result. Its fuel lasts
         // about a million writes and its timeout is far away: spinning on failed writes it
         // would end as `fuel_exhausted`; stopped at the limit, it ends as `output_limit`.
@@ -918,7 +928,7 @@ mod tests {
             max_output_bytes: 1024 * 1024,
             ..Limits::default()
         };
-        match sandbox.run(&module, Bytes::new(), &limits).outcome {
+        match sandbox.run(&module, Bytes::new(), &limits).await.outcome {
             Outcome::Failed { error, .. } => {
                 assert_eq!(error.kind, TaskErrorKind::OutputLimit, "{}", error.message)
             }
@@ -926,8 +936,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stderr_is_kept_up_to_the_limit_when_it_is_passed() {
+    #[tokio::test]
+    async fn stderr_is_kept_up_to_the_limit_when_it_is_passed() {
         let stderr_flood = r#"(module
             (import "wasi_snapshot_preview1" "fd_write"
               (func $write (param i32 i32 i32 i32) (result i32)))
@@ -945,7 +955,7 @@ mod tests {
             max_output_bytes: 25,
             ..Limits::default()
         };
-        match sandbox.run(&module, Bytes::new(), &limits).outcome {
+        match sandbox.run(&module, Bytes::new(), &limits).await.outcome {
             Outcome::Failed { error, stderr } => {
                 assert_eq!(error.kind, TaskErrorKind::OutputLimit);
                 assert_eq!(&stderr.0[..], b"0123456789012345678901234");
@@ -965,11 +975,11 @@ mod tests {
             (br_if 0 (i32.lt_u (local.get $i) (i32.const 1000))))
           (drop (memory.grow (i32.const 2)))))"#;
 
-    #[test]
-    fn a_run_reports_the_fuel_and_peak_memory_wasmtime_counts() {
+    #[tokio::test]
+    async fn a_run_reports_the_fuel_and_peak_memory_wasmtime_counts() {
         let sandbox = sandbox();
         let module = module(&sandbox, COUNT_AND_GROW);
-        let run = sandbox.run(&module, Bytes::new(), &Limits::default());
+        let run = sandbox.run(&module, Bytes::new(), &Limits::default()).await;
         assert!(matches!(
             run.outcome,
             Outcome::Completed { exit_code: 0, .. }
@@ -997,11 +1007,13 @@ mod tests {
         assert!(run.usage.wall_time_us > 0);
     }
 
-    #[test]
-    fn a_run_reports_its_output_and_whether_it_was_cut() {
+    #[tokio::test]
+    async fn a_run_reports_its_output_and_whether_it_was_cut() {
         let sandbox = sandbox();
         let module = module(&sandbox, ECHO);
-        let run = sandbox.run(&module, Bytes::from_static(b"hello"), &Limits::default());
+        let run = sandbox
+            .run(&module, Bytes::from_static(b"hello"), &Limits::default())
+            .await;
         assert_eq!((run.usage.stdout_bytes, run.usage.stdout_cut), (5, false));
         assert_eq!((run.usage.stderr_bytes, run.usage.stderr_cut), (0, false));
 
@@ -1009,20 +1021,22 @@ mod tests {
             max_output_bytes: 4,
             ..Limits::default()
         };
-        let run = sandbox.run(&module, Bytes::from_static(b"hello"), &limits);
+        let run = sandbox
+            .run(&module, Bytes::from_static(b"hello"), &limits)
+            .await;
         assert_eq!(failure_kind(run.outcome), TaskErrorKind::OutputLimit);
         assert_eq!((run.usage.stdout_bytes, run.usage.stdout_cut), (4, true));
     }
 
-    #[test]
-    fn a_run_out_of_fuel_consumed_all_of_it() {
+    #[tokio::test]
+    async fn a_run_out_of_fuel_consumed_all_of_it() {
         let sandbox = sandbox();
         let module = module(&sandbox, SPIN_FOREVER);
         let limits = Limits {
             fuel: Some(10_000),
             ..Limits::default()
         };
-        let run = sandbox.run(&module, Bytes::new(), &limits);
+        let run = sandbox.run(&module, Bytes::new(), &limits).await;
         assert_eq!(failure_kind(run.outcome), TaskErrorKind::FuelExhausted);
         assert_eq!(run.usage.fuel_consumed, 10_000);
     }
@@ -1031,74 +1045,79 @@ mod tests {
     /// and whether the wall and monotonic clocks read anything but 0.
     const GRANTS_PROBE: &str = include_str!("../../../wasm-tasks/probes/grants.wat");
 
-    fn probe(grants: &Grants) -> String {
+    async fn probe(grants: &Grants) -> String {
         let sandbox = sandbox();
         let module = module(&sandbox, GRANTS_PROBE);
-        let run = sandbox.run_stoppable(
-            &module,
-            Bytes::new(),
-            &Limits::default(),
-            grants,
-            &Arc::new(AtomicBool::new(false)),
-        );
+        let run = sandbox
+            .run_stoppable(
+                &module,
+                Bytes::new(),
+                &Limits::default(),
+                grants,
+                &Arc::new(AtomicBool::new(false)),
+            )
+            .await;
         match run.outcome {
             Outcome::Completed { stdout, .. } => String::from_utf8(stdout.0.to_vec()).unwrap(),
             other => panic!("the probe failed: {other:?}"),
         }
     }
 
-    #[test]
-    fn without_grants_a_module_sees_its_name_no_environment_and_stopped_clocks() {
-        assert_eq!(probe(&Grants::default()), "1000");
+    #[tokio::test]
+    async fn without_grants_a_module_sees_its_name_no_environment_and_stopped_clocks() {
+        assert_eq!(probe(&Grants::default()).await, "1000");
     }
 
-    #[test]
-    fn granted_arguments_environment_and_clock_are_seen() {
+    #[tokio::test]
+    async fn granted_arguments_environment_and_clock_are_seen() {
         let grants = Grants {
             args: vec!["--fast".into(), "file.txt".into()],
             env: [("LANG".to_owned(), "C".to_owned())].into(),
             clock: true,
             ..Grants::default()
         };
-        let seen = probe(&grants);
+        let seen = probe(&grants).await;
         assert_eq!(&seen[..3], "311", "argc, env count, wall clock: {seen}");
     }
 
-    #[test]
-    fn a_trap_is_reported_as_such() {
+    #[tokio::test]
+    async fn a_trap_is_reported_as_such() {
         assert_eq!(
             fails_with(
                 r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
                 b"",
                 Limits::default()
-            ),
+            )
+            .await,
             TaskErrorKind::Trap
         );
     }
 
-    #[test]
-    fn a_module_without_start_is_invalid() {
+    #[tokio::test]
+    async fn a_module_without_start_is_invalid() {
         let sandbox = sandbox();
         let module = module(&sandbox, r#"(module (memory (export "memory") 1))"#);
         assert_eq!(
             failure_kind(
                 sandbox
                     .run(&module, Bytes::new(), &Limits::default())
+                    .await
                     .outcome
             ),
             TaskErrorKind::InvalidModule
         );
     }
 
-    #[test]
-    fn unknown_imports_are_an_invalid_module() {
+    #[tokio::test]
+    async fn unknown_imports_are_an_invalid_module() {
         assert_eq!(
             fails_with(
                 r#"(module (import "env" "launch_missiles" (func))
                  (memory (export "memory") 1) (func (export "_start")))"#,
                 b"",
                 Limits::default()
-            ),
+            )
+            .await,
             TaskErrorKind::InvalidModule
         );
     }
