@@ -288,11 +288,9 @@ async fn a_node_that_forbids_scratch_and_host_apis_refuses_them() {
     }
 }
 
-/// On a multi-thread runtime, as the agent's binary has, a module that cannot block (the
-/// kv-counter imports no `poll_oneoff`) runs on the async worker itself, and its host calls
-/// are made on the runtime from inside that run (`Handle::block_on` within
-/// `block_in_place`). The other tests here run on a current-thread runtime, where runs go to
-/// the blocking pool.
+/// On a multi-thread runtime, as the agent's binary has, a run is polled on the worker
+/// thread that took its dispatch, and its host calls suspend it there while the SDK's
+/// answer comes. The other tests here run on a current-thread runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_calls_work_from_a_run_on_the_worker_thread() {
     let (stack, _running) = Stack::with_one_node().await;

@@ -357,10 +357,10 @@ async fn a_cordon_outlives_the_replica_that_recorded_it() {
     assert_eq!(shown.scheduling, Scheduling::Cordoned);
 }
 
-/// On a multi-thread runtime (as the agent's binary has) a run whose module cannot block in
-/// a host call runs on the worker thread itself (`block_in_place`), with no task of its own
-/// to race it: a cancel and the drain deadline must still reach it. The spinning module
-/// would otherwise run to its 60 s timeout.
+/// On a multi-thread runtime (as the agent's binary has) a run starts on the worker thread
+/// itself, and a spinning one goes on on a blocking-pool thread after its first
+/// millisecond, out of reach of anything but its stop flag: a cancel and the drain deadline
+/// must still reach it. The spinning module would otherwise run to its 60 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_on_the_worker_thread_still_stop_at_a_cancel_and_at_the_drain_deadline() {
     let stack = Stack::start().await;
