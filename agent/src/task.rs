@@ -295,9 +295,10 @@ impl Agent {
         tokio::select! {
             // The run first: one that ends on its first poll (most do) never starts a timer.
             biased;
-            run = run_here_then_aside(run) => run,
+            run = run_here_then_aside(run, stop) => run,
             () = tokio::time::sleep(backstop) => {
-                // A run moved to a thread of its own goes on there until its stop flag.
+                // A run moved to a thread of its own is dropped there a grace after its stop
+                // flag, wherever it is.
                 stop.store(true, Ordering::Relaxed);
                 tracing::warn!(
                     "the run outlived its timeout inside a host call; reported as timed out"
@@ -584,7 +585,7 @@ async fn progress_acks(message: jetstream::Message) {
     }
 }
 
-/// How long a run's guest may compute in one go on the agent's worker thread before the run
+/// How long a run's guest may compute, in all, on the agent's worker thread before the run
 /// moves to a thread of its own.
 const RUN_HERE_FOR: Duration = Duration::from_millis(1);
 
@@ -592,18 +593,25 @@ const RUN_HERE_FOR: Duration = Duration::from_millis(1);
 /// trivial task's run needs no other thread at all (handing each run to another thread and
 /// back cost most of a trivial task's time on its node, docs/BENCHMARKS.md), and a guest
 /// waiting in a host call (an app-store call, a WASI sleep) suspends without holding the
-/// thread. A guest that computes for longer than [`RUN_HERE_FOR`] in one go (until its
-/// next epoch tick, when it yields) goes on on a blocking-pool thread, driven there with the
-/// runtime's handle, so that it does not starve the worker's other tasks: a worker thread
-/// given up to guests between ticks would look at the network only every few dozen ticks.
-async fn run_here_then_aside(mut run: std::pin::Pin<Box<dyn Future<Output = Run> + Send>>) -> Run {
+/// thread. Once the guest has computed for [`RUN_HERE_FOR`] in all, the run goes on, from
+/// its next yield (every [`YIELD_EVERY_FUEL`](crate::sandbox::YIELD_EVERY_FUEL) of fuel,
+/// about a millisecond, or at an epoch tick), on a blocking-pool thread driven with the
+/// runtime's handle: a worker thread that guests keep busy looks at the network only every
+/// few dozen polls, and the agent's heartbeats and acks would wait. There it is dropped,
+/// and its instance goes back to the pool, a grace after its stop flag is set, even inside
+/// a host call that does not return.
+async fn run_here_then_aside(
+    mut run: std::pin::Pin<Box<dyn Future<Output = Run> + Send>>,
+    stop: &Arc<AtomicBool>,
+) -> Run {
+    let mut computed = Duration::ZERO;
     let here = std::future::poll_fn(|cx| {
         let polled_at = std::time::Instant::now();
-        match run.as_mut().poll(cx) {
+        let polled = run.as_mut().poll(cx);
+        computed += polled_at.elapsed();
+        match polled {
             std::task::Poll::Ready(run) => std::task::Poll::Ready(Some(run)),
-            std::task::Poll::Pending if polled_at.elapsed() >= RUN_HERE_FOR => {
-                std::task::Poll::Ready(None)
-            }
+            std::task::Poll::Pending if computed >= RUN_HERE_FOR => std::task::Poll::Ready(None),
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
     })
@@ -612,14 +620,26 @@ async fn run_here_then_aside(mut run: std::pin::Pin<Box<dyn Future<Output = Run>
         return run;
     }
     let runtime = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || runtime.block_on(run))
-        .await
-        .unwrap_or_else(|err| {
-            not_run(TaskError::new(
-                TaskErrorKind::Internal,
-                format!("the task's thread failed: {err}"),
-            ))
+    let stop = stop.clone();
+    tokio::task::spawn_blocking(move || {
+        runtime.block_on(async {
+            tokio::select! {
+                biased;
+                run = run => run,
+                () = stopped_then(&stop, RUN_BACKSTOP) => not_run(TaskError::new(
+                    TaskErrorKind::Cancelled,
+                    "the run was stopped while blocked outside the module",
+                )),
+            }
         })
+    })
+    .await
+    .unwrap_or_else(|err| {
+        not_run(TaskError::new(
+            TaskErrorKind::Internal,
+            format!("the task's thread failed: {err}"),
+        ))
+    })
 }
 
 /// Returns `grace` after `stop` is set (looked at every epoch tick).

@@ -359,8 +359,8 @@ async fn a_cordon_outlives_the_replica_that_recorded_it() {
 
 /// On a multi-thread runtime (as the agent's binary has) a run starts on the worker thread
 /// itself, and a spinning one goes on on a blocking-pool thread after its first
-/// millisecond, out of reach of anything but its stop flag: a cancel and the drain deadline
-/// must still reach it. The spinning module would otherwise run to its 60 s timeout.
+/// millisecond of compute, out of reach of anything but its stop flag: a cancel and the
+/// drain deadline must still reach it. The spinning module would otherwise run to its 60 s timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_on_the_worker_thread_still_stop_at_a_cancel_and_at_the_drain_deadline() {
     let stack = Stack::start().await;
@@ -411,4 +411,54 @@ async fn runs_on_the_worker_thread_still_stop_at_a_cancel_and_at_the_drain_deadl
         .expect_err("cancelled");
     // The record says cancelled whatever the node does; the run itself must have stopped.
     wait_running(&client, &id("node-b"), 0).await;
+}
+
+/// A guest that computes past its first millisecond (so its run goes on on a thread of its
+/// own), then sleeps far past its timeout in `poll_oneoff`, which the epoch deadline cannot
+/// interrupt.
+const SPIN_THEN_SLEEP_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff"
+    (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (local $i i32)
+    (local.set $i (i32.const 20000000))
+    (loop $spin
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br_if $spin (local.get $i)))
+    ;; One relative clock subscription of 600 s on the monotonic clock.
+    (i32.store8 (i32.const 8) (i32.const 0))
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const 600000000000))
+    (i64.store (i32.const 32) (i64.const 0))
+    (i32.store16 (i32.const 40) (i32.const 0))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 96)))))"#;
+
+/// A run given up on inside a host call is dropped a grace later, wherever it runs, and its
+/// pooled instance goes back: a one-slot node, whose pool holds four instances, still runs
+/// a task after six runs it gave up on. Were the given-up runs left sleeping, the fifth
+/// would find no instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_given_up_inside_a_host_call_give_their_instances_back() {
+    let stack = Stack::start().await;
+    let _scheduler = stack.spawn_scheduler().await;
+    let _a = one_slot_agent(&stack, "node-a").await;
+    let stuck = bytes::Bytes::from(wat::parse_str(SPIN_THEN_SLEEP_WAT).expect("valid wat"));
+    for _ in 0..6 {
+        let failure = stack
+            .run_expecting_failure(
+                Task::new(stuck.clone()).timeout(Duration::from_millis(500)),
+                apiary_sdk::TaskErrorKind::Timeout,
+            )
+            .await;
+        assert!(
+            failure.error.message.contains("blocked outside the module"),
+            "{}",
+            failure.error
+        );
+    }
+    let output = stack
+        .run(Task::new(wasm("uppercase")).input("still here"))
+        .await
+        .expect("a task after the given-up runs");
+    assert_eq!(&output.stdout[..], b"STILL HERE");
 }

@@ -78,6 +78,11 @@ const POOLED_KEEP_RESIDENT: usize = 256 * 1024;
 /// How often the engine's epoch advances: the granularity of task timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// How much fuel a guest spends between two yields to the thread that polls its run: about a
+/// millisecond of compute on the development VM. An epoch tick alone would leave a guest on
+/// the thread for up to [`EPOCH_TICK`] at a time.
+pub const YIELD_EVERY_FUEL: u64 = 1_000_000;
+
 /// Why the sandbox could not be set up. Fatal for the agent: without a sandbox it cannot run
 /// anything.
 #[derive(Debug, thiserror::Error)]
@@ -405,7 +410,10 @@ impl Sandbox {
             Ok(wasmtime::UpdateDeadline::Yield(1))
         });
         let fuel = limits.fuel.unwrap_or(u64::MAX);
-        if let Err(err) = store.set_fuel(fuel) {
+        if let Err(err) = store
+            .set_fuel(fuel)
+            .and_then(|()| store.fuel_async_yield_interval(Some(YIELD_EVERY_FUEL)))
+        {
             return not_started(
                 TaskErrorKind::Internal,
                 format!("cannot set fuel: {err:#}"),
@@ -622,6 +630,18 @@ fn classify(
         return (TaskErrorKind::MemoryLimit, format!("{err:#}"));
     }
     match stage {
+        // The node's pool of instances is full (runs given up on still hold theirs): the
+        // node's trouble, not the module's.
+        Stage::Instantiate
+            if err
+                .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                .is_some() =>
+        {
+            return (
+                TaskErrorKind::Internal,
+                format!("this node has no free instance slot: {err:#}"),
+            );
+        }
         Stage::Instantiate => {
             return (
                 TaskErrorKind::InvalidModule,
