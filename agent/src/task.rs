@@ -340,9 +340,8 @@ impl Agent {
 
     /// Stores `result` in `APIARY_RESULTS`, unless it belongs in the outbox: while the
     /// server is away (a publish would only wait out its timeout) or older results wait
-    /// there (a result must not overtake them).
-    /// Stores the result. `run_over` is let go as soon as the result is on its way (or
-    /// will not be sent), before the wait for the server's ack.
+    /// there (a result must not overtake them). `run_over` is let go as soon as the result
+    /// is on its way (or will not be sent), before the wait for the server's ack.
     async fn publish_result(
         &self,
         result: &TaskResult,

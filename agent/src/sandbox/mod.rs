@@ -341,9 +341,10 @@ impl Sandbox {
     /// [`status::UNAVAILABLE`].
     ///
     /// The run is a future: the guest runs on a fiber of its own, on the thread that polls
-    /// it, and yields at every epoch tick, so a long run shares its thread with other tasks
-    /// instead of holding it, and a host call that waits (a WASI sleep, an app-store call)
-    /// suspends it. Dropping the future ends the run.
+    /// it, and yields every [`YIELD_EVERY_FUEL`] of fuel and at every epoch tick, so a long
+    /// run shares its thread with other tasks instead of holding it, and a host call that
+    /// waits (a WASI sleep, an app-store call) suspends it. Dropping the future ends the
+    /// run.
     pub async fn run_prepared(
         &self,
         prepared: &Prepared,
