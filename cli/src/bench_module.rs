@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use apiary_agent::artifacts::ArtifactCache;
-use apiary_agent::sandbox::Sandbox;
+use apiary_agent::sandbox::{Prepared, Sandbox};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -29,13 +29,10 @@ const POOLED_INSTANCES: u32 = 16;
 /// Compiles and loads are milliseconds each; this many give a steady median.
 const COMPILE_SAMPLES: usize = 20;
 
-/// The module rows for `module`, `samples` warm runs.
+/// The module rows for `module`, `samples` warm runs. Compiles and loads run right on the
+/// benchmark's task: nothing else runs meanwhile.
 pub async fn module_figures(module: Bytes, samples: usize) -> anyhow::Result<Vec<Figure>> {
-    measure(&module, samples).await
-}
-
-/// Compiles and loads run right on the benchmark's task: nothing else runs meanwhile.
-async fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
+    let module = &module[..];
     let sandbox = Sandbox::new()?;
     let timed = |run: &mut dyn FnMut() -> anyhow::Result<()>, count: usize| {
         let mut timings = Vec::with_capacity(count);
@@ -79,39 +76,14 @@ async fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
     let prepared = sandbox
         .prepare(compiled)
         .map_err(|err| anyhow::anyhow!("{}", err.message))?;
-    let input = Bytes::from_static(b"benchmark input");
-    let limits = Limits::default();
-    let grants = Grants::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut run = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let started = Instant::now();
-        sandbox
-            .run_prepared(&prepared, input.clone(), &limits, &grants, &stop, None)
-            .await;
-        run.push(started.elapsed());
-    }
+    let run = warm_runs(&sandbox, &prepared, samples).await;
 
-    let pooled = Sandbox::pooled(POOLED_INSTANCES, limits.max_memory_bytes)?;
+    let pooled = Sandbox::pooled(POOLED_INSTANCES, Limits::default().max_memory_bytes)?;
     let prepared_in_pool = pooled
         .compile(module)
         .and_then(|compiled| pooled.prepare(compiled))
         .map_err(|err| anyhow::anyhow!("{}", err.message))?;
-    let mut pooled_run = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let started = Instant::now();
-        pooled
-            .run_prepared(
-                &prepared_in_pool,
-                input.clone(),
-                &limits,
-                &grants,
-                &stop,
-                None,
-            )
-            .await;
-        pooled_run.push(started.elapsed());
-    }
+    let pooled_run = warm_runs(&pooled, &prepared_in_pool, samples).await;
 
     Ok(vec![
         latency("module: compile (cold)", compile),
@@ -119,4 +91,21 @@ async fn measure(module: &[u8], samples: usize) -> anyhow::Result<Vec<Figure>> {
         latency("module: run, warm (store, instantiate, call)", run),
         latency("module: run, warm (pooling allocator)", pooled_run),
     ])
+}
+
+/// `samples` runs of a prepared module one after another, each timed: a store, the
+/// instantiation, the call, the output, and the instance given back.
+async fn warm_runs(sandbox: &Sandbox, prepared: &Prepared, samples: usize) -> Vec<Duration> {
+    let input = Bytes::from_static(b"benchmark input");
+    let (limits, grants) = (Limits::default(), Grants::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut timings = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        sandbox
+            .run_prepared(prepared, input.clone(), &limits, &grants, &stop, None)
+            .await;
+        timings.push(started.elapsed());
+    }
+    timings
 }
